@@ -34,10 +34,7 @@ pub struct BundleSpec {
 /// Creates the bundle `out` (and `out.001`... when split). Nothing appears
 /// under the final names unless the whole bundle was written.
 pub fn create_bundle(spec: &BundleSpec, out: &Path) -> Result<Manifest, BundleError> {
-    if !out
-        .extension()
-        .is_some_and(|e| e == crate::BUNDLE_EXTENSION)
-    {
+    if out.extension().is_none_or(|e| e != crate::BUNDLE_EXTENSION) {
         return Err(BundleError::Input(format!(
             "{} must end in .sovb",
             out.display()

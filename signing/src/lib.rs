@@ -33,6 +33,6 @@ pub use keys::{
     generate_age_identity, generate_signing_key, read_age_identity, read_age_recipient,
     read_public_key, read_signing_key, write_secret_file, PublicKey, SigningKey,
 };
-pub use manifest::{Encryption, FileEntry, Manifest, MAX_MANIFEST_LEN};
+pub use manifest::{validate_name, Encryption, FileEntry, Manifest, MAX_MANIFEST_LEN};
 pub use trust::{Trust, TrustFile};
 pub use verify::{UnverifiedBundle, VerifiedBundle, VerifiedPayload};

@@ -91,13 +91,14 @@ impl Trust {
     }
 
     /// Counts distinct accepted signers whose signature over `message` verifies.
-    /// A signature by an accepted signer that does not verify is an error (it
-    /// was made over something else); signatures by other keys are returned apart.
+    /// A signature by an accepted signer that does not verify is an error naming
+    /// that signer (it was made over something else); signatures by other keys
+    /// are returned apart.
     pub fn count_signatures<'a>(
         &self,
         message: &[u8],
         signatures: impl IntoIterator<Item = (&'a PublicKey, &'a [u8; 64])>,
-    ) -> Result<SignatureCount, PublicKey> {
+    ) -> Result<SignatureCount, String> {
         let mut valid = BTreeSet::new();
         let mut unknown = Vec::new();
         for (key, signature) in signatures {
@@ -106,7 +107,7 @@ impl Trust {
             } else if key.verify(message, signature) {
                 valid.insert(key.to_bytes());
             } else {
-                return Err(*key);
+                return Err(key.to_string());
             }
         }
         Ok(SignatureCount {
@@ -252,7 +253,7 @@ impl TrustFile {
                 next.body.as_bytes(),
                 next.signatures.iter().map(|(k, s)| (k, s)),
             )
-            .map_err(|key| TrustError::BadSignature(key.to_string()))?;
+            .map_err(TrustError::BadSignature)?;
         if count.valid < self.trust.threshold {
             return Err(TrustError::TooFewSignatures {
                 sequence: next.trust.sequence,

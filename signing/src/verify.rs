@@ -84,7 +84,7 @@ impl UnverifiedBundle {
                     .iter()
                     .map(|(_, key, sig)| (key, sig)),
             )
-            .map_err(|key| BundleError::BadSignature(key.to_string()))?;
+            .map_err(BundleError::BadSignature)?;
         if count.valid < trust.threshold {
             let unknown = if count.unknown.is_empty() {
                 String::new()

@@ -1,0 +1,90 @@
+//! Store errors, each naming what was refused and why.
+
+use std::path::PathBuf;
+
+use sovereign_signing::{BundleError, TrustError};
+
+/// Errors from opening, importing into, reading or changing the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O error on a path of the store.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The index database failed.
+    #[error("store index: {0}")]
+    Index(String),
+    /// Another process holds the store.
+    #[error("store {0} is in use by another import")]
+    Busy(PathBuf),
+    /// The bundle did not verify.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// A trust file was refused.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// No trust policy is installed and none was given.
+    #[error("no trust file is installed in the store; give --trust")]
+    NoTrust,
+    /// An older version than the newest ever imported, without `--allow-downgrade`.
+    #[error("{name}@{offered} is older than {name}@{newest}, already imported (rollback refused; use --allow-downgrade)")]
+    Rollback {
+        /// Model name.
+        name: String,
+        /// Offered version.
+        offered: semver::Version,
+        /// Highest version imported so far.
+        newest: semver::Version,
+    },
+    /// The same version is installed with different content.
+    #[error("{0} is already installed with different content")]
+    Conflict(String),
+    /// Not enough free space.
+    #[error("not enough space in the store: {needed} bytes needed, {available} available")]
+    NoSpace {
+        /// Bytes the import needs.
+        needed: u64,
+        /// Bytes free.
+        available: u64,
+    },
+    /// The disk filled up while writing.
+    #[error("the store's disk is full (nothing was imported)")]
+    DiskFull,
+    /// No such model or version.
+    #[error("{0} is not in the store")]
+    NotFound(String),
+    /// A `NAME@VERSION` reference is malformed.
+    #[error("{0:?} is not NAME@VERSION")]
+    BadReference(String),
+    /// The audit log could not record the import, so it was not committed.
+    #[error("audit log cannot record, import refused: {0}")]
+    Audit(String),
+}
+
+impl StoreError {
+    /// An I/O error with the path it concerns.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Whether this error came from a full disk.
+    pub(crate) fn from_bundle(error: BundleError) -> Self {
+        match &error {
+            BundleError::Io { source, .. } if is_enospc(source) => Self::DiskFull,
+            _ => Self::Bundle(error),
+        }
+    }
+}
+
+/// Whether an I/O error means the disk is full.
+pub(crate) fn is_enospc(error: &std::io::Error) -> bool {
+    error.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || error.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
+}

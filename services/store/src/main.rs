@@ -1,0 +1,67 @@
+/*!
+`sovereign-import`: the one-shot import service a node runs when a USB stick
+is mounted. Same library code and arguments as `sovereign import`.
+*/
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sovereign_store::{ImportOptions, Outcome, Store};
+
+/// Import every verified bundle from a mounted stick into the model store.
+#[derive(Parser)]
+#[command(name = "sovereign-import", version)]
+struct Args {
+    /// The model store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// The node's trust file (installed if the store has none).
+    #[arg(long)]
+    trust: Option<PathBuf>,
+    /// age identity for encrypted bundles.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// The mounted stick (or one bundle file).
+    path: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<bool> {
+    let identity = args
+        .identity
+        .as_deref()
+        .map(sovereign_signing::read_age_identity)
+        .transpose()?;
+    let store = Store::open(&args.store)?;
+    let options = ImportOptions {
+        trust: args.trust.as_deref(),
+        identity: identity.as_ref(),
+        ..ImportOptions::default()
+    };
+    let mut ok = true;
+    for entry in store.import_path(&args.path, &options)? {
+        match entry.outcome {
+            Outcome::Rejected(reason) => {
+                ok = false;
+                eprintln!("error: {}: {reason}", entry.file.display());
+            }
+            other => tracing::info!(file = %entry.file.display(), outcome = ?other, "import"),
+        }
+    }
+    Ok(ok)
+}
