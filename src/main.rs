@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 /// The Sovereign operator CLI.
 #[derive(Parser)]
-#[command(name = "sovereign", version, about, propagate_version = true)]
+#[command(name = "sovereign", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +21,19 @@ struct Cli {
 /// Subcommands, grouped by noun.
 #[derive(Subcommand)]
 enum Command {
+    /// Generate signing keys and age identities.
+    #[command(subcommand)]
+    Key(commands::key::KeyCommand),
+    /// Write and sign trust files (accepted signers, threshold, sequence).
+    #[command(subcommand)]
+    Trust(commands::trust::TrustCommand),
+    /// Create, sign, verify and inspect model bundles.
+    #[command(subcommand)]
+    Bundle(commands::bundle::BundleCommand),
+    /// Verify and import bundles into a model store (a file or a stick's directory).
+    Import(commands::import::ImportArgs),
+    /// List installed models; `models remove` and `models history`.
+    Models(commands::models::ModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +46,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Key(command) => commands::key::run(command),
+        Command::Trust(command) => commands::trust::run(command),
+        Command::Bundle(command) => commands::bundle::run(command),
+        Command::Import(args) => commands::import::run(args),
+        Command::Models(args) => commands::models::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -40,5 +58,15 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

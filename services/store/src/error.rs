@@ -8,7 +8,7 @@ use sovereign_signing::{BundleError, TrustError};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An I/O error on a path of the store.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The path concerned.
         path: PathBuf,
@@ -87,4 +87,16 @@ impl StoreError {
 pub(crate) fn is_enospc(error: &std::io::Error) -> bool {
     error.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
         || error.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
+}
+
+/// The error and its sources on one line, `outer: inner: innermost`.
+pub(crate) fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }

@@ -9,7 +9,7 @@ use sovereign_signing::{
     is_bundle_file_name, is_part_file_name, UnverifiedBundle, VerifiedPayload,
 };
 
-use crate::error::StoreError;
+use crate::error::{describe, StoreError};
 use crate::index::{HistoryRecord, VersionRecord};
 use crate::layout;
 use crate::store::Store;
@@ -104,7 +104,7 @@ impl Store {
             }
             Ok(Some(_)) => ("imported", String::new()),
             Ok(None) => ("already-present", String::new()),
-            Err(e) => ("rejected", e.to_string()),
+            Err(e) => ("rejected", describe(e)),
         };
         let noted = self.note(
             path,
@@ -154,7 +154,7 @@ impl Store {
             let outcome = match self.rotate_trust(&file) {
                 Ok(Offered::Installed(sequence)) => Outcome::TrustInstalled(sequence),
                 Ok(Offered::Kept(_)) => Outcome::Skipped("trust file is already installed".into()),
-                Err(e) => Outcome::Rejected(e.to_string()),
+                Err(e) => Outcome::Rejected(describe(&e)),
             };
             let (label, reason) = match &outcome {
                 Outcome::TrustInstalled(_) => ("trust-installed", String::new()),
@@ -190,7 +190,7 @@ impl Store {
             let outcome = match self.import_bundle(&file, options) {
                 Ok(outcome) => outcome,
                 Err(StoreError::Audit(reason)) => return Err(StoreError::Audit(reason)),
-                Err(e) => Outcome::Rejected(e.to_string()),
+                Err(e) => Outcome::Rejected(describe(&e)),
             };
             report.push(ReportEntry { file, outcome });
         }

@@ -1,0 +1,76 @@
+//! `sovereign import`: the same verified import a node runs when a stick is plugged in.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use sovereign_store::{ImportOptions, Outcome, Store};
+
+use super::format_bytes;
+
+/// Import arguments.
+#[derive(Args)]
+pub struct ImportArgs {
+    /// The model store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// The trust file (installed if the store has none; the store keeps newer ones).
+    #[arg(long)]
+    trust: Option<PathBuf>,
+    /// age identity for encrypted bundles.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Accept a version older than the newest imported (recorded in the history).
+    #[arg(long)]
+    allow_downgrade: bool,
+    /// A bundle, or a directory of bundles as on a mounted USB stick.
+    path: PathBuf,
+}
+
+/// Runs an import; fails if any bundle was rejected.
+pub fn run(args: ImportArgs) -> anyhow::Result<()> {
+    let identity = args
+        .identity
+        .as_deref()
+        .map(sovereign_signing::read_age_identity)
+        .transpose()?;
+    let store = Store::open(&args.store)?;
+    let options = ImportOptions {
+        trust: args.trust.as_deref(),
+        identity: identity.as_ref(),
+        allow_downgrade: args.allow_downgrade,
+        audit: None,
+    };
+    let report = store.import_path(&args.path, &options)?;
+    let mut rejected = 0;
+    for entry in &report {
+        let file = entry.file.display();
+        match &entry.outcome {
+            Outcome::Imported(imported) => println!(
+                "imported {} ({} files, {}) in {:.2} s{}",
+                imported.id,
+                imported.files,
+                format_bytes(imported.bytes),
+                imported.seconds,
+                if imported.downgrade {
+                    " (downgrade)"
+                } else {
+                    ""
+                }
+            ),
+            Outcome::AlreadyPresent(id) => println!("{id} is already installed"),
+            Outcome::TrustInstalled(sequence) => {
+                println!("installed trust file sequence {sequence} from {file}")
+            }
+            Outcome::Skipped(reason) => println!("skipped {file}: {reason}"),
+            Outcome::Rejected(reason) => {
+                rejected += 1;
+                eprintln!("error: {file}: {reason}");
+            }
+        }
+    }
+    anyhow::ensure!(
+        rejected == 0,
+        "{rejected} file(s) rejected; the store holds only what verified"
+    );
+    Ok(())
+}
