@@ -13,6 +13,7 @@ use crate::manifest::{
 };
 use crate::parts::{open_no_follow, PartsWriter};
 use crate::pipeline::{hash_into, BLOCK};
+use crate::segments::SegmentWriter;
 
 /// Default part size: the most a FAT32 file can hold, rounded down to 64 KiB.
 pub const DEFAULT_PART_SIZE: u64 = (u32::MAX as u64) & !0xffff;
@@ -29,6 +30,8 @@ pub struct BundleSpec {
     pub recipients: Vec<age::x25519::Recipient>,
     /// Split into parts of this size.
     pub part_size: u64,
+    /// Plaintext bytes per encrypted segment (see [`DEFAULT_SEGMENT_SIZE`](crate::DEFAULT_SEGMENT_SIZE)).
+    pub segment_size: u64,
 }
 
 /// Creates the bundle `out` (and `out.001`... when split). Nothing appears
@@ -50,7 +53,6 @@ pub fn create_bundle(spec: &BundleSpec, out: &Path) -> Result<Manifest, BundleEr
         })
         .collect();
     let content_size: u64 = files.iter().map(|f| f.size).sum();
-    let encrypted = !spec.recipients.is_empty();
     let mut manifest = Manifest {
         format: FORMAT.into(),
         name: spec.name.clone(),
@@ -58,26 +60,29 @@ pub fn create_bundle(spec: &BundleSpec, out: &Path) -> Result<Manifest, BundleEr
         created: creation_time(),
         part_size: spec.part_size,
         payload: Payload {
-            // The widest possible number: the real size is filled in later and
-            // the manifest padded to the reserved length.
-            size: if encrypted { u64::MAX } else { content_size },
-            encryption: if encrypted {
-                Encryption::Age {
-                    blake3: "0".repeat(64),
-                }
-            } else {
-                Encryption::None
-            },
+            size: content_size,
+            encryption: Encryption::None,
         },
         files,
     };
-    manifest.validate().or_else(|e| match e {
-        // The placeholder payload size is checked once it is known.
-        BundleError::Malformed(ref m) if encrypted && m.contains("encrypted payload size") => {
-            Ok(())
-        }
-        other => Err(other),
-    })?;
+    // Names, paths and sizes are checked before anything is written.
+    manifest.validate()?;
+    let encrypted = !spec.recipients.is_empty();
+    if encrypted {
+        // The widest possible numbers: the real sizes are filled in once known
+        // and the manifest padded to the space reserved here.
+        manifest.payload = Payload {
+            size: u64::MAX,
+            encryption: Encryption::Age {
+                blake3: "0".repeat(64),
+                segment_size: spec.segment_size,
+                segments: vec![
+                    u64::MAX;
+                    content_size.div_ceil(spec.segment_size.max(1)).max(1) as usize
+                ],
+            },
+        };
+    }
     let reserved = manifest.to_bytes().len();
     if reserved > MAX_MANIFEST_LEN {
         return Err(BundleError::Input("too many files for one manifest".into()));
@@ -96,24 +101,17 @@ pub fn create_bundle(spec: &BundleSpec, out: &Path) -> Result<Manifest, BundleEr
         .map_err(|e| BundleError::io(out, e))?;
 
     if encrypted {
-        let recipients: Vec<&dyn age::Recipient> = spec
-            .recipients
-            .iter()
-            .map(|r| r as &dyn age::Recipient)
-            .collect();
-        let encryptor = age::Encryptor::with_recipients(recipients.into_iter())
-            .map_err(|e| BundleError::Input(format!("age: {e}")))?;
         let mut counting = CountingHasher::new(&mut writer);
-        let mut stream = encryptor
-            .wrap_output(&mut counting)
-            .map_err(|e| BundleError::io(out, e))?;
-        copy_files(&sources, &mut manifest.files, &mut stream, out)?;
-        stream.finish().map_err(|e| BundleError::io(out, e))?;
+        let mut segments = SegmentWriter::new(&mut counting, &spec.recipients, spec.segment_size);
+        copy_files(&sources, &mut manifest.files, &mut segments, out)?;
+        let lengths = segments.finish().map_err(|e| BundleError::io(out, e))?;
         let (size, hash) = counting.finish();
         manifest.payload = Payload {
             size,
             encryption: Encryption::Age {
                 blake3: hash.to_hex().to_string(),
+                segment_size: spec.segment_size,
+                segments: lengths,
             },
         };
     } else {

@@ -23,6 +23,7 @@ mod keys;
 mod manifest;
 mod parts;
 mod pipeline;
+mod segments;
 mod trust;
 mod verify;
 
@@ -34,5 +35,6 @@ pub use keys::{
     read_public_key, read_signing_key, write_secret_file, PublicKey, SigningKey,
 };
 pub use manifest::{validate_name, Encryption, FileEntry, Manifest, MAX_MANIFEST_LEN};
+pub use segments::DEFAULT_SEGMENT_SIZE;
 pub use trust::{Trust, TrustFile};
 pub use verify::{UnverifiedBundle, VerifiedBundle, VerifiedPayload};

@@ -21,6 +21,10 @@ const MAX_COMPONENT_LEN: usize = 255;
 pub const MIN_PART_SIZE: u64 = 64 * 1024;
 /// Largest part size: a FAT32 file holds at most 4 GiB - 1 byte.
 pub const MAX_PART_SIZE: u64 = u32::MAX as u64;
+/// Smallest plaintext segment of an encrypted payload.
+pub const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
+/// Largest plaintext segment (bounds the reader's memory).
+pub const MAX_SEGMENT_SIZE: u64 = 256 << 20;
 /// Upper bound on age's framing overhead relative to the plaintext (16-byte tag
 /// per 64 KiB chunk, plus a header of at most this many bytes).
 const AGE_HEADER_ALLOWANCE: u64 = 64 * 1024;
@@ -61,11 +65,15 @@ pub struct Payload {
 pub enum Encryption {
     /// The payload is the plain concatenation of the files.
     None,
-    /// The payload is an age file (X25519 recipients) of that concatenation;
-    /// `blake3` is the hash of the stored ciphertext, checked before decryption output is used.
+    /// The concatenation cut into segments of `segment_size` bytes, each an
+    /// age file (X25519 recipients) of its own, so segments decrypt in parallel.
     Age {
-        /// BLAKE3 of the stored ciphertext, hex.
+        /// BLAKE3 of the stored ciphertext (all segments), hex.
         blake3: String,
+        /// Plaintext bytes per segment (the last may be shorter).
+        segment_size: u64,
+        /// Ciphertext length of every segment, in order.
+        segments: Vec<u64>,
     },
 }
 
@@ -174,21 +182,62 @@ impl Manifest {
                 "payload size {} differs from the files' total {total}",
                 self.payload.size
             )),
-            Encryption::Age { blake3 } if !is_hex_hash(blake3) => {
-                bad("payload hash is not 64 hex digits".into())
+            Encryption::None => Ok(()),
+            Encryption::Age {
+                blake3,
+                segment_size,
+                segments,
+            } => {
+                if !is_hex_hash(blake3) {
+                    return bad("payload hash is not 64 hex digits".into());
+                }
+                validate_segments(total, self.payload.size, *segment_size, segments)
             }
-            Encryption::Age { .. }
-                if self.payload.size < total
-                    || self.payload.size > total + total / 4096 + AGE_HEADER_ALLOWANCE =>
-            {
-                bad(format!(
-                    "encrypted payload size {} is impossible for {total} bytes of files",
-                    self.payload.size
-                ))
-            }
-            _ => Ok(()),
         }
     }
+}
+
+/// Checks the segment table of an encrypted payload against the plaintext
+/// size `total` and the stored size `stored`.
+fn validate_segments(
+    total: u64,
+    stored: u64,
+    segment_size: u64,
+    segments: &[u64],
+) -> Result<(), BundleError> {
+    let bad = |reason: String| Err(BundleError::Malformed(reason));
+    if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&segment_size) {
+        return bad(format!(
+            "segment size {segment_size} is outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}"
+        ));
+    }
+    let expected = total.div_ceil(segment_size).max(1);
+    if segments.len() as u64 != expected {
+        return bad(format!(
+            "{} encrypted segments listed, {expected} expected for {total} bytes",
+            segments.len()
+        ));
+    }
+    let mut sum: u64 = 0;
+    for (index, &length) in segments.iter().enumerate() {
+        let plain = total
+            .saturating_sub(index as u64 * segment_size)
+            .min(segment_size);
+        if length <= plain || length > plain + plain / 4096 + AGE_HEADER_ALLOWANCE {
+            return bad(format!(
+                "encrypted segment {index} claims {length} bytes, impossible for {plain} bytes of plaintext"
+            ));
+        }
+        sum = sum
+            .checked_add(length)
+            .ok_or_else(|| BundleError::Malformed("segment sizes overflow".into()))?;
+    }
+    if sum != stored {
+        return bad(format!(
+            "encrypted segments total {sum} bytes but the payload is {stored}"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a model name.
@@ -299,6 +348,46 @@ mod tests {
         let mut m = manifest(&["a"]);
         m.part_size = 1;
         assert!(Manifest::parse(&m.to_bytes()).is_err());
+    }
+
+    #[test]
+    fn segment_tables_are_checked() {
+        let mut m = manifest(&["a"]);
+        m.files[0].size = 200_000;
+        let segment = |lengths: Vec<u64>| Encryption::Age {
+            blake3: "0".repeat(64),
+            segment_size: MIN_SEGMENT_SIZE,
+            segments: lengths,
+        };
+        let good = vec![65_700, 65_700, 65_700, 3_500];
+        m.payload = Payload {
+            size: good.iter().sum(),
+            encryption: segment(good.clone()),
+        };
+        Manifest::parse(&m.to_bytes()).unwrap();
+        let cases = [
+            (
+                vec![65_700, 65_700, 65_700],
+                "3 encrypted segments listed, 4 expected",
+            ),
+            (vec![65_700, 65_700, 65_700, 3_000], "impossible"),
+            (vec![65_536, 65_700, 65_700, 3_500], "impossible"),
+            (vec![u64::MAX, 65_700, 65_700, 3_500], "impossible"),
+        ];
+        for (lengths, fragment) in cases {
+            m.payload = Payload {
+                size: lengths.iter().fold(0u64, |a, b| a.wrapping_add(*b)),
+                encryption: segment(lengths),
+            };
+            let err = Manifest::parse(&m.to_bytes()).unwrap_err().to_string();
+            assert!(err.contains(fragment), "{err}");
+        }
+        m.payload = Payload {
+            size: 1,
+            encryption: segment(good),
+        };
+        let err = Manifest::parse(&m.to_bytes()).unwrap_err().to_string();
+        assert!(err.contains("but the payload is 1"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::keys::PublicKey;
 use crate::manifest::{Encryption, FileEntry, Manifest};
 use crate::parts::{open_no_follow, open_parts, PartsReader};
 use crate::pipeline::{hash_into, stream_files, Discard, Sink};
+use crate::segments::SegmentReader;
 use crate::trust::Trust;
 
 /// A bundle whose structure was checked but whose signatures were not.
@@ -159,7 +160,7 @@ impl VerifiedBundle {
                 stream_files(&mut reader, files, sink, &io_error)?;
                 true
             }
-            (Encryption::Age { blake3 }, None) => {
+            (Encryption::Age { blake3, .. }, None) => {
                 if need_content {
                     return Err(BundleError::Decrypt(
                         "bundle is encrypted: an age identity is needed (--identity)".into(),
@@ -171,11 +172,23 @@ impl VerifiedBundle {
                 check_payload_hash(hashing.finish(), blake3)?;
                 false
             }
-            (Encryption::Age { blake3 }, Some(identity)) => {
+            (
+                Encryption::Age {
+                    blake3, segments, ..
+                },
+                Some(identity),
+            ) => {
                 let mut hashing = HashingReader::new(&mut reader);
-                decrypt_into(&mut hashing, identity, files, sink)?;
-                // Bytes after age's final chunk would make decryption fail, but
-                // hash to the end anyway so the check covers the whole payload.
+                let mut plaintext = SegmentReader::new(&mut hashing, segments, identity)?;
+                let corrupt = |e: io::Error| {
+                    BundleError::Decrypt(format!(
+                        "encrypted payload failed authentication (tampered or corrupt): {e}"
+                    ))
+                };
+                stream_files(&mut plaintext, files, sink, &corrupt)?;
+                drop(plaintext);
+                // The segment table accounts for every stored byte; hash any
+                // remainder anyway so the check covers the whole payload.
                 io::copy(&mut hashing, &mut io::sink())
                     .map_err(|e| BundleError::io(&bundle.path, e))?;
                 check_payload_hash(hashing.finish(), blake3)?;
@@ -188,31 +201,6 @@ impl VerifiedBundle {
             content_checked,
         })
     }
-}
-
-fn decrypt_into(
-    reader: &mut HashingReader<'_>,
-    identity: &age::x25519::Identity,
-    files: &[FileEntry],
-    sink: &mut dyn Sink,
-) -> Result<(), BundleError> {
-    let decryptor = age::Decryptor::new(&mut *reader).map_err(|e| {
-        BundleError::Decrypt(format!("encrypted payload has no valid age header: {e}"))
-    })?;
-    let mut plaintext = decryptor
-        .decrypt(std::iter::once(identity as &dyn age::Identity))
-        .map_err(|e| match e {
-            age::DecryptError::NoMatchingKeys => BundleError::Decrypt(
-                "the age identity is not a recipient of this bundle (wrong --identity)".into(),
-            ),
-            other => BundleError::Decrypt(format!("cannot decrypt the payload: {other}")),
-        })?;
-    let corrupt = |e: io::Error| {
-        BundleError::Decrypt(format!(
-            "encrypted payload failed authentication (tampered or corrupt): {e}"
-        ))
-    };
-    stream_files(&mut plaintext, files, sink, &corrupt)
 }
 
 fn check_payload_hash(actual: blake3::Hash, expected: &str) -> Result<(), BundleError> {

@@ -30,6 +30,7 @@ fn spec(inputs: Vec<std::path::PathBuf>, part_size: u64) -> BundleSpec {
         inputs,
         recipients: Vec::new(),
         part_size,
+        segment_size: DEFAULT_SEGMENT_SIZE,
     }
 }
 
@@ -98,6 +99,8 @@ fn encrypted_bundle_needs_the_right_identity() {
     let identity = age::x25519::Identity::generate();
     let mut spec = spec(vec![model.clone()], DEFAULT_PART_SIZE);
     spec.recipients = vec![identity.to_public()];
+    // Several segments (and a short last one), so parallel decryption is exercised.
+    spec.segment_size = 256 * 1024;
     let manifest = create_bundle(&spec, &out).unwrap();
     assert!(matches!(
         manifest.payload.encryption,

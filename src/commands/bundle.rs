@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use sovereign_signing::{
     create_bundle, read_age_identity, read_age_recipient, read_signing_key, sign_bundle,
-    BundleSpec, Encryption, SignOutcome, UnverifiedBundle, DEFAULT_PART_SIZE,
+    BundleSpec, Encryption, SignOutcome, UnverifiedBundle, DEFAULT_PART_SIZE, DEFAULT_SEGMENT_SIZE,
 };
 
 use super::format_bytes;
@@ -84,6 +84,7 @@ pub fn run(command: BundleCommand) -> anyhow::Result<()> {
                 inputs: model_paths,
                 recipients,
                 part_size,
+                segment_size: DEFAULT_SEGMENT_SIZE,
             };
             let manifest = create_bundle(&spec, &out)?;
             println!(
