@@ -157,10 +157,26 @@ impl<'a, R: Read> SegmentReader<'a, R> {
             batch.push((ciphertext, plaintext));
         }
         let identity = self.identity;
-        let results: Vec<Result<(), SegmentError>> = batch
-            .par_iter_mut()
-            .map(|(ciphertext, plaintext)| decrypt_one(identity, ciphertext, plaintext))
-            .collect();
+        // One scoped thread per segment: rayon's idle spinning would steal
+        // the cores that hashing and writing need.
+        let results: Vec<Result<(), SegmentError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = batch
+                .iter_mut()
+                .map(|(ciphertext, plaintext)| {
+                    scope.spawn(move || decrypt_one(identity, ciphertext, plaintext))
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        Err(SegmentError::Io(io::Error::other(
+                            "decryption thread panicked",
+                        )))
+                    })
+                })
+                .collect()
+        });
         for ((ciphertext, plaintext), result) in batch.into_iter().zip(results) {
             result?;
             self.spare_ciphertext.push(ciphertext);
