@@ -34,6 +34,8 @@ enum Command {
     Import(commands::import::ImportArgs),
     /// List installed models; `models remove` and `models history`.
     Models(commands::models::ModelsArgs),
+    /// Write a node image to a disk (or a file), verify it, add the node's state partition.
+    Flash(commands::flash::FlashArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Bundle(command) => commands::bundle::run(command),
         Command::Import(args) => commands::import::run(args),
         Command::Models(args) => commands::models::run(args),
+        Command::Flash(args) => commands::flash::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! One module per noun of the CLI; each parses its arguments and calls a library.
 
 pub mod bundle;
+pub mod flash;
 pub mod import;
 pub mod key;
 pub mod models;

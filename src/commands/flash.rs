@@ -1,0 +1,51 @@
+//! `sovereign flash`: write a node image to a disk with read-back verification
+//! and the state partition holding the node identity.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use sovereign_provisioning::{flash, BarProgress, FlashOptions, DEFAULT_STATE_SIZE};
+
+/// Arguments of `sovereign flash`.
+#[derive(Args)]
+pub struct FlashArgs {
+    /// The disk image built by `sovereign image build` (OUT/node.img).
+    #[arg(long)]
+    image: PathBuf,
+    /// The node's disk (whole disk, e.g. /dev/sdb), or a regular file standing in for one.
+    /// Refused when mounted, in use, or the running system's disk.
+    #[arg(long)]
+    device: PathBuf,
+    /// The node identity: an ed25519 secret key file (`sovereign key generate --out PATH`).
+    #[arg(long)]
+    node: PathBuf,
+    /// Size of the state partition in MiB; the node grows it to the whole disk on first boot.
+    #[arg(long, default_value_t = DEFAULT_STATE_SIZE >> 20, value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
+    state_mib: u64,
+}
+
+/// Runs `sovereign flash`.
+pub fn run(args: FlashArgs) -> anyhow::Result<()> {
+    let options = FlashOptions {
+        image: args.image,
+        device: args.device,
+        node_key: args.node,
+        state_size: args.state_mib << 20,
+    };
+    let report = flash(&options, &BarProgress::new())?;
+    println!(
+        "flashed {} ({} bytes, blake3 {}) verified by read-back",
+        report.device.display(),
+        report.image_size,
+        report.image_blake3
+    );
+    println!(
+        "state partition {} ({}, {} MiB at offset {}) holds node {}",
+        report.state_partition.number,
+        report.state_partition.unique_guid,
+        report.state_partition.len() >> 20,
+        report.state_partition.offset(),
+        report.node_public_key
+    );
+    Ok(())
+}
