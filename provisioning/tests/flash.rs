@@ -369,7 +369,7 @@ fn the_disk_holding_the_root_filesystem_is_refused() {
             let dash = fields.iter().position(|f| *f == "-")?;
             (fields.get(4) == Some(&"/")).then(|| fields.get(dash + 2).map(|s| s.to_string()))?
         })
-        .last()
+        .next_back()
         .expect("a root mount");
     assert!(
         root_source.starts_with("/dev/"),
