@@ -1,0 +1,237 @@
+/*!
+Quantized matmul kernels for the inference engine.
+
+[`Q41MatMul`] multiplies f32 activations by GGUF Q4_1 weights the way ggml
+does: each row of activations is quantized to Q8_1 blocks of 32 (`d`, `s =
+d * sum(q)`, 32 signed bytes), and every output is the sum over blocks of
+`d_w * d_x * sumi + m_w * s_x`, where `sumi` is the exact integer dot product
+of the 4-bit weights with the 8-bit activations. The weights are used as they
+are in the file (no requantization, no repacking): 20-byte blocks of `d`
+(f16), `m` (f16) and 16 bytes of nibbles.
+
+The inner dot product is picked at run time with `is_x86_feature_detected!`:
+AVX-512 (F, BW, VL, VNNI), AVX2 with FMA and F16C, or a portable scalar
+version, so one binary runs on any x86-64. All three compute the same integer
+sums; they differ only in the order the per-block f32 terms are added (see
+[`Isa`]).
+
+Rows are spread over candle's own worker pool (`candle_core::utils::barrier_pool`),
+the pool candle's other CPU ops use, so the engine has one set of worker
+threads, sized by `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`) before the
+first op runs.
+*/
+#![allow(unsafe_code)]
+
+mod q8;
+mod simd;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Storage, Tensor};
+
+pub use q8::Q8Rows;
+
+/// Bytes of one GGUF Q4_1 block: `d` (f16), `m` (f16), 16 bytes holding 32 nibbles.
+pub const Q4_1_BLOCK_BYTES: usize = 20;
+/// Values per Q4_1 / Q8_1 block.
+pub const QK: usize = 32;
+
+/// The instruction set a kernel uses for the block dot products.
+///
+/// Every variant computes each block's integer sum exactly; the f32 results
+/// differ from [`Isa::Scalar`] only by the order in which per-block (and, for
+/// the SIMD paths, per-lane) products are added, that is by a few f32 ulps of
+/// the sum of absolute terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust, one block at a time (the reference).
+    Scalar,
+    /// AVX2 + FMA + F16C: 256-bit `maddubs`/`madd`, one block per step.
+    Avx2,
+    /// AVX-512 F/BW/VL + VNNI: 512-bit `vpdpbusd`, two blocks per step.
+    Avx512,
+}
+
+impl Isa {
+    /// The fastest instruction set this CPU supports.
+    pub fn detect() -> Isa {
+        if Isa::Avx512.available() {
+            Isa::Avx512
+        } else if Isa::Avx2.available() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+
+    /// Whether this CPU can run kernels built for `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.available()
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// A Q4_1 weight matrix `[n, k]` ready to multiply activations `[.., k]` into `[.., n]`.
+#[derive(Clone)]
+pub struct Q41MatMul {
+    n: usize,
+    k: usize,
+    /// The GGUF blocks, row-major: `n` rows of `k / 32` blocks.
+    blocks: Vec<u8>,
+    isa: Isa,
+}
+
+impl std::fmt::Debug for Q41MatMul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Q41MatMul")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("isa", &self.isa)
+            .finish()
+    }
+}
+
+impl Q41MatMul {
+    /// Takes the weights of a 2-D Q4_1 `QTensor` of shape `[n, k]` (GGUF's
+    /// `[out, in]`). `None` if the dtype is not Q4_1, the tensor is not 2-D,
+    /// or its bytes cannot be read.
+    pub fn from_qtensor(t: &QTensor) -> Option<Self> {
+        if t.dtype() != GgmlDType::Q4_1 {
+            return None;
+        }
+        let (n, k) = t.shape().dims2().ok()?;
+        let data = t.data().ok()?;
+        Self::from_blocks(n, k, data.into_owned())
+    }
+
+    /// Builds from raw GGUF Q4_1 bytes for a `[n, k]` matrix. `None` if `k`
+    /// is not a positive multiple of 32 or the byte count does not match.
+    pub fn from_blocks(n: usize, k: usize, blocks: Vec<u8>) -> Option<Self> {
+        if k == 0 || !k.is_multiple_of(QK) || blocks.len() != n * (k / QK) * Q4_1_BLOCK_BYTES {
+            return None;
+        }
+        let isa = Isa::detect();
+        tracing::trace!(n, k, ?isa, "Q4_1 matmul");
+        Some(Self { n, k, blocks, isa })
+    }
+
+    /// The same weights with the kernels of `isa`; `None` if this CPU lacks it.
+    pub fn with_isa(mut self, isa: Isa) -> Option<Self> {
+        if !isa.available() {
+            return None;
+        }
+        self.isa = isa;
+        Some(self)
+    }
+
+    /// The instruction set in use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Output features (rows of the weight matrix).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns of the weight matrix).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `x @ w^T` for f32 `x` of shape `[.., k]` on the CPU, giving `[.., n]`;
+    /// the semantics of `candle_core::quantized::QMatMul::forward`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let Some((&last, outer)) = dims.split_last() else {
+            candle_core::bail!("Q4_1 matmul: input is a scalar, expected [.., {}]", self.k);
+        };
+        if last != self.k {
+            candle_core::bail!(
+                "Q4_1 matmul: input has {last} features in {dims:?}, the weights expect {}",
+                self.k
+            );
+        }
+        if !matches!(x.device(), Device::Cpu) {
+            candle_core::bail!("Q4_1 matmul: input must be on the CPU");
+        }
+        if x.dtype() != candle_core::DType::F32 {
+            candle_core::bail!("Q4_1 matmul: input must be f32, got {:?}", x.dtype());
+        }
+        let m: usize = outer.iter().product();
+        let x = x.contiguous()?;
+        let q = {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("Q4_1 matmul: input must be on the CPU");
+            };
+            let all = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            let Some(xs) = all.get(start..start + m * self.k) else {
+                candle_core::bail!("Q4_1 matmul: input storage is shorter than its layout");
+            };
+            Q8Rows::quantize(xs, m, self.k)
+        };
+        let mut out = vec![0f32; m * self.n];
+        self.matmul_q8(&q, &mut out);
+        let mut out_dims = outer.to_vec();
+        out_dims.push(self.n);
+        Tensor::from_vec(out, out_dims, &Device::Cpu)
+    }
+
+    /// `out[r * n + j] = dot(activation row r, weight row j)` for already
+    /// quantized activations, spread over candle's worker pool.
+    ///
+    /// # Panics
+    /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
+    pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
+        assert_eq!(q.k(), self.k, "activations quantized for another k");
+        assert_eq!(out.len(), q.rows() * self.n, "output length");
+        let m = q.rows();
+        let n = self.n;
+        let row_bytes = (self.k / QK) * Q4_1_BLOCK_BYTES;
+        let dst = SharedOut(out.as_mut_ptr());
+        let isa = self.isa;
+        let blocks = &self.blocks;
+        let work = |rows: std::ops::Range<usize>| {
+            let dst = &dst;
+            for j in rows {
+                let w = &blocks[j * row_bytes..(j + 1) * row_bytes];
+                for r in 0..m {
+                    let v = simd::dot(isa, w, q.row_qs(r), q.row_ds(r));
+                    // SAFETY: `r * n + j < m * n == out.len()`, and each weight row `j`
+                    // belongs to exactly one range handed out by the pool, so no two
+                    // workers write the same element; `out` outlives the pool call.
+                    unsafe { dst.0.add(r * n + j).write(v) };
+                }
+            }
+        };
+        // One worker-pool call per matmul; tiny matrices stay on this thread.
+        if n * m * self.k < 32 * 1024 {
+            work(0..n);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(n, work);
+        }
+    }
+}
+
+/// The output pointer shared by the pool's workers, which write disjoint elements.
+struct SharedOut(*mut f32);
+// SAFETY: the pointer is only used for writes to disjoint elements (see `matmul_q8`).
+unsafe impl Sync for SharedOut {}
