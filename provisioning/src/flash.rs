@@ -199,6 +199,8 @@ fn plan(options: &FlashOptions, node_public: &[u8; 32]) -> Result<Plan, FlashErr
         ));
     }
 
+    // sgdisk runs after the image is written: make sure it exists before writing.
+    run_tool(Command::new("sgdisk").arg("--version"))?;
     let target = target::inspect(&options.device)?;
     if target.kind == TargetKind::File {
         let device_meta = std::fs::metadata(&options.device)
