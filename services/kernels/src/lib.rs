@@ -92,8 +92,12 @@ impl Isa {
 pub struct Q41MatMul {
     n: usize,
     k: usize,
-    /// The GGUF blocks, row-major: `n` rows of `k / 32` blocks.
-    blocks: Vec<u8>,
+    /// The 16 nibble bytes of every block, row-major (`n` rows of `k / 32` blocks).
+    qs: Vec<u8>,
+    /// The f16 bits of every block's `d`, same order.
+    d: Vec<u16>,
+    /// The f16 bits of every block's `m`, same order.
+    m: Vec<u16>,
     isa: Isa,
 }
 
@@ -117,18 +121,38 @@ impl Q41MatMul {
         }
         let (n, k) = t.shape().dims2().ok()?;
         let data = t.data().ok()?;
-        Self::from_blocks(n, k, data.into_owned())
+        Self::from_blocks(n, k, &data)
     }
 
     /// Builds from raw GGUF Q4_1 bytes for a `[n, k]` matrix. `None` if `k`
     /// is not a positive multiple of 32 or the byte count does not match.
-    pub fn from_blocks(n: usize, k: usize, blocks: Vec<u8>) -> Option<Self> {
+    ///
+    /// The blocks' fields are split into three arrays (nibbles, `d`, `m`) so
+    /// that SIMD loads cover several blocks; every bit is kept as it is.
+    pub fn from_blocks(n: usize, k: usize, blocks: impl AsRef<[u8]>) -> Option<Self> {
+        let blocks = blocks.as_ref();
         if k == 0 || !k.is_multiple_of(QK) || blocks.len() != n * (k / QK) * Q4_1_BLOCK_BYTES {
             return None;
         }
+        let count = n * (k / QK);
+        let mut qs = Vec::with_capacity(count * QK / 2);
+        let mut d = Vec::with_capacity(count);
+        let mut m = Vec::with_capacity(count);
+        for blk in blocks.chunks_exact(Q4_1_BLOCK_BYTES) {
+            d.push(u16::from_le_bytes([blk[0], blk[1]]));
+            m.push(u16::from_le_bytes([blk[2], blk[3]]));
+            qs.extend_from_slice(&blk[4..]);
+        }
         let isa = Isa::detect();
         tracing::trace!(n, k, ?isa, "Q4_1 matmul");
-        Some(Self { n, k, blocks, isa })
+        Some(Self {
+            n,
+            k,
+            qs,
+            d,
+            m,
+            isa,
+        })
     }
 
     /// The same weights with the kernels of `isa`; `None` if this CPU lacks it.
@@ -205,16 +229,24 @@ impl Q41MatMul {
         assert_eq!(out.len(), q.rows() * self.n, "output length");
         let m = q.rows();
         let n = self.n;
-        let row_bytes = (self.k / QK) * Q4_1_BLOCK_BYTES;
+        let nb = self.k / QK;
         let dst = SharedOut(out.as_mut_ptr());
         let isa = self.isa;
-        let blocks = &self.blocks;
         let work = |rows: std::ops::Range<usize>| {
             let dst = &dst;
             for j in rows {
-                let w = &blocks[j * row_bytes..(j + 1) * row_bytes];
+                let w = simd::WRow {
+                    qs: &self.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
+                    d: &self.d[j * nb..(j + 1) * nb],
+                    m: &self.m[j * nb..(j + 1) * nb],
+                };
                 for r in 0..m {
-                    let v = simd::dot(isa, w, q.row_qs(r), q.row_ds(r));
+                    let x = simd::XRow {
+                        qs: q.row_qs(r),
+                        d: q.row_d(r),
+                        s: q.row_s(r),
+                    };
+                    let v = simd::dot(isa, &w, &x);
                     // SAFETY: `r * n + j < m * n == out.len()`, and each weight row `j`
                     // belongs to exactly one range handed out by the pool, so no two
                     // workers write the same element; `out` outlives the pool call.

@@ -1,22 +1,45 @@
 /*!
 Activations quantized to Q8_1, ggml's `quantize_row_q8_1_ref`: per block of
 32, `d = amax / 127` (stored as f16), `q = round(x / d)` (half away from
-zero), `s = f16(d * sum(q))`. The quants are kept contiguous (so a SIMD load
-covers whole blocks) and `d`, `s` are kept as the f32 values of their f16s.
+zero), `s = f16(d * sum(q))`; `d` and `s` are kept as the f32 values of
+those f16s.
+
+Layout: the quants of a row are stored in groups of 4 blocks (then one group
+of 2, then one single block for what is left), and inside a group the first
+halves (values 0..16) of its blocks come first, then the second halves
+(16..32). A weight block's 16 nibble bytes hold its values 0..16 in the low
+nibbles and 16..32 in the high ones, so one load of a group's weight bytes
+masked (low nibbles) or shifted (high nibbles) lines up lane for lane with
+one load of each half here.
 */
 
 use half::f16;
 
 use crate::QK;
 
-/// Rows of activations quantized to Q8_1.
+/// Rows of activations quantized to Q8_1, in the grouped layout.
 #[derive(Clone, Debug)]
 pub struct Q8Rows {
     rows: usize,
     k: usize,
     qs: Vec<i8>,
-    /// `(d, s)` per block, row-major.
-    ds: Vec<[f32; 2]>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// Byte offsets, inside a row of `nb` blocks, of the first and second half of block `b`.
+#[inline]
+pub(crate) fn half_offsets(nb: usize, b: usize) -> (usize, usize) {
+    let full4 = nb / 4 * 4;
+    if b < full4 {
+        let (g, j) = (b / 4, b % 4);
+        (g * 128 + j * 16, g * 128 + 64 + j * 16)
+    } else if nb - full4 >= 2 && b < full4 + 2 {
+        let j = b - full4;
+        (full4 * 32 + j * 16, full4 * 32 + 32 + j * 16)
+    } else {
+        (b * 32, b * 32 + 16)
+    }
 }
 
 impl Q8Rows {
@@ -26,24 +49,37 @@ impl Q8Rows {
     /// If the lengths do not fit.
     pub fn quantize(xs: &[f32], m: usize, k: usize) -> Self {
         assert!(k.is_multiple_of(QK) && xs.len() == m * k, "Q8_1 shape");
+        let nb = k / QK;
         let mut qs = vec![0i8; m * k];
-        let mut ds = Vec::with_capacity(m * k / QK);
-        for (x, q) in xs.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
-            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (qi, &xi) in q.iter_mut().zip(x) {
-                // |xi * id| <= 127 up to rounding, so the cast cannot saturate
-                // for finite input; NaN becomes 0 (as casts define).
-                *qi = (xi * id).round() as i8;
-                sum += i32::from(*qi);
+        let mut d = Vec::with_capacity(m * nb);
+        let mut s = Vec::with_capacity(m * nb);
+        for (r, row) in xs.chunks_exact(k.max(1)).enumerate() {
+            let out = &mut qs[r * k..(r + 1) * k];
+            for (b, x) in row.chunks_exact(QK).enumerate() {
+                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let db = amax / 127.0;
+                let id = if db != 0.0 { 1.0 / db } else { 0.0 };
+                let (lo, hi) = half_offsets(nb, b);
+                let mut sum = 0i32;
+                for (j, &xj) in x.iter().enumerate() {
+                    // |xj * id| <= 127 up to rounding, so the cast cannot saturate
+                    // for finite input; NaN becomes 0 (as casts define).
+                    let q = (xj * id).round() as i8;
+                    let at = if j < QK / 2 { lo + j } else { hi + j - QK / 2 };
+                    out[at] = q;
+                    sum += i32::from(q);
+                }
+                d.push(f16::from_f32(db).to_f32());
+                s.push(f16::from_f32(sum as f32 * db).to_f32());
             }
-            let dh = f16::from_f32(d).to_f32();
-            let sh = f16::from_f32(sum as f32 * d).to_f32();
-            ds.push([dh, sh]);
         }
-        Self { rows: m, k, qs, ds }
+        Self {
+            rows: m,
+            k,
+            qs,
+            d,
+            s,
+        }
     }
 
     /// Number of rows.
@@ -56,14 +92,30 @@ impl Q8Rows {
         self.k
     }
 
-    /// The quants of row `r` (`k` bytes).
+    /// The quants of row `r` (`k` bytes, grouped layout).
     pub fn row_qs(&self, r: usize) -> &[i8] {
         &self.qs[r * self.k..(r + 1) * self.k]
     }
 
-    /// The `(d, s)` of each block of row `r`.
-    pub fn row_ds(&self, r: usize) -> &[[f32; 2]] {
-        let kb = self.k / QK;
-        &self.ds[r * kb..(r + 1) * kb]
+    /// The 32 quants of block `b` of row `r`, in natural order.
+    pub fn block(&self, r: usize, b: usize) -> [i8; QK] {
+        let (lo, hi) = half_offsets(self.k / QK, b);
+        let row = self.row_qs(r);
+        let mut out = [0i8; QK];
+        out[..QK / 2].copy_from_slice(&row[lo..lo + QK / 2]);
+        out[QK / 2..].copy_from_slice(&row[hi..hi + QK / 2]);
+        out
+    }
+
+    /// The scale `d` of each block of row `r`.
+    pub fn row_d(&self, r: usize) -> &[f32] {
+        let nb = self.k / QK;
+        &self.d[r * nb..(r + 1) * nb]
+    }
+
+    /// The `s = d * sum(q)` of each block of row `r`.
+    pub fn row_s(&self, r: usize) -> &[f32] {
+        let nb = self.k / QK;
+        &self.s[r * nb..(r + 1) * nb]
     }
 }

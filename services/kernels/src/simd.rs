@@ -1,29 +1,50 @@
 /*!
 Dot product of one Q4_1 weight row with one Q8_1 activation row, per [`Isa`].
 
-Per block: `d_w * d_x * sumi + m_w * s_x`, `sumi` = the exact integer sum of
-the 32 products of weight nibbles (0..=15; the low nibbles are values 0..16,
-the high nibbles values 16..32) and signed activation bytes.
+Per block: `d_w * d_x * sumi + m_w * s_x`, where `sumi` is the exact integer
+sum of the 32 products of weight nibbles (0..=15; low nibbles are the values
+0..16 of the block, high nibbles the values 16..32) with signed activation
+bytes. The activations are in the grouped layout of [`crate::q8`]: groups of
+4 blocks, then one of 2, then a single block.
 */
 
 use half::f16;
 
-use crate::{Isa, Q4_1_BLOCK_BYTES, QK};
+use crate::q8::half_offsets;
+use crate::{Isa, QK};
+
+/// One weight row: `nb` blocks' nibbles (16 bytes each), `d` and `m` (f16 bits).
+pub(crate) struct WRow<'a> {
+    pub qs: &'a [u8],
+    pub d: &'a [u16],
+    pub m: &'a [u16],
+}
+
+/// One activation row: `nb` blocks' quants (grouped layout), `d` and `s`.
+pub(crate) struct XRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+}
 
 /// The dot product with the kernel for `isa`.
 ///
 /// # Panics
-/// If the three slices do not describe the same number of blocks, or `isa`
-/// is not available on this CPU (callers check with [`Isa::available`]).
+/// If the rows do not hold the same number of blocks, or `isa` is not
+/// available on this CPU (callers check with [`Isa::available`]).
 #[inline]
-pub(crate) fn dot(isa: Isa, w: &[u8], qs: &[i8], ds: &[[f32; 2]]) -> f32 {
-    let nb = ds.len();
+pub(crate) fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    let nb = w.d.len();
     assert!(
-        w.len() == nb * Q4_1_BLOCK_BYTES && qs.len() == nb * QK,
+        w.m.len() == nb
+            && w.qs.len() == nb * QK / 2
+            && x.d.len() == nb
+            && x.s.len() == nb
+            && x.qs.len() == nb * QK,
         "block counts"
     );
     match isa {
-        Isa::Scalar => dot_scalar(w, qs, ds),
+        Isa::Scalar => dot_scalar(w, x),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             assert!(
@@ -31,8 +52,8 @@ pub(crate) fn dot(isa: Isa, w: &[u8], qs: &[i8], ds: &[[f32; 2]]) -> f32 {
                 "AVX2 kernel on a CPU without AVX2/FMA/F16C"
             );
             // SAFETY: the CPU supports avx2, fma and f16c (checked above, cached by std),
-            // and the slice lengths match `nb` blocks (asserted above).
-            unsafe { x86::dot_avx2(w, qs, ds) }
+            // and every slice holds `nb` blocks (asserted above).
+            unsafe { x86::dot_avx2(w, x) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
@@ -41,31 +62,35 @@ pub(crate) fn dot(isa: Isa, w: &[u8], qs: &[i8], ds: &[[f32; 2]]) -> f32 {
                 "AVX-512 kernel on a CPU without AVX-512 VNNI"
             );
             // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma and f16c (checked
-            // above), and the slice lengths match `nb` blocks (asserted above).
-            unsafe { x86::dot_avx512(w, qs, ds) }
+            // above), and every slice holds `nb` blocks (asserted above).
+            unsafe { x86::dot_avx512(w, x) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => dot_scalar(w, qs, ds),
+        _ => dot_scalar(w, x),
     }
 }
 
-/// The portable reference, ggml's `ggml_vec_dot_q4_1_q8_1` generic code.
-pub(crate) fn dot_scalar(w: &[u8], qs: &[i8], ds: &[[f32; 2]]) -> f32 {
+/// The integer sum of block `b`'s 32 products.
+#[inline]
+fn block_sumi(w: &WRow<'_>, x: &XRow<'_>, nb: usize, b: usize) -> i32 {
+    let (lo, hi) = half_offsets(nb, b);
+    let nib = &w.qs[b * QK / 2..(b + 1) * QK / 2];
+    let mut sumi = 0i32;
+    for (j, &byte) in nib.iter().enumerate() {
+        sumi += i32::from(byte & 0x0F) * i32::from(x.qs[lo + j]);
+        sumi += i32::from(byte >> 4) * i32::from(x.qs[hi + j]);
+    }
+    sumi
+}
+
+/// The portable reference, ggml's generic `ggml_vec_dot_q4_1_q8_1`.
+pub(crate) fn dot_scalar(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    let nb = w.d.len();
     let mut sumf = 0f32;
-    for ((blk, q), &[dy, sy]) in w
-        .chunks_exact(Q4_1_BLOCK_BYTES)
-        .zip(qs.chunks_exact(QK))
-        .zip(ds)
-    {
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-        let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            let v0 = i32::from(blk[4 + j] & 0x0F);
-            let v1 = i32::from(blk[4 + j] >> 4);
-            sumi += v0 * i32::from(q[j]) + v1 * i32::from(q[j + QK / 2]);
-        }
-        sumf += sumi as f32 * d * dy + m * sy;
+    for b in 0..nb {
+        let d = f16::from_bits(w.d[b]).to_f32();
+        let m = f16::from_bits(w.m[b]).to_f32();
+        sumf += block_sumi(w, x, nb, b) as f32 * d * x.d[b] + m * x.s[b];
     }
     sumf
 }
@@ -74,125 +99,185 @@ pub(crate) fn dot_scalar(w: &[u8], qs: &[i8], ds: &[[f32; 2]]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use crate::{Q4_1_BLOCK_BYTES, QK};
-
-    /// `d` and `m` of the block at `blk` as f32.
-    ///
-    /// Safety: `blk` points at 4 readable bytes; f16c is available.
-    #[inline]
-    #[target_feature(enable = "f16c")]
-    unsafe fn scales(blk: *const u8) -> (f32, f32) {
-        // SAFETY: the caller guarantees 4 readable bytes at `blk` (unaligned read).
-        let dm = unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned())) };
-        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
-    }
-
-    /// The 32 nibbles of the block at `blk` as bytes: low nibbles (values 0..16)
-    /// in the low 128 bits, high nibbles (values 16..32) in the high 128 bits.
-    ///
-    /// Safety: `blk` points at a whole 20-byte block; avx2 is available.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn nibbles(blk: *const u8) -> __m256i {
-        // SAFETY: bytes 4..20 of the block are readable (caller); unaligned load.
-        let t = unsafe { _mm_loadu_si128(blk.add(4) as *const __m128i) };
-        _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
-            _mm256_set1_epi8(0x0F),
-        )
-    }
+    use super::{block_sumi, WRow, XRow};
+    use crate::QK;
 
     /// Sum of the 8 lanes.
     #[inline]
     #[target_feature(enable = "avx")]
     fn hsum256(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        hsum128(s)
+    }
+
+    /// Sum of the 4 lanes.
+    #[inline]
+    #[target_feature(enable = "sse3")]
+    fn hsum128(s: __m128) -> f32 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
     }
 
-    /// AVX2 dot product: `maddubs` (u8 x i8 pairs to i16, at most 2 * 15 * 128,
-    /// no saturation) then `madd` with ones to i32, one block per step.
+    /// `d_w * d_x` for blocks `b`, `b + 1` in lanes 0..4 and 4..8, and the
+    /// `m_w * s_x` of both added into `accm`.
     ///
-    /// Safety: avx2, fma, f16c available; `w`, `qs` hold `ds.len()` blocks.
+    /// Safety: `b + 1 < nb` for the rows' `nb`.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx2(w: &[u8], qs: &[i8], ds: &[[f32; 2]]) -> f32 {
-        let wp = w.as_ptr();
-        let qp = qs.as_ptr();
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        for (b, &[dy, sy]) in ds.iter().enumerate() {
-            // SAFETY: block `b < ds.len()` lies inside `w` and its quants inside `qs`
-            // (caller); loads are unaligned.
-            let (blk, qy) = unsafe {
-                let blk = wp.add(b * Q4_1_BLOCK_BYTES);
-                (blk, _mm256_loadu_si256(qp.add(b * QK) as *const __m256i))
-            };
-            // SAFETY: `blk` is a whole block inside `w`; f16c/avx2 enabled here.
-            let ((dx, mx), qx) = unsafe { (scales(blk), nibbles(blk)) };
-            summs += mx * sy;
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy), _mm256_cvtepi32_ps(p), acc);
-        }
-        hsum256(acc) + summs
+    unsafe fn scales2(w: &WRow<'_>, x: &XRow<'_>, b: usize, accm: &mut __m128) -> __m256 {
+        // SAFETY: blocks b, b + 1 exist (caller): 4 bytes of f16s in `w.d`, `w.m`
+        // and 8 bytes of f32s in `x.d`, `x.s`; unaligned loads.
+        let (dw, mw, dx, sx) = unsafe {
+            (
+                _mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (w.d.as_ptr().add(b) as *const i32).read_unaligned(),
+                )),
+                _mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (w.m.as_ptr().add(b) as *const i32).read_unaligned(),
+                )),
+                _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b) as *const f64)),
+                _mm_castpd_ps(_mm_load_sd(x.s.as_ptr().add(b) as *const f64)),
+            )
+        };
+        *accm = _mm_fmadd_ps(mw, sx, *accm);
+        let sc = _mm_mul_ps(dw, dx);
+        _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(sc),
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+        )
     }
 
-    /// AVX-512 VNNI dot product: `vpdpbusd` (u8 x i8 quads to i32) over two
-    /// blocks per 512-bit step; an odd last block uses the 256-bit form.
+    /// AVX2: two blocks per step. `maddubs` multiplies u8 nibbles by i8
+    /// quants into i16 pairs (at most 2 * 15 * 128 = 3840), the low- and
+    /// high-nibble halves are added (at most 7680, no overflow), and `madd`
+    /// with ones widens to i32 lanes, four per block.
     ///
-    /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; `w`, `qs` hold
-    /// `ds.len()` blocks.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx512(w: &[u8], qs: &[i8], ds: &[[f32; 2]]) -> f32 {
-        let nb = ds.len();
-        let wp = w.as_ptr();
-        let qp = qs.as_ptr();
-        let mut acc = _mm512_setzero_ps();
-        let mut summs = 0f32;
+    /// Safety: avx2, fma, f16c available; every slice holds `w.d.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_avx2(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+        let nb = w.d.len();
+        let full4 = nb / 4 * 4;
+        let pairs_end = if nb - full4 >= 2 { full4 + 2 } else { full4 };
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut accm = _mm_setzero_ps();
+        let wq = w.qs.as_ptr();
+        let xq = x.qs.as_ptr();
         let mut b = 0;
-        while b + 2 <= nb {
-            let [dy0, sy0] = ds[b];
-            let [dy1, sy1] = ds[b + 1];
-            // SAFETY: blocks `b` and `b + 1` (< nb) lie inside `w`, their 64 quant
-            // bytes inside `qs` (caller); loads are unaligned.
-            let (blk0, blk1, qy) = unsafe {
-                let blk0 = wp.add(b * Q4_1_BLOCK_BYTES);
+        while b < pairs_end {
+            // Offsets of the pair's first and second halves in the grouped layout.
+            let (lo, hi) = if b < full4 {
+                let (g, h) = (b / 4, (b % 4) / 2);
+                (g * 128 + h * 32, g * 128 + 64 + h * 32)
+            } else {
+                (full4 * 32, full4 * 32 + 32)
+            };
+            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16 in `w.qs`, and
+            // 32 quant bytes at each of `lo`, `hi` (< nb * 32) in `x.qs`; unaligned loads.
+            let (nib, ylo, yhi) = unsafe {
                 (
-                    blk0,
-                    blk0.add(Q4_1_BLOCK_BYTES),
-                    _mm512_loadu_si512(qp.add(b * QK) as *const __m512i),
+                    _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(lo) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(hi) as *const __m256i),
                 )
             };
-            // SAFETY: both are whole blocks inside `w`; the features are enabled here.
-            let ((dx0, mx0), (dx1, mx1), lo, hi) =
-                unsafe { (scales(blk0), scales(blk1), nibbles(blk0), nibbles(blk1)) };
-            summs += mx0 * sy0 + mx1 * sy1;
-            let qx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qx, qy);
-            let scale =
-                _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dx0 * dy0), _mm512_set1_ps(dx1 * dy1));
-            acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc);
+            let xlo = _mm256_and_si256(nib, mask);
+            let xhi = _mm256_and_si256(_mm256_srli_epi16(nib, 4), mask);
+            let p16 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(xlo, ylo),
+                _mm256_maddubs_epi16(xhi, yhi),
+            );
+            let p = _mm256_madd_epi16(p16, ones);
+            // SAFETY: b + 1 < nb.
+            let sc = unsafe { scales2(w, x, b, &mut accm) };
+            acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc);
             b += 2;
         }
-        let mut sum = _mm512_reduce_add_ps(acc);
+        let mut sum = hsum256(acc) + hsum128(accm);
         if b < nb {
-            let [dy, sy] = ds[b];
-            // SAFETY: block `b < nb` lies inside `w`, its quants inside `qs`.
-            let (blk, qy) = unsafe {
-                let blk = wp.add(b * Q4_1_BLOCK_BYTES);
-                (blk, _mm256_loadu_si256(qp.add(b * QK) as *const __m256i))
-            };
-            // SAFETY: a whole block inside `w`; the features are enabled here.
-            let ((dx, mx), qx) = unsafe { (scales(blk), nibbles(blk)) };
-            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy);
-            sum += hsum256(_mm256_mul_ps(
-                _mm256_set1_ps(dx * dy),
-                _mm256_cvtepi32_ps(p),
-            ));
-            summs += mx * sy;
+            sum += single(w, x, nb, b);
         }
-        sum + summs
+        sum
+    }
+
+    /// The last, unpaired block (scalar: at most one per row).
+    #[inline]
+    fn single(w: &WRow<'_>, x: &XRow<'_>, nb: usize, b: usize) -> f32 {
+        let d = half::f16::from_bits(w.d[b]).to_f32();
+        let m = half::f16::from_bits(w.m[b]).to_f32();
+        block_sumi(w, x, nb, b) as f32 * d * x.d[b] + m * x.s[b]
+    }
+
+    /// AVX-512 VNNI: four blocks per step. One 64-byte load holds the four
+    /// blocks' nibbles; masked and shifted, they meet the group's first and
+    /// second halves in two `vpdpbusd` (u8 x i8 quads summed into i32 lanes,
+    /// four lanes per block). The scales of four blocks are loaded at once,
+    /// multiplied, and spread over their lanes with one permute.
+    ///
+    /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; every slice
+    /// holds `w.d.len()` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_avx512(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+        let nb = w.d.len();
+        let full4 = nb / 4 * 4;
+        let mask = _mm512_set1_epi8(0x0F);
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let mut acc = _mm512_setzero_ps();
+        let mut accm = _mm_setzero_ps();
+        let wq = w.qs.as_ptr();
+        let xq = x.qs.as_ptr();
+        let mut b = 0;
+        while b < full4 {
+            // SAFETY: blocks b..b + 4 <= nb: 64 nibble bytes at b * 16 in `w.qs`,
+            // 128 quant bytes at b * 32 in `x.qs` (group b / 4), 4 f16s at b in
+            // `w.d`/`w.m` and 4 f32s at b in `x.d`/`x.s`; unaligned loads.
+            let (nib, ylo, yhi, dw, mw, dx, sx) = unsafe {
+                (
+                    _mm512_loadu_si512(wq.add(b * QK / 2) as *const __m512i),
+                    _mm512_loadu_si512(xq.add(b * QK) as *const __m512i),
+                    _mm512_loadu_si512(xq.add(b * QK + 64) as *const __m512i),
+                    _mm_cvtph_ps(_mm_loadl_epi64(w.d.as_ptr().add(b) as *const __m128i)),
+                    _mm_cvtph_ps(_mm_loadl_epi64(w.m.as_ptr().add(b) as *const __m128i)),
+                    _mm_loadu_ps(x.d.as_ptr().add(b)),
+                    _mm_loadu_ps(x.s.as_ptr().add(b)),
+                )
+            };
+            let xlo = _mm512_and_si512(nib, mask);
+            let xhi = _mm512_and_si512(_mm512_srli_epi16(nib, 4), mask);
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xlo, ylo);
+            let p = _mm512_dpbusd_epi32(p, xhi, yhi);
+            accm = _mm_fmadd_ps(mw, sx, accm);
+            let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+            acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+            b += 4;
+        }
+        let mut sum = _mm512_reduce_add_ps(acc);
+        if nb - full4 >= 2 {
+            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16, the pair's
+            // halves at b * 32 and b * 32 + 32 (grouped layout); unaligned loads.
+            let (nib, ylo, yhi) = unsafe {
+                (
+                    _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
+                )
+            };
+            let m4 = _mm256_set1_epi8(0x0F);
+            let xlo = _mm256_and_si256(nib, m4);
+            let xhi = _mm256_and_si256(_mm256_srli_epi16(nib, 4), m4);
+            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xlo, ylo);
+            let p = _mm256_dpbusd_epi32(p, xhi, yhi);
+            // SAFETY: b + 1 < nb.
+            let sc = unsafe { scales2(w, x, b, &mut accm) };
+            sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+            b += 2;
+        }
+        sum += hsum128(accm);
+        if b < nb {
+            sum += single(w, x, nb, b);
+        }
+        sum
     }
 }

@@ -41,13 +41,13 @@ fn magnitudes(w: &[u8], q: &Q8Rows, n: usize, k: usize) -> Vec<f64> {
                 let blk = &w[(j * kb + b) * Q4_1_BLOCK_BYTES..][..Q4_1_BLOCK_BYTES];
                 let d = f64::from(f16::from_le_bytes([blk[0], blk[1]]).to_f32());
                 let m = f64::from(f16::from_le_bytes([blk[2], blk[3]]).to_f32());
-                let qy = &q.row_qs(r)[b * QK..][..QK];
+                let qy = q.block(r, b);
                 let mut sumi = 0i64;
                 for i in 0..QK / 2 {
                     sumi += i64::from(blk[4 + i] & 15) * i64::from(qy[i]);
                     sumi += i64::from(blk[4 + i] >> 4) * i64::from(qy[i + QK / 2]);
                 }
-                let [dy, sy] = q.row_ds(r)[b];
+                let (dy, sy) = (q.row_d(r)[b], q.row_s(r)[b]);
                 s += (d * f64::from(dy) * sumi as f64).abs() + (m * f64::from(sy)).abs();
             }
             out.push(s);
@@ -81,10 +81,14 @@ fn simd_isas() -> Vec<Isa> {
 #[test]
 fn simd_paths_match_scalar_on_odd_shapes() {
     let mut rng = StdRng::seed_from_u64(7);
-    // k = 32, 96, 160, 576, 800 (not multiples of 256; odd block counts hit the
-    // AVX-512 tail), odd n, batch 1, 3 and 17.
+    // k not a multiple of 256, odd n, batch 1..17; block counts 1, 2, 3, 5, 6,
+    // 7, 18, 25, 48 reach every tail of the grouped layout (groups of 4, a
+    // pair, a single block).
     for &(n, k, m) in &[
         (1, 32, 1),
+        (3, 64, 1),
+        (5, 192, 4),
+        (9, 224, 2),
         (7, 96, 3),
         (33, 160, 1),
         (192, 576, 17),
