@@ -1,0 +1,91 @@
+//! The matmul work of one decode token of the demo model: every Q4_1 weight
+//! matrix once (30 layers x q, k, v, o, gate, up, down) plus the Q8_0 output
+//! head, on one activation row, with this crate's kernels and with candle's
+//! `QMatMul` on the same weights. The rest of a decode step (attention,
+//! norms, RoPE, sampling) is not included: this is the floor the matmuls set.
+//!
+//! `cargo bench -p sovereign-kernels --bench model` (threads: `CANDLE_NUM_THREADS`).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
+use sovereign_kernels::Q41MatMul;
+
+fn median_of<F: FnMut()>(runs: usize, mut f: F) -> Duration {
+    f();
+    let mut v: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/fetch-model");
+    let out = std::process::Command::new(script).output()?;
+    if !out.status.success() {
+        return Err(format!("fetch-model: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let path = String::from_utf8(out.stdout)?;
+    let mut file = std::fs::File::open(path.trim())?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    names.sort();
+    let mut ours = Vec::new();
+    let mut candle = Vec::new();
+    for name in &names {
+        if content.tensor_infos[name].ggml_dtype != GgmlDType::Q4_1 {
+            continue;
+        }
+        let qt = content.tensor(&mut file, name, &Device::Cpu)?;
+        let mm = Q41MatMul::from_qtensor(&qt).ok_or("not Q4_1")?;
+        let x = Tensor::randn(0f32, 1.0, (1, 1, mm.k()), &Device::Cpu)?;
+        ours.push((mm, x.clone()));
+        candle.push((QMatMul::from_qtensor(qt)?, x));
+    }
+    let head =
+        QMatMul::from_qtensor(content.tensor(&mut file, "token_embd.weight", &Device::Cpu)?)?;
+    let hx = Tensor::randn(0f32, 1.0, (1, 1, 576), &Device::Cpu)?;
+    let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    let t_ours = median_of(21, || {
+        for (mm, x) in &ours {
+            black_box(mm.forward(x).ok());
+        }
+    });
+    let t_candle = median_of(21, || {
+        for (mm, x) in &candle {
+            black_box(mm.forward(x).ok());
+        }
+    });
+    let t_head = median_of(21, || {
+        black_box(head.forward(&hx).ok());
+    });
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("threads {threads}: matmuls of one decode token, median of 21");
+    println!(
+        "  {} Q4_1 matrices, sovereign-kernels: {:.2} ms",
+        ours.len(),
+        ms(t_ours)
+    );
+    println!(
+        "  {} Q4_1 matrices, candle QMatMul:    {:.2} ms",
+        candle.len(),
+        ms(t_candle)
+    );
+    println!(
+        "  Q8_0 head 49152x576, candle QMatMul: {:.2} ms",
+        ms(t_head)
+    );
+    println!(
+        "  floor with sovereign-kernels + candle head: {:.2} ms/token = {:.0} tok/s at most",
+        ms(t_ours + t_head),
+        1e3 / ms(t_ours + t_head)
+    );
+    Ok(())
+}
