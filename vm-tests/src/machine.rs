@@ -356,7 +356,11 @@ impl Machine {
             args.push("-drive".into());
             args.push(format!("if=none,id=disk0,format=raw,file={}", p(disk)));
             args.push("-device".into());
-            args.push("virtio-blk-pci,drive=disk0,bootindex=0".into());
+            args.push(if matches!(self.config.boot, Boot::Uefi { .. }) {
+                "virtio-blk-pci,drive=disk0,bootindex=0".into()
+            } else {
+                "virtio-blk-pci,drive=disk0".into()
+            });
         }
         args
     }
@@ -399,8 +403,20 @@ impl Machine {
         let (console, qmp) = match connected {
             Ok(pair) => pair,
             Err(error) => {
+                // If QEMU exited by itself, its log says why.
+                thread::sleep(Duration::from_millis(200));
+                let exited = child.try_wait().ok().flatten();
                 let _ = child.kill();
                 let _ = child.wait();
+                let error = match exited {
+                    Some(status) => VmError::Exited {
+                        machine: name.clone(),
+                        what: "startup".into(),
+                        status: status.to_string(),
+                        tail: String::new(),
+                    },
+                    None => error,
+                };
                 return Err(self.with_qemu_log(error));
             }
         };
@@ -547,28 +563,66 @@ impl Machine {
         }
     }
 
-    /// Waits until systemd reports `unit` started (or finished, for one-shot
-    /// units and targets) on the console, failing at once if it reports the
-    /// unit failed. Needs unit names in status lines: the image's test profile
-    /// boots with `systemd.status_unit_format=combined` (or `name`).
+    /// Waits until systemd has `unit` active (or, for a one-shot unit that
+    /// does not remain, finished successfully), polling `systemctl show`
+    /// through the console agent like the NixOS driver does; fails at once if
+    /// the unit failed.
     pub fn wait_for_unit(&mut self, unit: &str, timeout: Duration) -> Result<(), VmError> {
-        let escaped = regex::escape(unit);
-        let pattern = format!(
-            r"(?:(\[\s*OK\s*\]) (?:Started|Finished|Reached target) {escaped}\b)|(?:(\[FAILED\]) Failed to start {escaped}\b)"
-        );
-        let regex = Regex::new(&pattern).map_err(|e| VmError::Config {
-            machine: self.config.name.clone(),
-            reason: format!("unit name {unit:?}: {e}"),
-        })?;
-        let (_, groups) = self.wait_for_regex(&regex, &format!("unit {unit}"), timeout)?;
-        if groups.get(1).is_some_and(Option::is_some) {
-            return Err(VmError::UnitFailed {
+        if unit.is_empty()
+            || !unit
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "@._-:\\".contains(c))
+        {
+            return Err(VmError::Config {
                 machine: self.config.name.clone(),
-                unit: unit.to_string(),
-                tail: self.console_tail(40),
+                reason: format!("{unit:?} is not a unit name"),
             });
         }
-        Ok(())
+        let deadline = Instant::now() + timeout;
+        let query = format!(
+            "systemctl show --property=ActiveState,Result,Type,ExecMainExitTimestampMonotonic -- '{unit}'"
+        );
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (_, output) = self.execute(&query, left.max(Duration::from_secs(1)))?;
+            let field = |name: &str| {
+                output
+                    .lines()
+                    .find_map(|l| {
+                        l.trim()
+                            .strip_prefix(&format!("{name}="))
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_default()
+            };
+            let state = field("ActiveState");
+            let done_oneshot = field("Type") == "oneshot"
+                && state == "inactive"
+                && field("Result") == "success"
+                && field("ExecMainExitTimestampMonotonic")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    > 0;
+            if state == "active" || done_oneshot {
+                return Ok(());
+            }
+            if state == "failed" {
+                return Err(VmError::UnitFailed {
+                    machine: self.config.name.clone(),
+                    unit: unit.to_string(),
+                    tail: self.console_tail(40),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::Timeout {
+                    machine: self.config.name.clone(),
+                    what: format!("unit {unit} (last state {state:?})"),
+                    seconds: timeout.as_secs(),
+                    tail: self.console_tail(40),
+                });
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Writes text to the serial console (the guest's stdin there).
@@ -729,10 +783,19 @@ impl Machine {
         }
     }
 
-    /// Presses the ACPI power button and waits for the guest to power off.
+    /// Asks the guest to power off cleanly (`systemctl poweroff` through the
+    /// console agent: images without logind ignore the ACPI power button) and
+    /// waits for QEMU to exit.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<ExitStatus, VmError> {
-        self.qmp("system_powerdown", json!({}))?;
+        self.nonce += 1;
+        let nonce = format!("n{}x{}", std::process::id(), self.nonce);
+        self.send_console(&format!("{nonce} systemctl poweroff || poweroff -f\n"))?;
         self.wait_for_shutdown(timeout)
+    }
+
+    /// Presses the ACPI power button (acted on by guests running logind).
+    pub fn press_power_button(&mut self) -> Result<(), VmError> {
+        self.qmp("system_powerdown", json!({})).map(|_| ())
     }
 
     /// Whether QEMU is running.
@@ -776,8 +839,13 @@ fn read_console(mut stream: UnixStream, log_path: &Path, shared: &Shared) {
             Err(e) if e.error_len().is_none() => e.valid_up_to(),
             Err(_) => pending.len(),
         };
-        let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
+        let decoded = String::from_utf8_lossy(&pending[..valid]).into_owned();
         pending.drain(..valid);
+        let (text, incomplete) = strip_ansi(&decoded);
+        // An escape sequence cut by the read waits for its end.
+        let mut rest = incomplete.as_bytes().to_vec();
+        rest.append(&mut pending);
+        pending = rest;
         let (lock, condvar) = &**shared;
         if let Ok(mut state) = lock.lock() {
             state.text.push_str(&text);
@@ -789,6 +857,41 @@ fn read_console(mut stream: UnixStream, log_path: &Path, shared: &Shared) {
         state.closed = true;
     }
     condvar.notify_all();
+}
+
+/// Removes terminal escape sequences (colours, cursor moves) so patterns match
+/// the text a person reads. Returns the clean text and an unfinished sequence
+/// at the end, if any.
+fn strip_ansi(text: &str) -> (String, &str) {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    while let Some((start, c)) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek() {
+            None => return (out, &text[start..]),
+            Some((_, '[')) => {
+                chars.next();
+                let mut finished = false;
+                for (_, c) in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        finished = true;
+                        break;
+                    }
+                }
+                if !finished {
+                    return (out, &text[start..]);
+                }
+            }
+            Some(_) => {
+                // A two-character escape (ESC c, ESC 7...).
+                chars.next();
+            }
+        }
+    }
+    (out, "")
 }
 
 /// Boots `config` with KVM and reports whether its console matches `pattern`
@@ -805,4 +908,21 @@ pub fn probe_kvm(config: &MachineConfig, pattern: &str, timeout: Duration) -> bo
         return false;
     };
     machine.start().is_ok() && machine.wait_for_console(pattern, timeout).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_ansi;
+
+    #[test]
+    fn colour_codes_are_removed_and_a_cut_sequence_is_kept_for_later() {
+        let (text, rest) =
+            strip_ansi("[\u{1b}[0;32m  OK  \u{1b}[0m] Started \u{1b}[0;1;39mx.service\u{1b}[0m.");
+        assert_eq!(text, "[  OK  ] Started x.service.");
+        assert_eq!(rest, "");
+        let (text, rest) = strip_ansi("ready\u{1b}[0;3");
+        assert_eq!((text.as_str(), rest), ("ready", "\u{1b}[0;3"));
+        let (text, rest) = strip_ansi("a\u{1b}cb");
+        assert_eq!((text.as_str(), rest), ("ab", ""));
+    }
 }

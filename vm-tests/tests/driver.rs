@@ -142,6 +142,28 @@ fn a_stick_plugged_through_qmp_appears_and_disappears_in_the_guest() {
     assert!(error.to_string().contains("missing.img"), "{error}");
 }
 
+/// The machine's eth0 link-local address once duplicate address detection is
+/// over (/proc/net/if_inet6: address, index, prefix, scope 20 = link, flags).
+fn link_local(machine: &mut Machine) -> String {
+    for _ in 0..100 {
+        let table = machine
+            .succeed("cat /proc/net/if_inet6", CMD)
+            .expect("if_inet6");
+        let ready = table.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = u32::from_str_radix(fields.get(4)?, 16).ok()?;
+            (fields.get(5) == Some(&"eth0") && fields.get(3) == Some(&"20") && flags & 0x40 == 0)
+                .then(|| fields[0].to_string())
+        });
+        if let Some(hex) = ready {
+            let groups: Vec<String> = (0..8).map(|g| hex[g * 4..g * 4 + 4].to_string()).collect();
+            return groups.join(":");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{}: no usable link-local address on eth0", machine.name());
+}
+
 #[test]
 fn two_machines_on_a_ring_link_reach_each_other_over_ipv6_link_local() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,30 +186,9 @@ fn two_machines_on_a_ring_link_reach_each_other_over_ipv6_link_local() {
         interfaces.split_whitespace().collect::<Vec<_>>(),
         ["eth0", "lo"]
     );
-    // peer_b's link-local address once duplicate address detection is over
-    // (/proc/net/if_inet6: address, index, prefix, scope 20 = link, flags).
-    let mut address = String::new();
-    for _ in 0..100 {
-        let table = peer_b
-            .succeed("cat /proc/net/if_inet6", CMD)
-            .expect("if_inet6");
-        let ready = table.lines().find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let flags = u32::from_str_radix(fields.get(4)?, 16).ok()?;
-            (fields.get(5) == Some(&"eth0") && fields.get(3) == Some(&"20") && flags & 0x40 == 0)
-                .then(|| fields[0].to_string())
-        });
-        if let Some(hex) = ready {
-            let groups: Vec<String> = (0..8).map(|g| hex[g * 4..g * 4 + 4].to_string()).collect();
-            address = groups.join(":");
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        address.starts_with("fe80:"),
-        "no link-local address on peer_b: {address}"
-    );
+    // Both ends need their link-local address past duplicate address detection.
+    let _ = link_local(&mut peer_a);
+    let address = link_local(&mut peer_b);
     let ping = peer_a
         .succeed(&format!("ping6 -c 2 -W 10 {address}%eth0"), CMD)
         .expect("ping over the ring link");
