@@ -18,17 +18,20 @@ sums; they differ only in the order the per-block f32 terms are added (see
 Rows are spread over candle's own worker pool (`candle_core::utils::barrier_pool`),
 the pool candle's other CPU ops use, so the engine has one set of worker
 threads, sized by `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`) before the
-first op runs.
+first op runs. `SOVEREIGN_KERNELS_POOL=rayon` uses the current rayon pool
+instead (see `use_rayon`).
 */
 #![allow(unsafe_code)]
 
 mod q8;
+mod q80;
 mod simd;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Storage, Tensor};
 
 pub use q8::Q8Rows;
+pub use q80::Q80MatMul;
 
 /// Bytes of one GGUF Q4_1 block: `d` (f16), `m` (f16), 16 bytes holding 32 nibbles.
 pub const Q4_1_BLOCK_BYTES: usize = 20;
@@ -182,39 +185,9 @@ impl Q41MatMul {
     /// `x @ w^T` for f32 `x` of shape `[.., k]` on the CPU, giving `[.., n]`;
     /// the semantics of `candle_core::quantized::QMatMul::forward`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims();
-        let Some((&last, outer)) = dims.split_last() else {
-            candle_core::bail!("Q4_1 matmul: input is a scalar, expected [.., {}]", self.k);
-        };
-        if last != self.k {
-            candle_core::bail!(
-                "Q4_1 matmul: input has {last} features in {dims:?}, the weights expect {}",
-                self.k
-            );
-        }
-        if !matches!(x.device(), Device::Cpu) {
-            candle_core::bail!("Q4_1 matmul: input must be on the CPU");
-        }
-        if x.dtype() != candle_core::DType::F32 {
-            candle_core::bail!("Q4_1 matmul: input must be f32, got {:?}", x.dtype());
-        }
-        let m: usize = outer.iter().product();
-        let x = x.contiguous()?;
-        let q = {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("Q4_1 matmul: input must be on the CPU");
-            };
-            let all = cpu.as_slice::<f32>()?;
-            let start = layout.start_offset();
-            let Some(xs) = all.get(start..start + m * self.k) else {
-                candle_core::bail!("Q4_1 matmul: input storage is shorter than its layout");
-            };
-            Q8Rows::quantize(xs, m, self.k)
-        };
-        let mut out = vec![0f32; m * self.n];
+        let (q, mut out_dims) = quantize_input("Q4_1", x, self.k)?;
+        let mut out = vec![0f32; q.rows() * self.n];
         self.matmul_q8(&q, &mut out);
-        let mut out_dims = outer.to_vec();
         out_dims.push(self.n);
         Tensor::from_vec(out, out_dims, &Device::Cpu)
     }
@@ -227,40 +200,115 @@ impl Q41MatMul {
     pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
         assert_eq!(out.len(), q.rows() * self.n, "output length");
-        let m = q.rows();
-        let n = self.n;
         let nb = self.k / QK;
-        let dst = SharedOut(out.as_mut_ptr());
         let isa = self.isa;
-        let work = |rows: std::ops::Range<usize>| {
-            let dst = &dst;
-            for j in rows {
-                let w = simd::WRow {
-                    qs: &self.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
-                    d: &self.d[j * nb..(j + 1) * nb],
-                    m: &self.m[j * nb..(j + 1) * nb],
-                };
-                for r in 0..m {
-                    let x = simd::XRow {
-                        qs: q.row_qs(r),
-                        d: q.row_d(r),
-                        s: q.row_s(r),
-                    };
-                    let v = simd::dot(isa, &w, &x);
-                    // SAFETY: `r * n + j < m * n == out.len()`, and each weight row `j`
-                    // belongs to exactly one range handed out by the pool, so no two
-                    // workers write the same element; `out` outlives the pool call.
-                    unsafe { dst.0.add(r * n + j).write(v) };
-                }
-            }
-        };
-        // One worker-pool call per matmul; tiny matrices stay on this thread.
-        if n * m * self.k < 32 * 1024 {
-            work(0..n);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(n, work);
-        }
+        par_rows(self.n, self.k, q, out, |j, r| {
+            let w = simd::WRow {
+                qs: &self.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
+                d: &self.d[j * nb..(j + 1) * nb],
+                m: &self.m[j * nb..(j + 1) * nb],
+            };
+            let x = simd::XRow {
+                qs: q.row_qs(r),
+                d: q.row_d(r),
+                s: q.row_s(r),
+            };
+            simd::dot(isa, &w, &x)
+        });
     }
+}
+
+/// Checks `x` (`[.., k]`, f32, CPU) and quantizes it; returns the rows and
+/// the outer dimensions.
+pub(crate) fn quantize_input(
+    what: &str,
+    x: &Tensor,
+    k: usize,
+) -> candle_core::Result<(Q8Rows, Vec<usize>)> {
+    let dims = x.dims();
+    let Some((&last, outer)) = dims.split_last() else {
+        candle_core::bail!("{what} matmul: input is a scalar, expected [.., {k}]");
+    };
+    if last != k {
+        candle_core::bail!(
+            "{what} matmul: input has {last} features in {dims:?}, the weights expect {k}"
+        );
+    }
+    if !matches!(x.device(), Device::Cpu) {
+        candle_core::bail!("{what} matmul: input must be on the CPU");
+    }
+    if x.dtype() != candle_core::DType::F32 {
+        candle_core::bail!("{what} matmul: input must be f32, got {:?}", x.dtype());
+    }
+    let m: usize = outer.iter().product();
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{what} matmul: input must be on the CPU");
+    };
+    let all = cpu.as_slice::<f32>()?;
+    let start = layout.start_offset();
+    let Some(xs) = all.get(start..start + m * k) else {
+        candle_core::bail!("{what} matmul: input storage is shorter than its layout");
+    };
+    Ok((Q8Rows::quantize(xs, m, k), outer.to_vec()))
+}
+
+/// `out[r * n + j] = dot(j, r)` for every weight row `j < n` and activation
+/// row `r`, weight rows spread over candle's worker pool (each weight row is
+/// read once while it is hot, for all activation rows).
+fn par_rows<F: Fn(usize, usize) -> f32 + Sync>(
+    n: usize,
+    k: usize,
+    q: &Q8Rows,
+    out: &mut [f32],
+    dot: F,
+) {
+    let m = q.rows();
+    assert_eq!(out.len(), m * n, "output length");
+    let dst = SharedOut(out.as_mut_ptr());
+    let work = |rows: std::ops::Range<usize>| {
+        let dst = &dst;
+        for j in rows {
+            for r in 0..m {
+                let v = dot(j, r);
+                // SAFETY: `r * n + j < m * n == out.len()`, and each weight row `j`
+                // belongs to exactly one range handed out by the pool, so no two
+                // workers write the same element; `out` outlives the pool call.
+                unsafe { dst.0.add(r * n + j).write(v) };
+            }
+        }
+    };
+    // Tiny matrices stay on this thread.
+    if n * m * k < 32 * 1024 {
+        work(0..n);
+        return;
+    }
+    if !use_rayon() {
+        candle_core::utils::barrier_pool().execute_chunked(n, work);
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    if threads <= 1 {
+        work(0..n);
+        return;
+    }
+    let chunk = n.div_ceil(threads * 4).max(8);
+    use rayon::prelude::*;
+    (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| work(c * chunk..n.min((c + 1) * chunk)));
+}
+
+/// Whether `SOVEREIGN_KERNELS_POOL=rayon` asks for rayon's pool (the current
+/// one, so `ThreadPool::install` sets the thread count) instead of candle's.
+/// candle's barrier pool has the lower overhead on a quiet machine, but every
+/// call waits until each of its workers has run, which costs a scheduler time
+/// slice when another process holds a core; rayon's workers only take work
+/// when they run.
+fn use_rayon() -> bool {
+    static RAYON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RAYON.get_or_init(|| std::env::var("SOVEREIGN_KERNELS_POOL").is_ok_and(|v| v == "rayon"))
 }
 
 /// The output pointer shared by the pool's workers, which write disjoint elements.

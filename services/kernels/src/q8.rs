@@ -25,6 +25,8 @@ pub struct Q8Rows {
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    /// The exact `sum(q)` of each block.
+    isum: Vec<i32>,
 }
 
 /// Byte offsets, inside a row of `nb` blocks, of the first and second half of block `b`.
@@ -53,6 +55,7 @@ impl Q8Rows {
         let mut qs = vec![0i8; m * k];
         let mut d = Vec::with_capacity(m * nb);
         let mut s = Vec::with_capacity(m * nb);
+        let mut isum = Vec::with_capacity(m * nb);
         for (r, row) in xs.chunks_exact(k.max(1)).enumerate() {
             let out = &mut qs[r * k..(r + 1) * k];
             for (b, x) in row.chunks_exact(QK).enumerate() {
@@ -71,6 +74,7 @@ impl Q8Rows {
                 }
                 d.push(f16::from_f32(db).to_f32());
                 s.push(f16::from_f32(sum as f32 * db).to_f32());
+                isum.push(sum);
             }
         }
         Self {
@@ -79,6 +83,7 @@ impl Q8Rows {
             qs,
             d,
             s,
+            isum,
         }
     }
 
@@ -111,6 +116,12 @@ impl Q8Rows {
     pub fn row_d(&self, r: usize) -> &[f32] {
         let nb = self.k / QK;
         &self.d[r * nb..(r + 1) * nb]
+    }
+
+    /// The exact integer `sum(q)` of each block of row `r`.
+    pub fn row_isum(&self, r: usize) -> &[i32] {
+        let nb = self.k / QK;
+        &self.isum[r * nb..(r + 1) * nb]
     }
 
     /// The `s = d * sum(q)` of each block of row `r`.

@@ -1,0 +1,375 @@
+/*!
+GGUF Q8_0 weights (blocks of 32: `d` f16, 32 signed bytes) times f32
+activations quantized to Q8_0 (the quants and `d` of [`Q8Rows`]): per block
+`d_w * d_x * sumi` with the exact integer `sumi`, ggml's
+`ggml_vec_dot_q8_0_q8_0`. The demo model's output head (tied `token_embd`,
+49152 x 576) is Q8_0 and is the largest matrix of a decode step.
+
+At load the weight bytes are put in the activations' grouped layout (see
+[`crate::q8`]) and stored offset by 128 (`u = w + 128`, a bit flip of the
+sign bit), so AVX-512 VNNI's unsigned-by-signed `vpdpbusd` applies; the
+offset is taken back exactly with `128 * sum(q_x)` per block. The values are
+not requantized: every weight is recovered bit for bit by `u - 128`.
+*/
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+
+use crate::q8::half_offsets;
+use crate::{par_rows, quantize_input, Isa, Q8Rows, QK};
+
+/// Bytes of one GGUF Q8_0 block: `d` (f16) and 32 signed bytes.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// A Q8_0 weight matrix `[n, k]` ready to multiply activations `[.., k]` into `[.., n]`.
+#[derive(Clone)]
+pub struct Q80MatMul {
+    n: usize,
+    k: usize,
+    /// `w + 128` of every weight, each row in the grouped layout.
+    u: Vec<u8>,
+    /// The f16 bits of every block's `d`, row-major.
+    d: Vec<u16>,
+    isa: Isa,
+}
+
+impl std::fmt::Debug for Q80MatMul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Q80MatMul")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("isa", &self.isa)
+            .finish()
+    }
+}
+
+impl Q80MatMul {
+    /// Takes the weights of a 2-D Q8_0 `QTensor` of shape `[n, k]`. `None` if
+    /// the dtype is not Q8_0, the tensor is not 2-D, or its bytes cannot be read.
+    pub fn from_qtensor(t: &QTensor) -> Option<Self> {
+        if t.dtype() != GgmlDType::Q8_0 {
+            return None;
+        }
+        let (n, k) = t.shape().dims2().ok()?;
+        let data = t.data().ok()?;
+        Self::from_blocks(n, k, &data)
+    }
+
+    /// Builds from raw GGUF Q8_0 bytes for a `[n, k]` matrix. `None` if `k`
+    /// is not a positive multiple of 32 or the byte count does not match.
+    pub fn from_blocks(n: usize, k: usize, blocks: impl AsRef<[u8]>) -> Option<Self> {
+        let blocks = blocks.as_ref();
+        let nb = k / QK;
+        if k == 0 || !k.is_multiple_of(QK) || blocks.len() != n * nb * Q8_0_BLOCK_BYTES {
+            return None;
+        }
+        let mut u = vec![0u8; n * k];
+        let mut d = Vec::with_capacity(n * nb);
+        for (j, row) in blocks.chunks_exact(nb * Q8_0_BLOCK_BYTES).enumerate() {
+            let out = &mut u[j * k..(j + 1) * k];
+            for (b, blk) in row.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
+                d.push(u16::from_le_bytes([blk[0], blk[1]]));
+                let (lo, hi) = half_offsets(nb, b);
+                for (i, &w) in blk[2..].iter().enumerate() {
+                    let at = if i < QK / 2 { lo + i } else { hi + i - QK / 2 };
+                    out[at] = w ^ 0x80;
+                }
+            }
+        }
+        let isa = Isa::detect();
+        Some(Self { n, k, u, d, isa })
+    }
+
+    /// The same weights with the kernels of `isa`; `None` if this CPU lacks it.
+    pub fn with_isa(mut self, isa: Isa) -> Option<Self> {
+        if !isa.available() {
+            return None;
+        }
+        self.isa = isa;
+        Some(self)
+    }
+
+    /// The instruction set in use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Output features (rows of the weight matrix).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns of the weight matrix).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `x @ w^T` for f32 `x` of shape `[.., k]` on the CPU, giving `[.., n]`;
+    /// the semantics of `candle_core::quantized::QMatMul::forward`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (q, mut out_dims) = quantize_input("Q8_0", x, self.k)?;
+        let mut out = vec![0f32; q.rows() * self.n];
+        self.matmul_q8(&q, &mut out);
+        out_dims.push(self.n);
+        Tensor::from_vec(out, out_dims, &Device::Cpu)
+    }
+
+    /// `out[r * n + j] = dot(activation row r, weight row j)` for already
+    /// quantized activations (their quants and `d`), over candle's worker pool.
+    ///
+    /// # Panics
+    /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
+    pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
+        assert_eq!(q.k(), self.k, "activations quantized for another k");
+        let (k, nb, isa) = (self.k, self.k / QK, self.isa);
+        par_rows(self.n, k, q, out, |j, r| {
+            let w = WRow {
+                u: &self.u[j * k..(j + 1) * k],
+                d: &self.d[j * nb..(j + 1) * nb],
+            };
+            let x = XRow {
+                qs: q.row_qs(r),
+                d: q.row_d(r),
+                isum: q.row_isum(r),
+            };
+            dot(isa, &w, &x)
+        });
+    }
+}
+
+/// One weight row: `w + 128` in the grouped layout and each block's `d` (f16 bits).
+struct WRow<'a> {
+    u: &'a [u8],
+    d: &'a [u16],
+}
+
+/// One activation row: quants (grouped layout), `d` and exact `sum(q)` per block.
+struct XRow<'a> {
+    qs: &'a [i8],
+    d: &'a [f32],
+    isum: &'a [i32],
+}
+
+/// The dot product with the kernel for `isa`.
+///
+/// # Panics
+/// If the rows do not hold the same number of blocks, or `isa` is not available.
+fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    let nb = w.d.len();
+    assert!(
+        w.u.len() == nb * QK && x.qs.len() == nb * QK && x.d.len() == nb && x.isum.len() == nb,
+        "block counts"
+    );
+    match isa {
+        Isa::Scalar => dot_scalar(w, x),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(
+                isa.available(),
+                "AVX2 kernel on a CPU without AVX2/FMA/F16C"
+            );
+            // SAFETY: the CPU supports avx2, fma, f16c (checked above) and every
+            // slice holds `nb` blocks (asserted above).
+            unsafe { x86::dot_avx2(w, x) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(
+                isa.available(),
+                "AVX-512 kernel on a CPU without AVX-512 VNNI"
+            );
+            // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma, f16c (checked
+            // above) and every slice holds `nb` blocks (asserted above).
+            unsafe { x86::dot_avx512(w, x) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => dot_scalar(w, x),
+    }
+}
+
+/// The exact integer sum of block `b`'s 32 products.
+fn block_sumi(w: &WRow<'_>, x: &XRow<'_>, nb: usize, b: usize) -> i32 {
+    let (lo, hi) = half_offsets(nb, b);
+    let mut sumi = 0i32;
+    for at in (lo..lo + QK / 2).chain(hi..hi + QK / 2) {
+        sumi += (i32::from(w.u[at]) - 128) * i32::from(x.qs[at]);
+    }
+    sumi
+}
+
+/// The portable reference, ggml's generic `ggml_vec_dot_q8_0_q8_0`.
+fn dot_scalar(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    let nb = w.d.len();
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let d = f16::from_bits(w.d[b]).to_f32();
+        sumf += block_sumi(w, x, nb, b) as f32 * (d * x.d[b]);
+    }
+    sumf
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{block_sumi, WRow, XRow};
+    use crate::QK;
+
+    /// Sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The last, unpaired block.
+    fn single(w: &WRow<'_>, x: &XRow<'_>, nb: usize, b: usize) -> f32 {
+        let d = half::f16::from_bits(w.d[b]).to_f32();
+        block_sumi(w, x, nb, b) as f32 * (d * x.d[b])
+    }
+
+    /// `d_w * d_x` of blocks `b`, `b + 1` spread over lanes 0..4 and 4..8.
+    ///
+    /// Safety: `b + 1 < nb`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales2(w: &WRow<'_>, x: &XRow<'_>, b: usize) -> __m256 {
+        // SAFETY: blocks b, b + 1 exist (caller): 2 f16s in `w.d`, 2 f32s in `x.d`.
+        let (dw, dx) = unsafe {
+            (
+                _mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (w.d.as_ptr().add(b) as *const i32).read_unaligned(),
+                )),
+                _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b) as *const f64)),
+            )
+        };
+        _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_mul_ps(dw, dx)),
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+        )
+    }
+
+    /// AVX2: two blocks per step, ggml's sign trick: `|w|` (unsigned) times
+    /// `sign(w) * x` with `maddubs` (pairs at most 2 * 128 * 127 = 32512, no
+    /// saturation), widened to i32 with `madd` before the halves are added.
+    ///
+    /// Safety: avx2, fma, f16c available; every slice holds `w.d.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_avx2(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+        let nb = w.d.len();
+        let full4 = nb / 4 * 4;
+        let pairs_end = if nb - full4 >= 2 { full4 + 2 } else { full4 };
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let (wu, xq) = (w.u.as_ptr(), x.qs.as_ptr());
+        let mut b = 0;
+        while b < pairs_end {
+            let (lo, hi) = if b < full4 {
+                let (g, h) = (b / 4, (b % 4) / 2);
+                (g * 128 + h * 32, g * 128 + 64 + h * 32)
+            } else {
+                (full4 * 32, full4 * 32 + 32)
+            };
+            // SAFETY: the pair's halves are 32 bytes at `lo` and `hi` (< nb * 32) in
+            // both rows, which share the grouped layout; unaligned loads.
+            let (ulo, uhi, ylo, yhi) = unsafe {
+                (
+                    _mm256_loadu_si256(wu.add(lo) as *const __m256i),
+                    _mm256_loadu_si256(wu.add(hi) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(lo) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(hi) as *const __m256i),
+                )
+            };
+            let (wlo, whi) = (_mm256_xor_si256(ulo, flip), _mm256_xor_si256(uhi, flip));
+            let plo = _mm256_maddubs_epi16(_mm256_abs_epi8(wlo), _mm256_sign_epi8(ylo, wlo));
+            let phi = _mm256_maddubs_epi16(_mm256_abs_epi8(whi), _mm256_sign_epi8(yhi, whi));
+            let p = _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
+            // SAFETY: b + 1 < nb.
+            let sc = unsafe { scales2(w, x, b) };
+            acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc);
+            b += 2;
+        }
+        let mut sum = hsum256(acc);
+        if b < nb {
+            sum += single(w, x, nb, b);
+        }
+        sum
+    }
+
+    /// AVX-512 VNNI: four blocks per step, `vpdpbusd` on `u = w + 128` and the
+    /// activation quants, minus `128 * sum(q_x)` per block (exact, in i32).
+    ///
+    /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; every slice
+    /// holds `w.d.len()` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_avx512(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+        let nb = w.d.len();
+        let full4 = nb / 4 * 4;
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let mut acc = _mm512_setzero_ps();
+        let (wu, xq) = (w.u.as_ptr(), x.qs.as_ptr());
+        let mut b = 0;
+        while b < full4 {
+            // SAFETY: group b / 4 is 128 bytes at b * 32 in both rows (grouped
+            // layout), with 4 f16s / f32s / i32s at b in `w.d`, `x.d`, `x.isum`.
+            let (ulo, uhi, ylo, yhi, dw, dx, isum) = unsafe {
+                (
+                    _mm512_loadu_si512(wu.add(b * QK) as *const __m512i),
+                    _mm512_loadu_si512(wu.add(b * QK + 64) as *const __m512i),
+                    _mm512_loadu_si512(xq.add(b * QK) as *const __m512i),
+                    _mm512_loadu_si512(xq.add(b * QK + 64) as *const __m512i),
+                    _mm_cvtph_ps(_mm_loadl_epi64(w.d.as_ptr().add(b) as *const __m128i)),
+                    _mm_loadu_ps(x.d.as_ptr().add(b)),
+                    _mm_loadu_si128(x.isum.as_ptr().add(b) as *const __m128i),
+                )
+            };
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ulo, ylo);
+            let p = _mm512_dpbusd_epi32(p, uhi, yhi);
+            // 128 * sum(q_x) of block j, taken from lane 4j only.
+            let corr = _mm512_maskz_permutexvar_epi32(
+                0x1111,
+                spread,
+                _mm512_castsi128_si512(_mm_slli_epi32(isum, 7)),
+            );
+            let p = _mm512_sub_epi32(p, corr);
+            let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+            acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+            b += 4;
+        }
+        let mut sum = _mm512_reduce_add_ps(acc);
+        if nb - full4 >= 2 {
+            // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32 in both
+            // rows; 2 i32s at b in `x.isum`.
+            let (ulo, uhi, ylo, yhi, isum) = unsafe {
+                (
+                    _mm256_loadu_si256(wu.add(b * QK) as *const __m256i),
+                    _mm256_loadu_si256(wu.add(b * QK + 32) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
+                    _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
+                    _mm_loadl_epi64(x.isum.as_ptr().add(b) as *const __m128i),
+                )
+            };
+            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ulo, ylo);
+            let p = _mm256_dpbusd_epi32(p, uhi, yhi);
+            let corr = _mm256_maskz_permutexvar_epi32(
+                0x11,
+                _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                _mm256_castsi128_si256(_mm_slli_epi32(isum, 7)),
+            );
+            let p = _mm256_sub_epi32(p, corr);
+            // SAFETY: b + 1 < nb.
+            let sc = unsafe { scales2(w, x, b) };
+            sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+            b += 2;
+        }
+        if b < nb {
+            sum += single(w, x, nb, b);
+        }
+        sum
+    }
+}
