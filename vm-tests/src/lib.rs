@@ -25,9 +25,11 @@ every machine runs with `-nic none`, and its only NICs are point-to-point
 [`probe_kvm`] tells whether it works elsewhere).
 */
 
+pub mod cache;
 pub mod error;
 pub mod machine;
 pub mod qmp;
 
+pub use cache::cached_build;
 pub use error::VmError;
 pub use machine::{probe_kvm, Accel, Boot, Link, LinkEnd, Machine, MachineConfig};
