@@ -1,7 +1,7 @@
 //! Kernel benchmark on the demo model's matmul shapes: this crate's Q4_1
 //! kernels (each instruction set) against candle's `QMatMul` on the same
-//! weights, one activation row (decode) and 32 rows (prompt), plus candle's
-//! Q8_0 output head (49152 x 576) for scale.
+//! weights, one activation row (decode) and 32 rows (prompt), and the Q8_0
+//! output head (49152 x 576, Q8_0 x Q8_0).
 //!
 //! `cargo bench -p sovereign-kernels` (threads: `CANDLE_NUM_THREADS`, default
 //! all cores). Prints the median of 15 timed batches per case.
@@ -15,7 +15,7 @@ use candle_core::{Device, Module, Tensor};
 use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sovereign_kernels::{Isa, Q41MatMul, Q4_1_BLOCK_BYTES, QK};
+use sovereign_kernels::{Isa, Q41MatMul, Q80MatMul, Q4_1_BLOCK_BYTES, QK};
 
 fn random_q41(rng: &mut StdRng, n: usize, k: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n * k / QK * Q4_1_BLOCK_BYTES);
@@ -101,16 +101,36 @@ fn main() -> candle_core::Result<()> {
         }
     }
     let head = Tensor::randn(0f32, 1.0, (49152, 576), &Device::Cpu)?;
-    let head = QMatMul::from_qtensor(QTensor::quantize(&head, GgmlDType::Q8_0)?)?;
+    let head = QTensor::quantize(&head, GgmlDType::Q8_0)?;
+    let Some(ours) = Q80MatMul::from_qtensor(&head) else {
+        candle_core::bail!("not Q8_0");
+    };
+    let head = QMatMul::from_qtensor(head)?;
     let x = Tensor::randn(0f32, 1.0, (1, 1, 576), &Device::Cpu)?;
     let t = time(|| {
         black_box(head.forward(&x).ok());
     });
+    let mut cells = Vec::new();
+    let mut best = Duration::MAX;
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+        match ours.clone().with_isa(isa) {
+            Some(m) => {
+                let t = time(|| {
+                    black_box(m.forward(&x).ok());
+                });
+                best = best.min(t);
+                cells.push(format!("{:>9.1}us", t.as_secs_f64() * 1e6));
+            }
+            None => cells.push(format!("{:>11}", "n/a")),
+        }
+    }
     println!(
-        "{:<12} {:>4} {:>6.1}us   (candle Q8_0 output head)",
+        "{:<12} {:>4} {:>6.1}us {} {:>8.1}x   (Q8_0 output head)",
         "49152x576",
         1,
-        t.as_secs_f64() * 1e6
+        t.as_secs_f64() * 1e6,
+        cells.join(" "),
+        t.as_secs_f64() / best.as_secs_f64()
     );
     Ok(())
 }
