@@ -1,12 +1,12 @@
 //! The driver against a real systemd guest (Debian minbase with systemd and the
-//! console agent, `scripts/selftest-rootfs`): waiting for units, a unit that
-//! fails, and a clean power-off.
+//! console agent, `scripts/selftest-rootfs`): ring NICs named thunderbolt0/1,
+//! waiting for units, a unit that fails, and a clean power-off.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sovereign_vm_tests::{Boot, Machine, MachineConfig, VmError};
+use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig, VmError};
 
 fn script(name: &str) -> PathBuf {
     let path = format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -32,15 +32,20 @@ fn units_are_awaited_failures_reported_and_the_guest_powers_off() {
         .status()
         .expect("cp");
     assert!(copied.success());
-    let mut node = Machine::new(MachineConfig::new(
-        "node",
-        Boot::Kernel {
-            kernel: guest.join("vmlinuz"),
-            initrd: guest.join("initrd.img"),
-            append: "console=ttyS0 panic=-1 sovereign.selftest.root=/dev/vda".into(),
-            disk: Some(disk),
-        },
-    ))
+    let (left, right) = (Link::new().expect("link"), Link::new().expect("link"));
+    let mut node = Machine::new(
+        MachineConfig::new(
+            "node",
+            Boot::Kernel {
+                kernel: guest.join("vmlinuz"),
+                initrd: guest.join("initrd.img"),
+                append: "console=ttyS0 panic=-1 sovereign.selftest.root=/dev/vda".into(),
+                disk: Some(disk),
+            },
+        )
+        .link(left.ends().0)
+        .link(right.ends().0),
+    )
     .expect("machine");
     let started = Instant::now();
     node.start().expect("start");
@@ -53,6 +58,14 @@ fn units_are_awaited_failures_reported_and_the_guest_powers_off() {
     eprintln!(
         "node: systemd guest multi-user in {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    // The driver's ring NICs get the node's ring names (agent/*.link).
+    let interfaces = node
+        .succeed("ls /sys/class/net", Duration::from_secs(60))
+        .expect("interfaces");
+    assert_eq!(
+        interfaces.split_whitespace().collect::<Vec<_>>(),
+        ["lo", "thunderbolt0", "thunderbolt1"]
     );
     // The console shows systemd's status lines without colour codes.
     assert!(
