@@ -49,6 +49,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ours.push((mm, x.clone()));
         candle.push((QMatMul::from_qtensor(qt)?, x));
     }
+    // The same weights with q|k|v and gate|up stacked per layer (5 calls per
+    // layer instead of 7).
+    let mut fused: Vec<(Q41MatMul, Tensor)> = Vec::new();
+    for layer in 0.. {
+        let get = |what: &str| {
+            let name = format!("blk.{layer}.{what}.weight");
+            names.iter().position(|n| *n == name)
+        };
+        let Some(q) = get("attn_q") else { break };
+        let idx = |what: &str| -> Result<usize, Box<dyn std::error::Error>> {
+            get(what).ok_or_else(|| format!("layer {layer} has no {what}").into())
+        };
+        let q41: Vec<&String> = names
+            .iter()
+            .filter(|n| content.tensor_infos[*n].ggml_dtype == GgmlDType::Q4_1)
+            .collect();
+        let pick = |i: usize| -> Result<&Q41MatMul, Box<dyn std::error::Error>> {
+            let pos = q41.iter().position(|n| **n == names[i]).ok_or("not Q4_1")?;
+            Ok(&ours[pos].0)
+        };
+        let qkv = Q41MatMul::stack_rows(&[pick(q)?, pick(idx("attn_k")?)?, pick(idx("attn_v")?)?])
+            .ok_or("qkv")?;
+        let gu = Q41MatMul::stack_rows(&[pick(idx("ffn_gate")?)?, pick(idx("ffn_up")?)?])
+            .ok_or("gate/up")?;
+        for mm in [
+            qkv,
+            pick(idx("attn_output")?)?.clone(),
+            gu,
+            pick(idx("ffn_down")?)?.clone(),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (1, 1, mm.k()), &Device::Cpu)?;
+            fused.push((mm, x));
+        }
+    }
     let head_q = content.tensor(&mut file, "token_embd.weight", &Device::Cpu)?;
     let our_head = Q80MatMul::from_qtensor(&head_q).ok_or("token_embd is not Q8_0")?;
     let head = QMatMul::from_qtensor(head_q)?;
@@ -58,6 +92,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (the head alone would stay in the L3 cache between repeats).
     let t_ours = median_of(21, || {
         for (mm, x) in &ours {
+            black_box(mm.forward(x).ok());
+        }
+        black_box(our_head.forward(&hx).ok());
+    });
+    let t_fused = median_of(21, || {
+        for (mm, x) in &fused {
             black_box(mm.forward(x).ok());
         }
         black_box(our_head.forward(&hx).ok());
@@ -76,6 +116,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  sovereign-kernels: {:.2} ms = {:.0} tok/s at most",
         ms(t_ours),
         1e3 / ms(t_ours)
+    );
+    println!(
+        "  sovereign-kernels, q|k|v and gate|up stacked ({} calls): {:.2} ms = {:.0} tok/s at most",
+        fused.len() + 1,
+        ms(t_fused),
+        1e3 / ms(t_fused)
     );
     println!(
         "  candle QMatMul:    {:.2} ms = {:.0} tok/s at most",

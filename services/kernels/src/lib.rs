@@ -158,6 +158,33 @@ impl Q41MatMul {
         })
     }
 
+    /// One matrix with the rows of `parts` one after another (all with the
+    /// same `k`), for projections that read the same input (q, k, v; gate,
+    /// up): one activation quantization and one pool call instead of several.
+    /// The output's last dimension is the parts' `n`s in order (split it with
+    /// `Tensor::narrow`). `None` if `parts` is empty or the `k`s differ.
+    pub fn stack_rows(parts: &[&Q41MatMul]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.k != first.k) {
+            return None;
+        }
+        let mut out = Self {
+            n: 0,
+            k: first.k,
+            qs: Vec::new(),
+            d: Vec::new(),
+            m: Vec::new(),
+            isa: first.isa,
+        };
+        for p in parts {
+            out.n += p.n;
+            out.qs.extend_from_slice(&p.qs);
+            out.d.extend_from_slice(&p.d);
+            out.m.extend_from_slice(&p.m);
+        }
+        Some(out)
+    }
+
     /// The same weights with the kernels of `isa`; `None` if this CPU lacks it.
     pub fn with_isa(mut self, isa: Isa) -> Option<Self> {
         if !isa.available() {

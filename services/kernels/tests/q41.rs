@@ -284,3 +284,39 @@ fn demo_model_q41_tensors() {
     }
     assert_eq!(q41, 210, "the demo model has 210 Q4_1 tensors");
 }
+
+/// Stacking q, k, v (or gate, up) gives, bit for bit, the outputs of the
+/// separate matrices side by side: each output is the same row dot product.
+#[test]
+fn stacked_rows_equal_separate_outputs() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let k = 576;
+    let parts: Vec<Q41MatMul> = [576, 192, 192]
+        .iter()
+        .map(|&n| Q41MatMul::from_blocks(n, k, random_q41(&mut rng, n, k)).expect("valid"))
+        .collect();
+    let refs: Vec<&Q41MatMul> = parts.iter().collect();
+    let stacked = Q41MatMul::stack_rows(&refs).expect("same k");
+    assert_eq!(stacked.n(), 960);
+    let x = Tensor::from_vec(random_x(&mut rng, 2 * k), (2, k), &Device::Cpu).expect("x");
+    let whole = stacked.forward(&x).expect("stacked");
+    let mut at = 0;
+    for p in &parts {
+        let part = whole
+            .narrow(1, at, p.n())
+            .and_then(|t| t.to_vec2::<f32>())
+            .expect("narrow");
+        let alone = p
+            .forward(&x)
+            .and_then(|t| t.to_vec2::<f32>())
+            .expect("alone");
+        assert_eq!(part, alone);
+        at += p.n();
+    }
+    let other = Q41MatMul::from_blocks(4, 64, vec![0u8; 4 * 2 * 20]).expect("valid");
+    assert!(
+        Q41MatMul::stack_rows(&[&parts[0], &other]).is_none(),
+        "different k"
+    );
+    assert!(Q41MatMul::stack_rows(&[]).is_none(), "nothing to stack");
+}
