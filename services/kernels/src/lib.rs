@@ -20,6 +20,13 @@ the pool candle's other CPU ops use, so the engine has one set of worker
 threads, sized by `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`) before the
 first op runs. `SOVEREIGN_KERNELS_POOL=rayon` uses the current rayon pool
 instead (see `use_rayon`).
+
+Use in an engine: where `QMatMul::from_qtensor` would take a Q4_1 tensor,
+`Q41MatMul::from_qtensor(&qtensor)` (then `forward` as with `QMatMul`); for
+projections that share an input, `Q41MatMul::stack_rows(&[&q, &k, &v])` and
+split the output with `Tensor::narrow`; for the Q8_0 output head
+[`Q80MatMul`]. All are `Send + Sync` and hold their own copy of the weights,
+so the `QTensor` can be dropped afterwards.
 */
 #![allow(unsafe_code)]
 

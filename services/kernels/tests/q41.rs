@@ -217,6 +217,13 @@ fn rejects_other_dtypes_and_bad_inputs() {
     let err =
         mm.forward(&Tensor::zeros((1, 64), candle_core::DType::F16, &Device::Cpu).expect("x"));
     assert!(err.expect_err("f16 input").to_string().contains("f32"));
+    let empty = Tensor::zeros((0, 64), candle_core::DType::F32, &Device::Cpu).expect("x");
+    assert_eq!(mm.forward(&empty).expect("no rows").dims(), &[0, 3]);
+    let t = Tensor::zeros((64, 2), candle_core::DType::F32, &Device::Cpu).expect("x");
+    let out = mm
+        .forward(&t.t().expect("transposed"))
+        .expect("non-contiguous input");
+    assert_eq!(out.dims(), &[2, 3]);
 }
 
 /// All Q4_1 tensors of the demo model load; on each layer-0 shape, SIMD
