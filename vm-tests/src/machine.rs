@@ -141,6 +141,8 @@ pub struct MachineConfig {
     pub links: Vec<LinkEnd>,
     /// TCG or KVM.
     pub accel: Accel,
+    /// Further raw disks (virtio), after the boot disk.
+    pub disks: Vec<PathBuf>,
 }
 
 impl MachineConfig {
@@ -153,7 +155,14 @@ impl MachineConfig {
             cpus: 1,
             links: Vec::new(),
             accel: Accel::from_env(),
+            disks: Vec::new(),
         }
+    }
+
+    /// Adds a raw disk image as a further virtio disk (`/dev/vdb`, `/dev/vdc`...).
+    pub fn disk(mut self, image: PathBuf) -> Self {
+        self.disks.push(image);
+        self
     }
 
     /// Adds a ring link end (NIC `thunderbolt<i>` in the guest, `i` in call order).
@@ -361,6 +370,16 @@ impl Machine {
             } else {
                 "virtio-blk-pci,drive=disk0".into()
             });
+        }
+        for (i, extra) in self.config.disks.iter().enumerate() {
+            args.push("-drive".into());
+            args.push(format!(
+                "if=none,id=disk{},format=raw,file={}",
+                i + 1,
+                p(extra)
+            ));
+            args.push("-device".into());
+            args.push(format!("virtio-blk-pci,drive=disk{}", i + 1));
         }
         args
     }
