@@ -190,7 +190,10 @@ pub fn read<R: Read + Seek>(disk: &mut R) -> Result<Gpt, GptError> {
         return Err(GptError::Invalid("partition entry array out of range"));
     }
     let mut entries = vec![0u8; entry_count * entry_size];
-    disk.seek(SeekFrom::Start(entries_lba * SECTOR))?;
+    let entries_offset = entries_lba
+        .checked_mul(SECTOR)
+        .ok_or(GptError::Invalid("partition entry array out of range"))?;
+    disk.seek(SeekFrom::Start(entries_offset))?;
     disk.read_exact(&mut entries)?;
     if crc32fast::hash(&entries) != u32_at(&header, 88) {
         return Err(GptError::Invalid("partition entry checksum mismatch"));
@@ -205,6 +208,9 @@ pub fn read<R: Read + Seek>(disk: &mut R) -> Result<Gpt, GptError> {
         let last_lba = u64_at(entry, 40);
         if last_lba < first_lba {
             return Err(GptError::Invalid("a partition ends before it starts"));
+        }
+        if last_lba >= u64::MAX / SECTOR {
+            return Err(GptError::Invalid("a partition ends beyond any disk"));
         }
         let units: Vec<u16> = entry[56..128]
             .chunks_exact(2)
@@ -249,6 +255,47 @@ mod tests {
         let text = guid.to_string();
         assert_eq!(&text[14..15], "4", "{text}");
         assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"), "{text}");
+    }
+
+    /// A valid header pointing at `entries_lba`, with one entry spanning `first..=last`.
+    fn table(entries_lba: u64, first: u64, last: u64) -> Vec<u8> {
+        let mut disk = vec![0u8; 64 * 1024];
+        let mut entries = vec![0u8; 128 * 128];
+        entries[0] = 1; // any non-zero type
+        entries[32..40].copy_from_slice(&first.to_le_bytes());
+        entries[40..48].copy_from_slice(&last.to_le_bytes());
+        let header = &mut disk[512..1024];
+        header[0..8].copy_from_slice(b"EFI PART");
+        header[12..16].copy_from_slice(&92u32.to_le_bytes());
+        header[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+        header[80..84].copy_from_slice(&128u32.to_le_bytes());
+        header[84..88].copy_from_slice(&128u32.to_le_bytes());
+        header[88..92].copy_from_slice(&crc32fast::hash(&entries).to_le_bytes());
+        let crc = crc32fast::hash(&header[..92]);
+        header[16..20].copy_from_slice(&crc.to_le_bytes());
+        if entries_lba == 2 {
+            disk[1024..1024 + entries.len()].copy_from_slice(&entries);
+        }
+        disk
+    }
+
+    #[test]
+    fn a_well_formed_table_is_read() {
+        let gpt = read(&mut std::io::Cursor::new(table(2, 2048, 4095))).expect("valid");
+        assert_eq!(gpt.partitions.len(), 1);
+        assert_eq!(gpt.partitions[0].len(), 2048 * 512);
+    }
+
+    #[test]
+    fn hostile_offsets_are_refused_without_overflow() {
+        let error = read(&mut std::io::Cursor::new(table(u64::MAX / 2, 1, 2)))
+            .expect_err("entry array beyond any disk");
+        assert!(error.to_string().contains("out of range"), "{error}");
+        let error = read(&mut std::io::Cursor::new(table(2, 0, u64::MAX)))
+            .expect_err("partition beyond any disk");
+        assert!(error.to_string().contains("beyond any disk"), "{error}");
+        let error = read(&mut std::io::Cursor::new(table(2, 10, 5))).expect_err("reversed");
+        assert!(error.to_string().contains("ends before"), "{error}");
     }
 
     #[test]
