@@ -1,0 +1,117 @@
+//! The daemon's unix-socket protocol and the recording handle services use.
+//!
+//! One JSON [`Event`] per line in; one line out: `{"seq": N}` once the record
+//! is on disk, or `{"error": "..."}`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::error::AuditError;
+use crate::log::AuditLog;
+use crate::record::Event;
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 64 * 1024;
+
+/// A connection to the audit daemon.
+pub struct AuditClient {
+    stream: Mutex<BufReader<UnixStream>>,
+}
+
+impl AuditClient {
+    /// Connects to the daemon's socket.
+    pub fn connect(path: &Path) -> Result<Self, AuditError> {
+        let stream = UnixStream::connect(path).map_err(|e| AuditError::io(path, e))?;
+        Ok(Self {
+            stream: Mutex::new(BufReader::new(stream)),
+        })
+    }
+
+    /// Records an event; returns its sequence number once it is durable.
+    pub fn record(&self, event: &Event) -> Result<u64, AuditError> {
+        let mut stream = self
+            .stream
+            .lock()
+            .map_err(|_| AuditError::Closed("client poisoned".into()))?;
+        let closed = |e: std::io::Error| AuditError::Closed(format!("audit daemon: {e}"));
+        let mut line =
+            serde_json::to_string(event).map_err(|e| AuditError::Format(e.to_string()))?;
+        line.push('\n');
+        stream
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(closed)?;
+        let mut reply = String::new();
+        stream.read_line(&mut reply).map_err(closed)?;
+        let reply: serde_json::Value = serde_json::from_str(&reply)
+            .map_err(|_| AuditError::Closed("audit daemon closed the connection".into()))?;
+        match (reply["seq"].as_u64(), reply["error"].as_str()) {
+            (Some(seq), _) => Ok(seq),
+            (_, Some(error)) => Err(AuditError::Closed(error.to_owned())),
+            _ => Err(AuditError::Closed("audit daemon sent a bad reply".into())),
+        }
+    }
+}
+
+/// Serves the socket protocol for `log` until the listener fails; one thread per connection.
+pub fn serve(listener: UnixListener, log: Arc<AuditLog>) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    if let Err(e) = handle(stream, &log) {
+                        tracing::warn!(error = %e, "audit client connection ended");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "accepting an audit client"),
+        }
+    }
+}
+
+fn handle(stream: UnixStream, log: &AuditLog) -> std::io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut reader).take(MAX_LINE as u64).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !line.ends_with('\n') {
+            writer.write_all(b"{\"error\": \"request line too long\"}\n")?;
+            return Ok(());
+        }
+        let reply = match serde_json::from_str::<Event>(&line) {
+            Ok(event) => match log.record(event) {
+                Ok(seq) => serde_json::json!({ "seq": seq }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
+            Err(e) => serde_json::json!({ "error": format!("not an event: {e}") }),
+        };
+        writer.write_all(format!("{reply}\n").as_bytes())?;
+    }
+}
+
+/// Where a service's records go: a log it writes itself (dev host, `--audit-log`)
+/// or the node's audit daemon.
+pub enum Auditor {
+    /// Writes the log directly.
+    Local(Arc<AuditLog>),
+    /// Sends to the daemon.
+    Remote(AuditClient),
+}
+
+impl Auditor {
+    /// Records an event durably or fails (callers fail closed).
+    pub fn record(&self, event: Event) -> Result<u64, AuditError> {
+        match self {
+            Self::Local(log) => log.record(event),
+            Self::Remote(client) => client.record(&event),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+/*!
+Sovereign's compliance audit log: append-only records in an RFC 6962 Merkle
+tree, each record signed together with the tree head after it, checkpoints as
+C2SP signed notes, and offline verification that names the first bad record.
+
+- [`AuditLog`] writes a log directory (group commit: concurrent writers share
+  one fsync; a failed write closes the log so nothing is reported durable that
+  is not).
+- [`AuditClient`] sends events to the `sovereign-audit` daemon over its unix
+  socket; on a node that socket is the only way in.
+- [`Auditor`] is either of the two, for code that records.
+- [`Export`] and [`verify`] are the auditor's side; [`write_courier`] and
+  [`verify_courier`] carry checkpoints and proofs on USB sticks.
+*/
+#![deny(missing_docs)]
+
+mod checkpoint;
+mod client;
+mod courier;
+mod error;
+mod log;
+pub mod merkle;
+mod record;
+mod verify;
+
+pub use checkpoint::Checkpoint;
+pub use client::{serve, AuditClient, Auditor};
+pub use courier::{verify_courier, write_courier, CourierProof};
+pub use error::AuditError;
+pub use log::AuditLog;
+pub use record::{Event, RecordBody, StoredRecord};
+pub use verify::{verify, verify_records, Export, Verified};

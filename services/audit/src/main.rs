@@ -1,0 +1,94 @@
+/*!
+`sovereign-audit`: the node's audit daemon. Owns the log directory, accepts
+events on a unix socket, writes a checkpoint every minute when there is
+something new and on SIGTERM/SIGINT.
+*/
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use sovereign_audit::{serve, AuditLog, Event};
+use tracing_subscriber::prelude::*;
+
+/// The audit daemon.
+#[derive(Parser)]
+#[command(name = "sovereign-audit", version)]
+struct Args {
+    /// The log directory (the audit user's alone).
+    #[arg(long)]
+    log: PathBuf,
+    /// The unix socket to listen on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// This node's name.
+    #[arg(long, default_value = "node")]
+    node: String,
+    /// Seconds between checkpoints (when there are new records).
+    #[arg(long, default_value_t = 60)]
+    checkpoint_every: u64,
+}
+
+fn main() -> ExitCode {
+    let journald = std::path::Path::new("/run/systemd/journal/socket")
+        .exists()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(journald)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Block the shutdown signals in every thread; the main thread waits for them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block()?;
+
+    let log = Arc::new(AuditLog::open(&args.log, &args.node)?);
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = UnixListener::bind(&args.socket)?;
+    log.record(Event::new(
+        "audit",
+        "daemon-start",
+        serde_json::json!({ "socket": args.socket }),
+    ))?;
+    eprintln!("sovereign-audit: ready on {}", args.socket.display());
+    {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || serve(listener, log));
+    }
+    {
+        let log = Arc::clone(&log);
+        let every = Duration::from_secs(args.checkpoint_every.max(1));
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every);
+            if log.unchecked() > 0 {
+                if let Err(e) = log.checkpoint() {
+                    tracing::error!(error = %e, "periodic checkpoint failed");
+                }
+            }
+        });
+    }
+    let signal = signals.wait()?;
+    log.record(Event::new(
+        "audit",
+        "daemon-stop",
+        serde_json::json!({ "signal": signal.as_str() }),
+    ))?;
+    log.checkpoint()?;
+    Ok(())
+}
