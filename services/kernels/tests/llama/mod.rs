@@ -1,5 +1,5 @@
 //! A minimal Llama forward pass (greedy decode) on the demo GGUF, written
-//! with plain candle-core ops, to check and time these kernels inside a
+//! with candle-core ops and candle-nn's fused RMSNorm, RoPE and softmax, to check and time these kernels inside a
 //! whole model: the same code runs with this crate's kernels (at a chosen
 //! instruction set) or with candle's `QMatMul`. Test and benchmark harness
 //! only; the product's engine is `services/inference`.
@@ -63,7 +63,9 @@ pub struct Llama {
     kv_heads: usize,
     head_dim: usize,
     eps: f64,
-    rope_base: f32,
+    /// RoPE tables, [positions, head_dim / 2].
+    cos: Tensor,
+    sin: Tensor,
     cache: Vec<Option<(Tensor, Tensor)>>,
     pos: usize,
 }
@@ -158,6 +160,19 @@ impl Llama {
             }
         };
         let norm = get("output_norm.weight")?.dequantize(&dev)?;
+        let head_dim = hidden / heads;
+        let positions = 2048;
+        let mut cos = Vec::with_capacity(positions * head_dim / 2);
+        let mut sin = Vec::with_capacity(positions * head_dim / 2);
+        for p in 0..positions {
+            for i in 0..head_dim / 2 {
+                let theta = p as f32 * rope_base.powf(-2.0 * i as f32 / head_dim as f32);
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (positions, head_dim / 2), &dev)?;
+        let sin = Tensor::from_vec(sin, (positions, head_dim / 2), &dev)?;
         Ok(Self {
             embed,
             layers,
@@ -165,40 +180,28 @@ impl Llama {
             head,
             heads,
             kv_heads,
-            head_dim: hidden / heads,
+            head_dim,
             eps,
-            rope_base,
+            cos,
+            sin,
             cache: (0..n_layers).map(|_| None).collect(),
             pos: 0,
         })
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(w)
+        candle_nn::ops::rms_norm(x, w, self.eps as f32)
     }
 
     /// RoPE on adjacent pairs (llama.cpp's "normal" mode), `x`: [heads, seq, dim].
     fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let (h, seq, d) = x.dims3()?;
-        let half = d / 2;
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for p in pos..pos + seq {
-            for i in 0..half {
-                let theta = p as f32 * self.rope_base.powf(-2.0 * i as f32 / d as f32);
-                cos.push(theta.cos());
-                sin.push(theta.sin());
-            }
+        let seq = x.dim(1)?;
+        if pos + seq > self.cos.dim(0)? {
+            candle_core::bail!("position {} past the RoPE table", pos + seq);
         }
-        let cos = Tensor::from_vec(cos, (1, seq, half, 1), &Device::Cpu)?;
-        let sin = Tensor::from_vec(sin, (1, seq, half, 1), &Device::Cpu)?;
-        let x = x.reshape((h, seq, half, 2))?;
-        let x0 = x.narrow(3, 0, 1)?;
-        let x1 = x.narrow(3, 1, 1)?;
-        let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-        let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-        Tensor::cat(&[r0, r1], 3)?.reshape((h, seq, d))
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        candle_nn::rotary_emb::rope_i(&x.unsqueeze(0)?, &cos, &sin)?.squeeze(0)
     }
 
     fn project(parts: &[Lin], x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
@@ -265,9 +268,7 @@ impl Llama {
                     .collect();
                 att = att.broadcast_add(&Tensor::from_vec(mask, (1, seq, total), &Device::Cpu)?)?;
             }
-            let max = att.max_keepdim(D::Minus1)?;
-            let e = att.broadcast_sub(&max)?.exp()?;
-            let att = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
             let o = att.matmul(&v)?.transpose(0, 1)?.reshape((seq, nh * hd))?;
             x = (x + layer.o.forward(&o)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
