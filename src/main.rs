@@ -32,6 +32,9 @@ enum Command {
     Bundle(commands::bundle::BundleCommand),
     /// Verify and import bundles into a model store (a file or a stick's directory).
     Import(commands::import::ImportArgs),
+    /// Export, verify and show the compliance audit log.
+    #[command(subcommand)]
+    Audit(commands::audit::AuditCommand),
     /// List installed models; `models remove` and `models history`.
     Models(commands::models::ModelsArgs),
     /// Write a node image to a disk (or a file), verify it, add the node's state partition.
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Trust(command) => commands::trust::run(command),
         Command::Bundle(command) => commands::bundle::run(command),
         Command::Import(args) => commands::import::run(args),
+        Command::Audit(command) => commands::audit::run(command),
         Command::Models(args) => commands::models::run(args),
         Command::Flash(args) => commands::flash::run(args),
     };

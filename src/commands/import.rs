@@ -1,6 +1,7 @@
 //! `sovereign import`: the same verified import a node runs when a stick is plugged in.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 use sovereign_store::{ImportOptions, Outcome, Store};
@@ -22,6 +23,14 @@ pub struct ImportArgs {
     /// Accept a version older than the newest imported (recorded in the history).
     #[arg(long)]
     allow_downgrade: bool,
+    /// Record every outcome in this audit log directory (fail closed: if it
+    /// cannot record, nothing is imported). After a directory import the newest
+    /// checkpoint and a consistency proof are left in it, as on a stick.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// The node name recorded in a new audit log.
+    #[arg(long, default_value = "dev")]
+    node: String,
     /// A bundle, or a directory of bundles as on a mounted USB stick.
     path: PathBuf,
 }
@@ -33,14 +42,31 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(sovereign_signing::read_age_identity)
         .transpose()?;
+    let log = args
+        .audit_log
+        .as_deref()
+        .map(|dir| sovereign_audit::AuditLog::open(dir, &args.node).map(Arc::new))
+        .transpose()?;
+    let auditor = log.clone().map(sovereign_audit::Auditor::Local);
     let store = Store::open(&args.store)?;
     let options = ImportOptions {
         trust: args.trust.as_deref(),
         identity: identity.as_ref(),
         allow_downgrade: args.allow_downgrade,
-        audit: None,
+        audit: auditor
+            .as_ref()
+            .map(|a| a as &dyn sovereign_store::ImportAudit),
     };
     let report = store.import_path(&args.path, &options)?;
+    if let Some(log) = &log {
+        if args.path.is_dir() {
+            let folder = sovereign_audit::write_courier(log, &args.path)?;
+            println!(
+                "left the audit checkpoint and consistency proof in {}",
+                folder.display()
+            );
+        }
+    }
     let mut rejected = 0;
     for entry in &report {
         let file = entry.file.display();

@@ -1,5 +1,6 @@
 //! One module per noun of the CLI; each parses its arguments and calls a library.
 
+pub mod audit;
 pub mod bundle;
 pub mod flash;
 pub mod import;

@@ -22,6 +22,23 @@ pub trait ImportAudit {
     fn record(&self, event: &ImportEvent<'_>) -> Result<(), String>;
 }
 
+impl ImportAudit for sovereign_audit::Auditor {
+    fn record(&self, event: &ImportEvent<'_>) -> Result<(), String> {
+        let details = serde_json::json!({
+            "source": event.source.display().to_string(),
+            "model": event.model,
+            "outcome": event.outcome,
+            "reason": event.reason,
+        });
+        sovereign_audit::Auditor::record(
+            self,
+            sovereign_audit::Event::new("import", "import", details),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// One import outcome, as the audit log sees it.
 #[derive(Debug)]
 pub struct ImportEvent<'a> {

@@ -22,6 +22,9 @@ struct Args {
     /// age identity for encrypted bundles.
     #[arg(long)]
     identity: Option<PathBuf>,
+    /// The audit daemon's socket; every outcome is recorded there (fail closed).
+    #[arg(long)]
+    audit_socket: Option<PathBuf>,
     /// The mounted stick (or one bundle file).
     path: PathBuf,
 }
@@ -47,10 +50,20 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .as_deref()
         .map(sovereign_signing::read_age_identity)
         .transpose()?;
+    let auditor = args
+        .audit_socket
+        .as_deref()
+        .map(|socket| {
+            sovereign_audit::AuditClient::connect(socket).map(sovereign_audit::Auditor::Remote)
+        })
+        .transpose()?;
     let store = Store::open(&args.store)?;
     let options = ImportOptions {
         trust: args.trust.as_deref(),
         identity: identity.as_ref(),
+        audit: auditor
+            .as_ref()
+            .map(|a| a as &dyn sovereign_store::ImportAudit),
         ..ImportOptions::default()
     };
     let mut ok = true;

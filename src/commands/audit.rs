@@ -1,0 +1,111 @@
+//! `sovereign audit`: export, verify and show a node's audit log.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use sovereign_audit::{verify, verify_courier, Export, StoredRecord};
+
+/// Audit commands.
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Write a self-contained file: records, checkpoints, the node's public key.
+    Export {
+        /// The log directory.
+        #[arg(long)]
+        log: PathBuf,
+        /// The export file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check every record, signature and checkpoint; name the first bad record.
+    /// Also accepts a stick's courier folder (sovereign-audit/NODE).
+    Verify {
+        /// A checkpoint the auditor already holds: the log must extend it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// The node's public key (`ed25519:...` or a .pub file); without it the
+        /// export's own key is used, which proves integrity but not origin.
+        #[arg(long)]
+        key: Option<String>,
+        /// An export file, a log directory, or a courier folder.
+        path: PathBuf,
+    },
+    /// Print the records, or JSON Lines for SIEM tools.
+    Show {
+        /// The log directory or an export file.
+        #[arg(long)]
+        log: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs an audit command.
+pub fn run(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Export { log, out } => {
+            let export = Export::from_dir(&log)?;
+            export.write(&out)?;
+            println!(
+                "exported {} records and {} checkpoints of node {} to {}",
+                export.records.len(),
+                export.checkpoints.len(),
+                export.node,
+                out.display()
+            );
+        }
+        AuditCommand::Verify {
+            checkpoint,
+            key,
+            path,
+        } => {
+            let key = key
+                .as_deref()
+                .map(sovereign_signing::read_public_key)
+                .transpose()?;
+            if path.join("consistency-proof.json").exists() {
+                let key = key.context("a courier folder needs --key")?;
+                let checkpoint = verify_courier(&path, &key)?;
+                println!(
+                    "ok: courier checkpoint at size {} extends the previous one on this stick",
+                    checkpoint.size
+                );
+                return Ok(());
+            }
+            let held = checkpoint
+                .as_deref()
+                .map(|p| std::fs::read_to_string(p).with_context(|| p.display().to_string()))
+                .transpose()?;
+            let export = Export::load(&path)?;
+            let verified = verify(&export, key.as_ref(), held.as_deref())?;
+            println!(
+                "ok: {} records and {} checkpoints of node {} verify (newest checkpoint covers {}){}{}",
+                verified.records,
+                verified.checkpoints,
+                export.node,
+                verified.checkpointed,
+                if held.is_some() { "; extends the held checkpoint" } else { "" },
+                if key.is_none() { "; key not pinned (use --key)" } else { "" }
+            );
+        }
+        AuditCommand::Show { log, json } => {
+            let export = Export::load(&log)?;
+            for line in &export.records {
+                let stored: StoredRecord = serde_json::from_str(line)
+                    .with_context(|| "a record is not valid; run `sovereign audit verify`")?;
+                let r = &stored.record;
+                if json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    println!(
+                        "{:>6} {} {} {} {}",
+                        r.seq, r.time, r.event.service, r.event.kind, r.event.details
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
