@@ -1,0 +1,218 @@
+//! One node running every layer: prompt in, streamed text out.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use tokenizers::Tokenizer;
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::InferenceError;
+use crate::model::{ModelConfig, Stage};
+use crate::sampling::Sampler;
+use crate::tokenizer::{encode, load_tokenizer};
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How tokens are chosen.
+    pub sampler: Sampler,
+    /// Generation stops before any of these texts.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            sampler: Sampler::default(),
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop text.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+    /// The caller asked to stop (client gone).
+    Cancelled,
+}
+
+/// The result of a generation.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// The generated text (stop text excluded).
+    pub text: String,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Seconds spent on the prompt (prefill).
+    pub prompt_seconds: f64,
+    /// Seconds spent generating after the first token.
+    pub decode_seconds: f64,
+}
+
+/// A model loaded whole on this node.
+pub struct Engine {
+    stage: Stage,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    eos: Vec<u32>,
+}
+
+impl Engine {
+    /// Loads a GGUF model with all its layers.
+    pub fn load(path: &Path) -> Result<Self, InferenceError> {
+        let mut file = std::fs::File::open(path).map_err(|e| InferenceError::Io {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display()))
+        })?;
+        let config = ModelConfig::from_gguf(&content)?;
+        let tokenizer = load_tokenizer(&content)?;
+        let template = match content.metadata.get("tokenizer.chat_template") {
+            Some(v) => Some(ChatTemplate::new(v.to_string()?)?),
+            None => None,
+        };
+        let mut eos: Vec<u32> = content
+            .metadata
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .into_iter()
+            .collect();
+        for end in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(id) = tokenizer.token_to_id(end) {
+                eos.push(id);
+            }
+        }
+        let stage = Stage::load(path, 0..config.layers)?;
+        Ok(Self {
+            stage,
+            tokenizer,
+            template,
+            eos,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        self.stage.config()
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of `text` (special tokens recognised, no BOS).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
+        encode(&self.tokenizer, text)
+    }
+
+    /// The prompt text for a conversation, from the model's chat template.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
+        self.template
+            .as_ref()
+            .ok_or_else(|| InferenceError::Template("the model has no chat template".into()))?
+            .render(messages)
+    }
+
+    /// Generates from `prompt` tokens. `on_text` receives text as it becomes
+    /// final and returns `false` to cancel.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, InferenceError> {
+        let context = self.config().context;
+        if prompt.is_empty() {
+            return Err(InferenceError::Request("the prompt is empty".into()));
+        }
+        if prompt.len() >= context {
+            return Err(InferenceError::Request(format!(
+                "the prompt has {} tokens; the model's context is {context}",
+                prompt.len()
+            )));
+        }
+        let started = Instant::now();
+        let mut cache = self.stage.new_cache();
+        let hidden = self
+            .stage
+            .run_layers(self.stage.embed(prompt)?, &mut cache)?;
+        let mut logits = self.stage.head(&hidden)?.to_vec1::<f32>()?;
+        let prompt_seconds = started.elapsed().as_secs_f64();
+        let decode_started = Instant::now();
+        let hold_back = params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut generated: Vec<u32> = Vec::new();
+        let mut emitted = 0;
+        let mut finish = FinishReason::Length;
+        let mut text = String::new();
+        while generated.len() < params.max_tokens && prompt.len() + generated.len() < context {
+            let position = (prompt.len() + generated.len()) as u64;
+            let token = params.sampler.sample(&logits, position);
+            if self.eos.contains(&token) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            generated.push(token);
+            text = self
+                .tokenizer
+                .decode(&generated, true)
+                .map_err(|e| InferenceError::Tokenizer(e.to_string()))?;
+            if let Some(at) = params
+                .stop
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text.truncate(at);
+                finish = FinishReason::Stop;
+                break;
+            }
+            // Emit what can no longer change: not a partial UTF-8 character,
+            // not the start of a stop text.
+            let mut ready = text.len().saturating_sub(hold_back);
+            if text.ends_with('\u{FFFD}') {
+                ready = ready.min(text.len() - '\u{FFFD}'.len_utf8());
+            }
+            while !text.is_char_boundary(ready) {
+                ready -= 1;
+            }
+            if ready > emitted {
+                if !on_text(&text[emitted..ready]) {
+                    finish = FinishReason::Cancelled;
+                    emitted = ready;
+                    break;
+                }
+                emitted = ready;
+            }
+            let hidden = self
+                .stage
+                .run_layers(self.stage.embed(&[token])?, &mut cache)?;
+            logits = self.stage.head(&hidden)?.to_vec1::<f32>()?;
+        }
+        if finish != FinishReason::Cancelled && text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation {
+            text,
+            prompt_tokens: prompt.len(),
+            completion_tokens: generated.len(),
+            finish,
+            prompt_seconds,
+            decode_seconds: decode_started.elapsed().as_secs_f64(),
+        })
+    }
+}

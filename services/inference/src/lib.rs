@@ -1,0 +1,31 @@
+/*!
+Sovereign's inference engine: Llama-family models from GGUF files, run by
+contiguous layer ranges so that a ring of nodes can split one model.
+
+The three stages the ring needs are on [`Stage`]: [`Stage::embed`] (tokens to
+hidden state, first stage only), [`Stage::run_layers`] (this stage's layers
+with their [`KvCache`]) and [`Stage::head`] (final norm and output projection,
+last stage only). A [`Stage`] loads only the tensors of its range. [`Engine`]
+is one node running every layer: tokenizer, chat template, sampling and the
+generation loop. Sampling draws from a counter-based generator keyed by the
+request's seed and the token position ([`Sampler`]), so whichever node
+samples, the same seed gives the same tokens.
+
+The engine only reads model files; it opens no socket and never writes the store.
+*/
+#![deny(missing_docs)]
+
+mod chat;
+mod engine;
+mod error;
+mod linear;
+mod model;
+mod sampling;
+mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use engine::{Engine, FinishReason, GenerateParams, Generation};
+pub use error::InferenceError;
+pub use model::{KvCache, ModelConfig, Stage};
+pub use sampling::Sampler;
+pub use tokenizer::load_tokenizer;

@@ -1,0 +1,371 @@
+//! The transformer, by layer range: embedding, decoder layers, head.
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::InferenceError;
+use crate::linear::Linear;
+
+/// The architecture numbers of a Llama-family model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub kv_heads: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// RoPE base frequency.
+    pub rope_base: f32,
+    /// Longest sequence the model was trained for.
+    pub context: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl ModelConfig {
+    /// Reads the configuration from GGUF metadata.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, InferenceError> {
+        let arch = match content.metadata.get("general.architecture") {
+            Some(v) => v.to_string().map_err(InferenceError::Tensor)?.clone(),
+            None => return Err(InferenceError::Model("no general.architecture".into())),
+        };
+        if arch != "llama" {
+            return Err(InferenceError::Model(format!(
+                "architecture {arch:?} is not llama"
+            )));
+        }
+        let int = |key: &str| -> Result<usize, InferenceError> {
+            content
+                .metadata
+                .get(key)
+                .and_then(|v| {
+                    v.to_u32()
+                        .ok()
+                        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+                })
+                .map(|v| v as usize)
+                .ok_or_else(|| InferenceError::Model(format!("missing or bad {key}")))
+        };
+        let float = |key: &str, default: f32| {
+            content
+                .metadata
+                .get(key)
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(default)
+        };
+        let heads = int("llama.attention.head_count")?;
+        let hidden = int("llama.embedding_length")?;
+        let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(InferenceError::Model(format!(
+                "inconsistent shape: hidden {hidden}, heads {heads}, kv heads {kv_heads}"
+            )));
+        }
+        let vocab = match content.metadata.get("tokenizer.ggml.tokens") {
+            Some(gguf_file::Value::Array(tokens)) => tokens.len(),
+            _ => return Err(InferenceError::Model("no tokenizer.ggml.tokens".into())),
+        };
+        Ok(Self {
+            layers: int("llama.block_count")?,
+            heads,
+            kv_heads,
+            hidden,
+            eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            rope_base: float("llama.rope.freq_base", 10_000.0),
+            context: int("llama.context_length").unwrap_or(2048),
+            vocab,
+        })
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The key/value cache of one request for one stage's layers.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .and_then(|(k, _)| k.dim(1).ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
+            .sum()
+    }
+}
+
+/// A contiguous range of a model's layers, with the embedding if it starts at
+/// layer 0 and the final norm and head if it ends at the last layer.
+pub struct Stage {
+    config: ModelConfig,
+    range: Range<usize>,
+    embed: Option<Tensor>,
+    layers: Vec<Layer>,
+    norm: Option<Tensor>,
+    head: Option<Linear>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Stage {
+    /// Loads layers `range` of the GGUF model at `path`; only their tensors are read.
+    pub fn load(path: &Path, range: Range<usize>) -> Result<Self, InferenceError> {
+        let io = |e| InferenceError::Io {
+            path: path.to_owned(),
+            source: e,
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display()))
+        })?;
+        let config = ModelConfig::from_gguf(&content)?;
+        if range.start >= range.end || range.end > config.layers {
+            return Err(InferenceError::Request(format!(
+                "layer range {}..{} is not within 0..{}",
+                range.start, range.end, config.layers
+            )));
+        }
+        let device = Device::Cpu;
+        let mut tensor = |name: &str| {
+            content
+                .tensor(&mut file, name, &device)
+                .map_err(|e| InferenceError::Model(format!("tensor {name}: {e}")))
+        };
+        let mut layers = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let p = format!("blk.{i}.");
+            let mut linear = |n: &str| {
+                Linear::new(tensor(&format!("{p}{n}.weight"))?).map_err(InferenceError::from)
+            };
+            let (q, k, v, o) = (
+                linear("attn_q")?,
+                linear("attn_k")?,
+                linear("attn_v")?,
+                linear("attn_output")?,
+            );
+            let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
+            layers.push(Layer {
+                attn_norm: tensor(&format!("{p}attn_norm.weight"))?.dequantize(&device)?,
+                ffn_norm: tensor(&format!("{p}ffn_norm.weight"))?.dequantize(&device)?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let first = range.start == 0;
+        let last = range.end == config.layers;
+        let embed = if first {
+            Some(tensor("token_embd.weight")?.dequantize(&device)?)
+        } else {
+            None
+        };
+        let (norm, head) = if last {
+            let norm = tensor("output_norm.weight")?.dequantize(&device)?;
+            // Tied embeddings: without output.weight the head is token_embd.
+            let weight = match content.tensor_infos.contains_key("output.weight") {
+                true => tensor("output.weight")?,
+                false => tensor("token_embd.weight")?,
+            };
+            (Some(norm), Some(Linear::new(weight)?))
+        } else {
+            (None, None)
+        };
+        let (cos, sin) = rope_tables(&config, &device)?;
+        Ok(Self {
+            config,
+            range,
+            embed,
+            layers,
+            norm,
+            head,
+            cos,
+            sin,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The layers this stage runs.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// An empty cache for this stage's layers.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.layers.len()).map(|_| None).collect(),
+        }
+    }
+
+    /// Tokens to hidden states `[tokens, hidden]` (first stage only).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, InferenceError> {
+        let embed = self.embed.as_ref().ok_or_else(|| {
+            InferenceError::Request("this stage does not hold the embedding".into())
+        })?;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab) {
+            return Err(InferenceError::Request(format!(
+                "token {bad} is outside the vocabulary"
+            )));
+        }
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        Ok(embed.index_select(&ids, 0)?)
+    }
+
+    /// Runs this stage's layers on `hidden` (`[tokens, hidden]`) at the
+    /// positions after those already in `cache`, extending the cache.
+    pub fn run_layers(
+        &self,
+        hidden: Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, InferenceError> {
+        let pos = cache.len();
+        let seq = hidden.dim(0)?;
+        if pos + seq > self.config.context {
+            return Err(InferenceError::Request(format!(
+                "{} positions exceed the model's context of {}",
+                pos + seq,
+                self.config.context
+            )));
+        }
+        let mut x = hidden;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = self.layer(layer, x, slot, pos)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and output projection of the last position: logits `[vocab]` (last stage only).
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor, InferenceError> {
+        let (norm, head) = match (&self.norm, &self.head) {
+            (Some(n), Some(h)) => (n, h),
+            _ => {
+                return Err(InferenceError::Request(
+                    "this stage does not hold the head".into(),
+                ))
+            }
+        };
+        let seq = hidden.dim(0)?;
+        let last = candle_nn::ops::rms_norm(&hidden.narrow(0, seq - 1, 1)?, norm, self.config.eps)?;
+        Ok(head.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: Tensor,
+        slot: &mut Option<(Tensor, Tensor)>,
+        pos: usize,
+    ) -> Result<Tensor, InferenceError> {
+        let c = &self.config;
+        let (seq, hd, nh, nkv) = (x.dim(0)?, c.head_dim(), c.heads, c.kv_heads);
+        let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps)?;
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()
+        };
+        let q = self.rope(&heads(layer.q.forward(&h)?, nh)?, pos)?;
+        let k = self.rope(&heads(layer.k.forward(&h)?, nkv)?, pos)?;
+        let v = heads(layer.v.forward(&h)?, nkv)?;
+        let (k, v) = match slot.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            None => (k, v),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        let total = k.dim(1)?;
+        let group = nh / nkv;
+        let expand = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.unsqueeze(1)?
+                .broadcast_as((nkv, group, total, hd))?
+                .reshape((nh, total, hd))
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        if seq > 1 {
+            let mask: Vec<f32> = (0..seq)
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            att = att.broadcast_add(&Tensor::from_vec(mask, (1, seq, total), &Device::Cpu)?)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att.matmul(&v)?.transpose(0, 1)?.reshape((seq, nh * hd))?;
+        let x = (x + layer.o.forward(&o)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps)?;
+        let m = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+        Ok((x + layer.down.forward(&m)?)?)
+    }
+
+    /// RoPE on adjacent pairs (GGUF's layout), `x`: `[heads, seq, head_dim]`.
+    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor, InferenceError> {
+        let seq = x.dim(1)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        Ok(candle_nn::rotary_emb::rope_i(&x.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?)
+    }
+}
+
+fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor), InferenceError> {
+    let half = config.head_dim() / 2;
+    let mut cos = Vec::with_capacity(config.context * half);
+    let mut sin = Vec::with_capacity(config.context * half);
+    for p in 0..config.context {
+        for i in 0..half {
+            let theta = p as f32
+                * config
+                    .rope_base
+                    .powf(-2.0 * i as f32 / config.head_dim() as f32);
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (config.context, half), device)?,
+        Tensor::from_vec(sin, (config.context, half), device)?,
+    ))
+}
