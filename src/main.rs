@@ -32,6 +32,8 @@ enum Command {
     Bundle(commands::bundle::BundleCommand),
     /// Verify and import bundles into a model store (a file or a stick's directory).
     Import(commands::import::ImportArgs),
+    /// Answer a prompt with a model from the store, streaming the text.
+    Generate(commands::generate::GenerateArgs),
     /// Export, verify and show the compliance audit log.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Bundle(command) => commands::bundle::run(command),
         Command::Import(args) => commands::import::run(args),
         Command::Audit(command) => commands::audit::run(command),
+        Command::Generate(args) => commands::generate::run(args),
         Command::Models(args) => commands::models::run(args),
         Command::Flash(args) => commands::flash::run(args),
     };

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod bundle;
 pub mod flash;
+pub mod generate;
 pub mod import;
 pub mod key;
 pub mod models;

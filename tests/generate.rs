@@ -1,0 +1,88 @@
+//! `sovereign generate` answers from an imported bundle of the real demo model.
+
+mod support;
+
+use support::Lab;
+
+#[test]
+fn generate_answers_from_an_imported_bundle_and_audits_it() {
+    let lab = Lab::new();
+    let out =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model"))
+            .output()
+            .expect("run scripts/fetch-model");
+    assert!(
+        out.status.success(),
+        "fetch-model failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let model = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    lab.trust("node.trust", &["alice"], 1, 1);
+    lab.bundle(
+        "smollm2-1.0.0.sovb",
+        "smollm2",
+        "1.0.0",
+        &model,
+        &["alice"],
+        &[],
+    );
+    lab.run(&[
+        "import",
+        "--store",
+        "store",
+        "--trust",
+        "node.trust",
+        "smollm2-1.0.0.sovb",
+    ])
+    .ok();
+
+    let question = "What is the capital of France? Answer in one sentence.";
+    let args = [
+        "generate",
+        "--store",
+        "store",
+        "--model",
+        "smollm2",
+        "--prompt",
+        question,
+        "--max-tokens",
+        "24",
+    ];
+    let answer = lab
+        .run(&[&args[..], &["--stats", "--audit-log", "audit"]].concat())
+        .ok();
+    assert!(answer.stdout.contains("Paris"), "{}", answer.stdout);
+    let stats = answer
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("stats: prompt "))
+        .expect("stats line");
+    assert!(stats.contains(" tok/s; decode "), "{stats}");
+    assert_eq!(
+        lab.run(&args).ok().stdout,
+        answer.stdout,
+        "greedy output is not stable"
+    );
+
+    let log = lab
+        .run(&["audit", "show", "--log", "audit", "--json"])
+        .ok()
+        .stdout;
+    assert!(
+        log.contains("model-loaded") && log.contains("generate-request"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("capital of France"),
+        "the prompt text leaked into the audit log"
+    );
+
+    lab.run(&[
+        "generate", "--store", "store", "--model", "nope", "--prompt", "x",
+    ])
+    .refused("nope is not in the store");
+    lab.run(&[
+        "generate", "--store", "store", "--model", "smollm2", "--prompt", "x", "--top-p", "0",
+    ])
+    .refused("--top-p");
+}
