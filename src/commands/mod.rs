@@ -7,6 +7,7 @@ pub mod generate;
 pub mod import;
 pub mod key;
 pub mod models;
+pub mod serve;
 pub mod trust;
 
 use std::fs::{self, OpenOptions};

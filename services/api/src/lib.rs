@@ -1,0 +1,143 @@
+/*!
+Sovereign's OpenAI-compatible API: `POST /v1/chat/completions` (streaming
+with server-sent events or not), `POST /v1/completions`, `GET /v1/models`,
+`GET /health` and Prometheus `GET /metrics`, served from the engine of
+`sovereign-inference` with bearer API keys, a bounded queue and concurrency, a
+KV-cache budget (429/503 when full) and cancellation when a client goes away.
+Request metadata (never prompt text) goes to the audit log.
+*/
+#![deny(missing_docs)]
+
+mod keys;
+mod metrics;
+mod openai;
+mod server;
+
+pub use keys::ApiKeys;
+pub use metrics::Metrics;
+pub use server::{router, serve, AppState, Limits};
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How to serve (the arguments of `sovereign serve` and `sovereign-api`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The model store directory.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The API keys file (`NAME blake3:<hex>` per line); required off loopback.
+    #[arg(long)]
+    pub keys: Option<PathBuf>,
+    /// The model to serve (default: the only one in the store).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Generations running at once.
+    #[arg(long, default_value_t = 1)]
+    pub max_concurrency: usize,
+    /// Requests allowed to wait; more get 429.
+    #[arg(long, default_value_t = 8)]
+    pub queue: usize,
+    /// KV-cache budget in MiB; requests beyond it get 503.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_budget_mb: u64,
+    /// Record request metadata in this audit log directory.
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Record through the audit daemon's socket instead.
+    #[arg(long, conflicts_with = "audit_log")]
+    pub audit_socket: Option<PathBuf>,
+    /// The node name recorded in a new audit log.
+    #[arg(long, default_value = "dev")]
+    pub node: String,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A bad argument or missing model.
+    #[error("{0}")]
+    Setup(String),
+    /// Listening failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Loads the model and prepares the state; refuses to serve off loopback without keys.
+pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
+    let setup = |e: &dyn std::fmt::Display| ServeError::Setup(e.to_string());
+    let keys = args.keys.as_deref().map(ApiKeys::load).transpose().map_err(|e| setup(&e))?;
+    if keys.is_none() && !args.listen.ip().is_loopback() {
+        return Err(ServeError::Setup(format!(
+            "{} is not a loopback address: serving without --keys is only allowed on loopback",
+            args.listen
+        )));
+    }
+    let model = match &args.model {
+        Some(name) => sovereign_store::live_model(&args.store, name).map_err(|e| setup(&e))?,
+        None => {
+            let mut all = sovereign_store::live_models(&args.store).map_err(|e| setup(&e))?;
+            if all.len() != 1 {
+                return Err(ServeError::Setup(format!(
+                    "the store holds {} models; choose one with --model",
+                    all.len()
+                )));
+            }
+            all.remove(0)
+        }
+    };
+    let file = model
+        .files
+        .iter()
+        .find(|f| f.extension().is_some_and(|e| e == "gguf"))
+        .ok_or_else(|| ServeError::Setup(format!("{} has no .gguf file", model.name)))?;
+    let engine = sovereign_inference::Engine::load(&model.dir.join(file)).map_err(|e| setup(&e))?;
+    let audit = match (&args.audit_log, &args.audit_socket) {
+        (Some(dir), _) => Some(sovereign_audit::Auditor::Local(Arc::new(
+            sovereign_audit::AuditLog::open(dir, &args.node).map_err(|e| setup(&e))?,
+        ))),
+        (None, Some(socket)) => Some(sovereign_audit::Auditor::Remote(
+            sovereign_audit::AuditClient::connect(socket).map_err(|e| setup(&e))?,
+        )),
+        (None, None) => None,
+    };
+    if let Some(audit) = &audit {
+        let details = serde_json::json!({ "model": format!("{}@{}", model.name, model.version), "service": "api" });
+        audit
+            .record(sovereign_audit::Event::new("api", "model-loaded", details))
+            .map_err(|e| setup(&e))?;
+    }
+    let limits = Limits {
+        max_concurrency: args.max_concurrency.max(1),
+        queue: args.queue,
+        kv_budget_bytes: args.kv_budget_mb << 20,
+        ..Limits::default()
+    };
+    Ok(AppState::new(model.name, Arc::new(engine), keys, limits, audit))
+}
+
+/// Serves until Ctrl-C or SIGTERM.
+pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
+    let state = prepare(args)?;
+    if state.keys.is_none() {
+        eprintln!("warning: serving without API keys (allowed on loopback for development only)");
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        eprintln!("serving {} on http://{}", state.model_id, listener.local_addr()?);
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        serve(listener, state, shutdown).await.map_err(ServeError::Io)
+    })
+}
