@@ -22,7 +22,13 @@ impl ApiKeys {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = || format!("{}:{}: expected `NAME blake3:<64 hex digits>`", path.display(), n + 1);
+            let bad = || {
+                format!(
+                    "{}:{}: expected `NAME blake3:<64 hex digits>`",
+                    path.display(),
+                    n + 1
+                )
+            };
             let (name, hash) = line.split_once(' ').ok_or_else(bad)?;
             let hash = hash
                 .trim()
@@ -45,6 +51,9 @@ impl ApiKeys {
     /// The name of the key presented, if it is accepted.
     pub fn check(&self, presented: &str) -> Option<&str> {
         let hash = blake3::hash(presented.as_bytes());
-        self.keys.iter().find(|(_, h)| *h == hash).map(|(n, _)| n.as_str())
+        self.keys
+            .iter()
+            .find(|(_, h)| *h == hash)
+            .map(|(n, _)| n.as_str())
     }
 }

@@ -70,7 +70,12 @@ pub enum ServeError {
 /// Loads the model and prepares the state; refuses to serve off loopback without keys.
 pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
     let setup = |e: &dyn std::fmt::Display| ServeError::Setup(e.to_string());
-    let keys = args.keys.as_deref().map(ApiKeys::load).transpose().map_err(|e| setup(&e))?;
+    let keys = args
+        .keys
+        .as_deref()
+        .map(ApiKeys::load)
+        .transpose()
+        .map_err(|e| setup(&e))?;
     if keys.is_none() && !args.listen.ip().is_loopback() {
         return Err(ServeError::Setup(format!(
             "{} is not a loopback address: serving without --keys is only allowed on loopback",
@@ -117,7 +122,13 @@ pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
         kv_budget_bytes: args.kv_budget_mb << 20,
         ..Limits::default()
     };
-    Ok(AppState::new(model.name, Arc::new(engine), keys, limits, audit))
+    Ok(AppState::new(
+        model.name,
+        Arc::new(engine),
+        keys,
+        limits,
+        audit,
+    ))
 }
 
 /// Serves until Ctrl-C or SIGTERM.
@@ -129,15 +140,22 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        eprintln!("serving {} on http://{}", state.model_id, listener.local_addr()?);
+        eprintln!(
+            "serving {} on http://{}",
+            state.model_id,
+            listener.local_addr()?
+        );
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
                 _ = term.recv() => {},
             }
         };
-        serve(listener, state, shutdown).await.map_err(ServeError::Io)
+        serve(listener, state, shutdown)
+            .await
+            .map_err(ServeError::Io)
     })
 }

@@ -13,7 +13,9 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     match sovereign_api::run(&Cli::parse().args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

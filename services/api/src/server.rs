@@ -106,9 +106,12 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// An OpenAI-style error response.
@@ -147,10 +150,22 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing bearer API key"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing bearer API key",
+            )
+        })?;
     keys.check(presented.trim())
         .map(str::to_owned)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key"))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid API key",
+            )
+        })
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -158,10 +173,16 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }
 
-async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn models(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     Ok(Json(json!({
         "object": "list",
@@ -184,14 +205,22 @@ fn params(state: &AppState, sampling: Sampling) -> Result<GenerateParams, ApiErr
     if sampling.n.is_some_and(|n| n != 1) {
         return Err(bad_request("only n = 1 is supported"));
     }
-    let max_tokens = sampling.max_completion_tokens.or(sampling.max_tokens).unwrap_or(256);
+    let max_tokens = sampling
+        .max_completion_tokens
+        .or(sampling.max_tokens)
+        .unwrap_or(256);
     if max_tokens == 0 || max_tokens > state.limits.max_tokens {
-        return Err(bad_request(format!("max_tokens must be 1..={}", state.limits.max_tokens)));
+        return Err(bad_request(format!(
+            "max_tokens must be 1..={}",
+            state.limits.max_tokens
+        )));
     }
     let temperature = sampling.temperature.unwrap_or(1.0);
     let top_p = sampling.top_p.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) || !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(bad_request("temperature must be in [0, 2] and top_p in (0, 1]"));
+    if !((0.0..=2.0).contains(&temperature) && top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad_request(
+            "temperature must be in [0, 2] and top_p in (0, 1]",
+        ));
     }
     Ok(GenerateParams {
         max_tokens,
@@ -212,7 +241,10 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("model {model:?} does not exist; this node serves {:?}", state.model_id),
+            format!(
+                "model {model:?} does not exist; this node serves {:?}",
+                state.model_id
+            ),
         ))
     }
 }
@@ -242,8 +274,14 @@ async fn chat(
         if request.messages.is_empty() {
             return Err(bad_request("messages must not be empty"));
         }
-        let text = state.engine.chat_prompt(&request.messages).map_err(|e| bad_request(e.to_string()))?;
-        let prompt = state.engine.tokenize(&text).map_err(|e| bad_request(e.to_string()))?;
+        let text = state
+            .engine
+            .chat_prompt(&request.messages)
+            .map_err(|e| bad_request(e.to_string()))?;
+        let prompt = state
+            .engine
+            .tokenize(&text)
+            .map_err(|e| bad_request(e.to_string()))?;
         check_context(&state, &prompt)?;
         let job = Job {
             route: "chat",
@@ -271,7 +309,10 @@ async fn completions(
         let key = authorize(&state, &headers)?;
         let Json(request) = body.map_err(|e| bad_request(e.body_text()))?;
         check_model(&state, &request.model)?;
-        let prompt = state.engine.tokenize(&request.prompt).map_err(|e| bad_request(e.to_string()))?;
+        let prompt = state
+            .engine
+            .tokenize(&request.prompt)
+            .map_err(|e| bad_request(e.to_string()))?;
         check_context(&state, &prompt)?;
         let job = Job {
             route: "completions",
@@ -288,9 +329,18 @@ async fn completions(
     finish(&state, "/v1/completions", started, result)
 }
 
-fn finish(state: &AppState, route: &str, started: Instant, result: Result<Response, ApiError>) -> Response {
+fn finish(
+    state: &AppState,
+    route: &str,
+    started: Instant,
+    result: Result<Response, ApiError>,
+) -> Response {
     let response = result.unwrap_or_else(IntoResponse::into_response);
-    state.metrics.observe(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+    state.metrics.observe(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
@@ -333,7 +383,11 @@ async fn admit(state: &Arc<AppState>, job: &Job) -> Result<Admission, ApiError> 
             state.waiting.fetch_sub(1, Ordering::SeqCst);
             state.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             acquired.map_err(|_| {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_shutting_down", "shutting down")
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_shutting_down",
+                    "shutting down",
+                )
             })?
         }
     };
@@ -352,7 +406,9 @@ struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.state.kv_reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.state
+            .kv_reserved
+            .fetch_sub(self.bytes, Ordering::SeqCst);
         if self.permit.take().is_some() {
             self.state.slots.add_permits(1);
             self.state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -361,7 +417,9 @@ impl Drop for Admission {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn finish_reason(reason: FinishReason) -> &'static str {
@@ -373,39 +431,76 @@ fn finish_reason(reason: FinishReason) -> &'static str {
 
 async fn run(state: Arc<AppState>, job: Job) -> Result<Response, ApiError> {
     let admission = admit(&state, &job).await?;
-    let id = format!("{}-{:016x}", if job.chat { "chatcmpl" } else { "cmpl" }, rand_id());
+    let id = format!(
+        "{}-{:016x}",
+        if job.chat { "chatcmpl" } else { "cmpl" },
+        rand_id()
+    );
     let created = unix_now();
     let (tx, rx) = mpsc::channel::<String>(64);
-    let engine = Arc::clone(&state.engine);
-    let prompt = job.prompt.clone();
-    let params = job.params.clone();
-    let worker = tokio::task::spawn_blocking(move || {
-        let _admission = admission;
-        engine.generate(&prompt, &params, &mut |text| tx.blocking_send(text.to_owned()).is_ok())
-    });
+    let job = Arc::new(job);
+    let worker = {
+        let (state, job) = (Arc::clone(&state), Arc::clone(&job));
+        // The worker counts and records the request itself, so a stream whose
+        // client went away (and whose body was dropped) is still accounted for.
+        tokio::task::spawn_blocking(move || {
+            let _admission = admission;
+            let generation = state
+                .engine
+                .generate(&job.prompt, &job.params, &mut |text| {
+                    tx.blocking_send(text.to_owned()).is_ok()
+                })
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        e.to_string(),
+                    )
+                })?;
+            let usage = record(&state, &job, &generation, 200)?;
+            Ok((generation, usage))
+        })
+    };
     if job.stream {
         return Ok(stream_response(state, job, id, created, rx, worker).into_response());
     }
     let mut rx = rx;
     while rx.recv().await.is_some() {}
-    let generation = worker
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?;
-    let usage = record(&state, &job, &generation, 200)?;
+    let (generation, usage) = worker.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
+    })??;
     let choice = if job.chat {
         json!({ "index": 0, "message": { "role": "assistant", "content": generation.text }, "finish_reason": finish_reason(generation.finish) })
     } else {
         json!({ "index": 0, "text": generation.text, "logprobs": null, "finish_reason": finish_reason(generation.finish) })
     };
-    let object = if job.chat { "chat.completion" } else { "text_completion" };
+    let object = if job.chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
     Ok(Json(json!({ "id": id, "object": object, "created": created, "model": state.model_id, "choices": [choice], "usage": usage })).into_response())
 }
 
 /// Counts tokens and records the request's metadata (never the prompt).
-fn record(state: &AppState, job: &Job, generation: &sovereign_inference::Generation, status: u16) -> Result<Usage, ApiError> {
-    state.metrics.prompt_tokens.fetch_add(generation.prompt_tokens as u64, Ordering::Relaxed);
-    state.metrics.completion_tokens.fetch_add(generation.completion_tokens as u64, Ordering::Relaxed);
+fn record(
+    state: &AppState,
+    job: &Job,
+    generation: &sovereign_inference::Generation,
+    status: u16,
+) -> Result<Usage, ApiError> {
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(generation.prompt_tokens as u64, Ordering::Relaxed);
+    state
+        .metrics
+        .completion_tokens
+        .fetch_add(generation.completion_tokens as u64, Ordering::Relaxed);
     if generation.finish == FinishReason::Cancelled {
         state.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
     }
@@ -422,7 +517,13 @@ fn record(state: &AppState, job: &Job, generation: &sovereign_inference::Generat
         });
         audit
             .record(sovereign_audit::Event::new("api", "api-request", details))
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", e.to_string()))?;
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    e.to_string(),
+                )
+            })?;
     }
     Ok(Usage {
         prompt_tokens: generation.prompt_tokens,
@@ -431,19 +532,24 @@ fn record(state: &AppState, job: &Job, generation: &sovereign_inference::Generat
     })
 }
 
-type Worker = tokio::task::JoinHandle<Result<sovereign_inference::Generation, sovereign_inference::InferenceError>>;
+type Worker = tokio::task::JoinHandle<Result<(sovereign_inference::Generation, Usage), ApiError>>;
 
 fn stream_response(
     state: Arc<AppState>,
-    job: Job,
+    job: Arc<Job>,
     id: String,
     created: u64,
     rx: mpsc::Receiver<String>,
     worker: Worker,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let object = if job.chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if job.chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let model = state.model_id.clone();
     let chat = job.chat;
+    drop(state);
     let chunk = move |delta: Value, finish: Value| -> SseEvent {
         let choice = if chat {
             json!({ "index": 0, "delta": delta, "finish_reason": finish })
@@ -466,15 +572,13 @@ fn stream_response(
         rx: mpsc::Receiver<String>,
         worker: Option<Worker>,
         chunk: F,
-        state: Arc<AppState>,
-        job: Job,
+        job: Arc<Job>,
     }
     let initial = Streaming {
         phase: Phase::Start,
         rx,
         worker: Some(worker),
         chunk,
-        state,
         job,
     };
     let events = stream::unfold(initial, |mut s| async move {
@@ -494,13 +598,10 @@ fn stream_response(
                         Some(worker) => worker.await.ok().and_then(Result::ok),
                         None => None,
                     };
-                    if let Some(generation) = &outcome {
-                        if let Err(e) = record(&s.state, &s.job, generation, 200) {
-                            tracing::error!(error = %e.message, "recording a streamed request");
-                        }
-                    }
                     s.phase = Phase::Done;
-                    let reason = outcome.as_ref().map_or("stop", |g| finish_reason(g.finish));
+                    let reason = outcome
+                        .as_ref()
+                        .map_or("stop", |(g, _)| finish_reason(g.finish));
                     (s.chunk)(json!({}), json!(reason))
                 }
             },
@@ -516,7 +617,9 @@ fn stream_response(
 }
 
 fn rand_id() -> u64 {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let hash = blake3::hash(&nanos.to_le_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&hash.as_bytes()[..8]);
