@@ -1,0 +1,142 @@
+//! `sovereign serve` answers the official OpenAI Python client, streaming and not.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use support::Lab;
+
+/// Kills the server when the test ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python_with_openai() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let python = venv.join("bin/python");
+    let has_openai = |p: &std::path::Path| {
+        Command::new(p)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_openai(&python) {
+        let made = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(
+            made.success(),
+            "python3 -m venv failed (apt-get install python3-venv)"
+        );
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "openai==1.99.9"])
+            .status()
+            .expect("pip install openai");
+        assert!(pip.success(), "pip install openai==1.99.9 failed");
+    }
+    python
+}
+
+#[test]
+fn the_openai_python_client_works_unchanged() {
+    let lab = Lab::new();
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fetch-model failed");
+    let model = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    lab.trust("node.trust", &["alice"], 1, 1);
+    lab.bundle(
+        "smollm2-1.0.0.sovb",
+        "smollm2",
+        "1.0.0",
+        &model,
+        &["alice"],
+        &[],
+    );
+    lab.run(&[
+        "import",
+        "--store",
+        "store",
+        "--trust",
+        "node.trust",
+        "smollm2-1.0.0.sovb",
+    ])
+    .ok();
+    std::fs::write(
+        lab.path("keys"),
+        "tester blake3:".to_owned() + &blake3::hash(b"sk-local-test").to_hex() + "\n",
+    )
+    .unwrap();
+
+    // Without keys, only loopback is allowed.
+    lab.run(&["serve", "--store", "store", "--listen", "0.0.0.0:0"])
+        .refused("only allowed on loopback");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sovereign"))
+        .args([
+            "serve",
+            "--store",
+            "store",
+            "--listen",
+            "127.0.0.1:0",
+            "--keys",
+            "keys",
+            "--audit-log",
+            "audit",
+        ])
+        .current_dir(lab.dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let server = Server(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(url) = line.split("on http://").nth(1) {
+            break url.trim().to_owned();
+        }
+    };
+    let output = Command::new(python_with_openai())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_client.py"
+        ))
+        .args([&format!("http://{address}/v1"), "sk-local-test", "smollm2"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("openai client ok"));
+    drop(server);
+
+    let log = lab
+        .run(&["audit", "show", "--log", "audit", "--json"])
+        .ok()
+        .stdout;
+    assert!(
+        log.contains("\"api-request\"") && log.contains("\"key\":\"tester\""),
+        "{log}"
+    );
+    assert!(
+        !log.contains("capital of France"),
+        "prompt text leaked into the audit log"
+    );
+}
