@@ -12,10 +12,12 @@ mod keys;
 mod metrics;
 mod openai;
 mod server;
+mod tls;
 
 pub use keys::ApiKeys;
 pub use metrics::Metrics;
-pub use server::{router, serve, AppState, Limits};
+pub use server::{router, serve, serve_tls, AppState, Limits};
+pub use tls::{ClientAddr, TlsListener};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +35,12 @@ pub struct ServeArgs {
     /// The API keys file (`NAME blake3:<hex>` per line); required off loopback.
     #[arg(long)]
     pub keys: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (the node's, from the cluster CA).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// The model to serve (default: the only one in the store).
     #[arg(long)]
     pub model: Option<String>,

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::keys::ApiKeys;
 use crate::metrics::Metrics;
 use crate::openai::{ChatRequest, CompletionRequest, Sampling, Usage};
+use crate::tls::{ClientAddr, TlsListener};
 
 /// Limits that keep a node alive.
 #[derive(Clone, Debug)]
@@ -100,7 +101,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves on `listener` until `shutdown` completes.
+/// Serves plain HTTP on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -108,7 +109,21 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     axum::serve(
         listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        router(state).into_make_service_with_connect_info::<ClientAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// Serves HTTPS on `listener` until `shutdown` completes.
+pub async fn serve_tls(
+    listener: TlsListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<ClientAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
@@ -262,7 +277,7 @@ fn check_context(state: &AppState, prompt: &[u32]) -> Result<(), ApiError> {
 
 async fn chat(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
     headers: HeaderMap,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
@@ -300,7 +315,7 @@ async fn chat(
 
 async fn completions(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
     headers: HeaderMap,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {

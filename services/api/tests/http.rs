@@ -323,3 +323,106 @@ fn a_full_queue_gets_429_a_full_kv_budget_503_and_a_disconnect_cancels() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("KV-cache"), "{body}");
 }
+
+#[test]
+fn the_api_serves_https_with_the_node_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=node-a",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl (apt-get install openssl)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    std::fs::write(
+        dir.path().join("keys"),
+        format!("{}\n", ApiKeys::line_for("lan", "sk-lan")),
+    )
+    .unwrap();
+    let keys = ApiKeys::load(&dir.path().join("keys")).unwrap();
+    let state = AppState::new(
+        "smollm2".into(),
+        engine(),
+        Some(keys),
+        Limits::default(),
+        None,
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (c, k) = (cert.clone(), key.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(tcp.local_addr().unwrap()).unwrap();
+            let listener = sovereign_api::TlsListener::new(tcp, &c, &k).unwrap();
+            sovereign_api::serve_tls(listener, state, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "60", "--cacert"])
+            .arg(&cert)
+            .args(args)
+            .output()
+            .expect("run curl (apt-get install curl)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, body) = curl(&[&format!("https://127.0.0.1:{}/health", addr.port())]);
+    assert!(ok && body.contains("\"ok\""), "{body}");
+    let (ok, body) = curl(&[
+        "-H",
+        "Authorization: Bearer sk-lan",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &chat_body(false, 12),
+        &format!("https://127.0.0.1:{}/v1/chat/completions", addr.port()),
+    ]);
+    assert!(ok && body.contains("Paris"), "{body}");
+    // Plain HTTP on the TLS port gets no answer.
+    let (ok, body) = curl(&[&format!("http://127.0.0.1:{}/health", addr.port())]);
+    assert!(
+        !ok || !body.contains("\"ok\""),
+        "plain HTTP was answered: {body}"
+    );
+    // A bad key file is refused clearly.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let err = runtime.block_on(async {
+        let tcp = tokio::net::TcpListener::from_std(tcp).unwrap();
+        sovereign_api::TlsListener::new(tcp, &cert, &cert)
+            .err()
+            .unwrap()
+    });
+    assert!(err.contains("cert.pem"), "{err}");
+}
