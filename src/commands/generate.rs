@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 use sovereign_inference::{ChatMessage, Engine, GenerateParams, Sampler};
 
@@ -75,12 +74,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|dir| sovereign_audit::AuditLog::open(dir, &args.node).map(Arc::new))
         .transpose()?;
     let model = sovereign_store::live_model(&args.store, &args.model)?;
-    let file = model
-        .files
-        .iter()
-        .find(|f| f.extension().is_some_and(|e| e == "gguf"))
-        .with_context(|| format!("{}@{} has no .gguf file", model.name, model.version))?;
-    let engine = Engine::load(&model.dir.join(file))?;
+    let engine = Engine::load(&Engine::locate(&model.dir, &model.files)?)?;
     if let Some(log) = &audit {
         log.record(sovereign_audit::Event::new(
             "inference",

@@ -103,12 +103,9 @@ pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
             all.remove(0)
         }
     };
-    let file = model
-        .files
-        .iter()
-        .find(|f| f.extension().is_some_and(|e| e == "gguf"))
-        .ok_or_else(|| ServeError::Setup(format!("{} has no .gguf file", model.name)))?;
-    let engine = sovereign_inference::Engine::load(&model.dir.join(file)).map_err(|e| setup(&e))?;
+    let path =
+        sovereign_inference::Engine::locate(&model.dir, &model.files).map_err(|e| setup(&e))?;
+    let engine = sovereign_inference::Engine::load(&path).map_err(|e| setup(&e))?;
     let audit = match (&args.audit_log, &args.audit_socket) {
         (Some(dir), _) => Some(sovereign_audit::Auditor::Local(Arc::new(
             sovereign_audit::AuditLog::open(dir, &args.node).map_err(|e| setup(&e))?,

@@ -70,32 +70,21 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a GGUF model with all its layers.
+    /// Loads a model with all its layers: a GGUF file (tokenizer and chat
+    /// template from its metadata) or a safetensors directory (from
+    /// `tokenizer.json` and `tokenizer_config.json`).
     pub fn load(path: &Path) -> Result<Self, InferenceError> {
-        let mut file = std::fs::File::open(path).map_err(|e| InferenceError::Io {
-            path: path.to_owned(),
-            source: e,
-        })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display()))
-        })?;
-        let config = ModelConfig::from_gguf(&content)?;
-        let tokenizer = load_tokenizer(&content)?;
-        let template = match content.metadata.get("tokenizer.chat_template") {
-            Some(v) => Some(ChatTemplate::new(v.to_string()?)?),
-            None => None,
+        let (tokenizer, template, mut eos) = if path.is_dir() {
+            hf_tokenizer(path)?
+        } else {
+            gguf_tokenizer(path)?
         };
-        let mut eos: Vec<u32> = content
-            .metadata
-            .get("tokenizer.ggml.eos_token_id")
-            .and_then(|v| v.to_u32().ok())
-            .into_iter()
-            .collect();
         for end in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = tokenizer.token_to_id(end) {
                 eos.push(id);
             }
         }
+        let (_, config, _) = crate::weights::Weights::open(path)?;
         let stage = Stage::load(path, 0..config.layers)?;
         Ok(Self {
             stage,
@@ -103,6 +92,31 @@ impl Engine {
             template,
             eos,
         })
+    }
+
+    /// Which path of a stored model to load: its `.gguf` file, or the model
+    /// directory itself when it holds `config.json` and safetensors.
+    pub fn locate(
+        dir: &Path,
+        files: &[std::path::PathBuf],
+    ) -> Result<std::path::PathBuf, InferenceError> {
+        if let Some(gguf) = files
+            .iter()
+            .find(|f| f.extension().is_some_and(|e| e == "gguf"))
+        {
+            return Ok(dir.join(gguf));
+        }
+        if files.iter().any(|f| f.as_os_str() == "config.json")
+            && files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == "safetensors"))
+        {
+            return Ok(dir.to_owned());
+        }
+        Err(InferenceError::Model(format!(
+            "{} holds neither a .gguf file nor config.json with .safetensors",
+            dir.display()
+        )))
     }
 
     /// The model's configuration.
@@ -215,4 +229,47 @@ impl Engine {
             decode_seconds: decode_started.elapsed().as_secs_f64(),
         })
     }
+}
+
+type TokenizerParts = (Tokenizer, Option<ChatTemplate>, Vec<u32>);
+
+fn gguf_tokenizer(path: &Path) -> Result<TokenizerParts, InferenceError> {
+    let mut file = std::fs::File::open(path).map_err(|e| InferenceError::Io {
+        path: path.to_owned(),
+        source: e,
+    })?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
+    let tokenizer = load_tokenizer(&content)?;
+    let template = match content.metadata.get("tokenizer.chat_template") {
+        Some(v) => Some(ChatTemplate::new(v.to_string()?)?),
+        None => None,
+    };
+    let eos = content
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.to_u32().ok())
+        .into_iter()
+        .collect();
+    Ok((tokenizer, template, eos))
+}
+
+fn hf_tokenizer(dir: &Path) -> Result<TokenizerParts, InferenceError> {
+    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+        InferenceError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
+    })?;
+    let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let template = config["chat_template"]
+        .as_str()
+        .map(ChatTemplate::new)
+        .transpose()?;
+    let eos = config["eos_token"]
+        .as_str()
+        .and_then(|t| tokenizer.token_to_id(t))
+        .into_iter()
+        .collect();
+    Ok((tokenizer, template, eos))
 }

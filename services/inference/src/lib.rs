@@ -22,6 +22,7 @@ mod linear;
 mod model;
 mod sampling;
 mod tokenizer;
+mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use engine::{Engine, FinishReason, GenerateParams, Generation};

@@ -10,6 +10,8 @@ pub(crate) enum Linear {
     Q41(Q41MatMul),
     Q80(Q80MatMul),
     Candle(QMatMul),
+    /// An f32 matrix (safetensors models).
+    Dense(Tensor),
 }
 
 impl Linear {
@@ -28,6 +30,7 @@ impl Linear {
             Self::Q41(m) => m.forward(x),
             Self::Q80(m) => m.forward(x),
             Self::Candle(m) => candle_core::Module::forward(m, x),
+            Self::Dense(w) => x.broadcast_matmul(&w.t()?),
         }
     }
 }

@@ -1,6 +1,5 @@
 //! The transformer, by layer range: embedding, decoder layers, head.
 
-use std::fs::File;
 use std::ops::Range;
 use std::path::Path;
 
@@ -9,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::InferenceError;
 use crate::linear::Linear;
+use crate::weights::{Name, Weights};
 
 /// The architecture numbers of a Llama-family model.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,76 +144,52 @@ pub struct Stage {
     head: Option<Linear>,
     cos: Tensor,
     sin: Tensor,
+    /// RoPE on adjacent pairs (GGUF) rather than on halves (Hugging Face).
+    interleaved: bool,
 }
 
 impl Stage {
-    /// Loads layers `range` of the GGUF model at `path`; only their tensors are read.
+    /// Loads layers `range` of the model at `path` (a GGUF file or a
+    /// safetensors model directory); only their tensors are read.
     pub fn load(path: &Path, range: Range<usize>) -> Result<Self, InferenceError> {
-        let io = |e| InferenceError::Io {
-            path: path.to_owned(),
-            source: e,
-        };
-        let mut file = File::open(path).map_err(io)?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display()))
-        })?;
-        let config = ModelConfig::from_gguf(&content)?;
+        let (mut weights, config, interleaved) = Weights::open(path)?;
         if range.start >= range.end || range.end > config.layers {
             return Err(InferenceError::Request(format!(
                 "layer range {}..{} is not within 0..{}",
                 range.start, range.end, config.layers
             )));
         }
-        let device = Device::Cpu;
-        let mut tensor = |name: &str| {
-            content
-                .tensor(&mut file, name, &device)
-                .map_err(|e| InferenceError::Model(format!("tensor {name}: {e}")))
-        };
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
-            let p = format!("blk.{i}.");
-            let mut linear = |n: &str| {
-                Linear::new(tensor(&format!("{p}{n}.weight"))?).map_err(InferenceError::from)
-            };
-            let (q, k, v, o) = (
-                linear("attn_q")?,
-                linear("attn_k")?,
-                linear("attn_v")?,
-                linear("attn_output")?,
-            );
-            let (gate, up, down) = (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
             layers.push(Layer {
-                attn_norm: tensor(&format!("{p}attn_norm.weight"))?.dequantize(&device)?,
-                ffn_norm: tensor(&format!("{p}ffn_norm.weight"))?.dequantize(&device)?,
-                q,
-                k,
-                v,
-                o,
-                gate,
-                up,
-                down,
+                attn_norm: weights.tensor(Name::AttnNorm(i))?,
+                ffn_norm: weights.tensor(Name::FfnNorm(i))?,
+                q: weights.linear(Name::Q(i))?,
+                k: weights.linear(Name::K(i))?,
+                v: weights.linear(Name::V(i))?,
+                o: weights.linear(Name::O(i))?,
+                gate: weights.linear(Name::Gate(i))?,
+                up: weights.linear(Name::Up(i))?,
+                down: weights.linear(Name::Down(i))?,
             });
         }
-        let first = range.start == 0;
-        let last = range.end == config.layers;
-        let embed = if first {
-            Some(tensor("token_embd.weight")?.dequantize(&device)?)
+        let embed = if range.start == 0 {
+            Some(weights.tensor(Name::Embed)?)
         } else {
             None
         };
-        let (norm, head) = if last {
-            let norm = tensor("output_norm.weight")?.dequantize(&device)?;
-            // Tied embeddings: without output.weight the head is token_embd.
-            let weight = match content.tensor_infos.contains_key("output.weight") {
-                true => tensor("output.weight")?,
-                false => tensor("token_embd.weight")?,
+        let (norm, head) = if range.end == config.layers {
+            // Tied embeddings: without an output matrix the head is the embedding.
+            let head = if weights.has(Name::Output) {
+                weights.linear(Name::Output)?
+            } else {
+                weights.linear(Name::Embed)?
             };
-            (Some(norm), Some(Linear::new(weight)?))
+            (Some(weights.tensor(Name::Norm)?), Some(head))
         } else {
             (None, None)
         };
-        let (cos, sin) = rope_tables(&config, &device)?;
+        let (cos, sin) = rope_tables(&config, &Device::Cpu)?;
         Ok(Self {
             config,
             range,
@@ -223,6 +199,7 @@ impl Stage {
             head,
             cos,
             sin,
+            interleaved,
         })
     }
 
@@ -341,12 +318,18 @@ impl Stage {
         Ok((x + layer.down.forward(&m)?)?)
     }
 
-    /// RoPE on adjacent pairs (GGUF's layout), `x`: `[heads, seq, head_dim]`.
+    /// RoPE, `x`: `[heads, seq, head_dim]`.
     fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor, InferenceError> {
         let seq = x.dim(1)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
-        Ok(candle_nn::rotary_emb::rope_i(&x.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?)
+        let x = x.unsqueeze(0)?;
+        let rotated = if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        };
+        Ok(rotated.squeeze(0)?)
     }
 }
 
