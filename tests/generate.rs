@@ -7,34 +7,7 @@ use support::Lab;
 #[test]
 fn generate_answers_from_an_imported_bundle_and_audits_it() {
     let lab = Lab::new();
-    let out =
-        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model"))
-            .output()
-            .expect("run scripts/fetch-model");
-    assert!(
-        out.status.success(),
-        "fetch-model failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let model = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    lab.trust("node.trust", &["alice"], 1, 1);
-    lab.bundle(
-        "smollm2-1.0.0.sovb",
-        "smollm2",
-        "1.0.0",
-        &model,
-        &["alice"],
-        &[],
-    );
-    lab.run(&[
-        "import",
-        "--store",
-        "store",
-        "--trust",
-        "node.trust",
-        "smollm2-1.0.0.sovb",
-    ])
-    .ok();
+    lab.import_demo_model();
 
     let question = "What is the capital of France? Answer in one sentence.";
     let args = [

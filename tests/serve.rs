@@ -49,29 +49,7 @@ fn python_with_openai() -> std::path::PathBuf {
 #[test]
 fn the_openai_python_client_works_unchanged() {
     let lab = Lab::new();
-    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "fetch-model failed");
-    let model = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    lab.trust("node.trust", &["alice"], 1, 1);
-    lab.bundle(
-        "smollm2-1.0.0.sovb",
-        "smollm2",
-        "1.0.0",
-        &model,
-        &["alice"],
-        &[],
-    );
-    lab.run(&[
-        "import",
-        "--store",
-        "store",
-        "--trust",
-        "node.trust",
-        "smollm2-1.0.0.sovb",
-    ])
-    .ok();
+    lab.import_demo_model();
     std::fs::write(
         lab.path("keys"),
         "tester blake3:".to_owned() + &blake3::hash(b"sk-local-test").to_hex() + "\n",

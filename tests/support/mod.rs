@@ -160,6 +160,41 @@ impl Lab {
         }
     }
 
+    /// Imports the real demo model (scripts/fetch-model) into `store` as
+    /// `smollm2@1.0.0`, signed by `alice` under `node.trust`.
+    pub fn import_demo_model(&self) {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model"))
+            .output()
+            .expect("run scripts/fetch-model");
+        assert!(
+            out.status.success(),
+            "fetch-model failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let model = String::from_utf8(out.stdout)
+            .expect("utf-8 path")
+            .trim()
+            .to_owned();
+        self.trust("node.trust", &["alice"], 1, 1);
+        self.bundle(
+            "smollm2-1.0.0.sovb",
+            "smollm2",
+            "1.0.0",
+            &model,
+            &["alice"],
+            &[],
+        );
+        self.run(&[
+            "import",
+            "--store",
+            "store",
+            "--trust",
+            "node.trust",
+            "smollm2-1.0.0.sovb",
+        ])
+        .ok();
+    }
+
     /// Everything that makes the store's state visible: the live tree with
     /// file hashes and the installed trust file (the index only adds history).
     pub fn snapshot(&self, store: &str) -> BTreeMap<String, String> {
