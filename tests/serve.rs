@@ -118,3 +118,87 @@ fn the_openai_python_client_works_unchanged() {
         "prompt text leaked into the audit log"
     );
 }
+
+#[test]
+fn serve_speaks_https_with_a_certificate_and_key() {
+    let lab = Lab::new();
+    lab.import_demo_model();
+    std::fs::write(
+        lab.path("keys"),
+        "lan blake3:".to_owned() + &blake3::hash(b"sk-lan").to_hex() + "\n",
+    )
+    .unwrap();
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=node-a",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .args(["-keyout", "key.pem", "-out", "cert.pem"])
+        .current_dir(lab.dir.path())
+        .output()
+        .expect("run openssl");
+    assert!(made.status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sovereign"))
+        .args([
+            "serve",
+            "--store",
+            "store",
+            "--listen",
+            "127.0.0.1:0",
+            "--keys",
+            "keys",
+        ])
+        .args(["--tls-cert", "cert.pem", "--tls-key", "key.pem"])
+        .current_dir(lab.dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _server = Server(child);
+    let address = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            line.split("on https://")
+                .nth(1)
+                .map(|a| a.trim().to_owned())
+        })
+        .expect("the server did not report an https address");
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            "cert.pem",
+            "-H",
+            "Authorization: Bearer sk-lan",
+        ])
+        .arg(format!("https://{address}/v1/models"))
+        .current_dir(lab.dir.path())
+        .output()
+        .expect("run curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("\"smollm2\""),
+        "{body}"
+    );
+    let usage = lab.run(&["serve", "--store", "store", "--tls-cert", "cert.pem"]);
+    assert_eq!(
+        usage.code, 2,
+        "--tls-cert without --tls-key must be a usage error"
+    );
+}

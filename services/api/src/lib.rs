@@ -145,22 +145,28 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        eprintln!(
-            "serving {} on http://{}",
-            state.model_id,
-            listener.local_addr()?
-        );
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
+        let address = listener.local_addr()?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
                 _ = term.recv() => {},
             }
         };
-        serve(listener, state, shutdown)
-            .await
-            .map_err(ServeError::Io)
+        match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let listener = TlsListener::new(listener, cert, key).map_err(ServeError::Setup)?;
+                eprintln!("serving {} on https://{address}", state.model_id);
+                serve_tls(listener, state, shutdown)
+                    .await
+                    .map_err(ServeError::Io)
+            }
+            _ => {
+                eprintln!("serving {} on http://{address}", state.model_id);
+                serve(listener, state, shutdown)
+                    .await
+                    .map_err(ServeError::Io)
+            }
+        }
     })
 }
