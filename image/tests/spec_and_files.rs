@@ -1,0 +1,242 @@
+//! The image spec and the files it renders: strict parsing, hardened units
+//! checked by `systemd-analyze security`, and a ruleset that nft accepts and
+//! that really drops egress inside a network namespace.
+
+use std::process::Command;
+
+use sovereign_image::{nftables_ruleset, unit_file, unit_name, ImageSpec, Service};
+
+const DEFAULT: &str = include_str!("../node.toml");
+
+#[test]
+fn the_default_spec_parses() {
+    let spec = ImageSpec::parse(DEFAULT).unwrap();
+    assert_eq!(
+        spec.services,
+        [Service::Audit, Service::Import, Service::Api]
+    );
+    assert_eq!(spec.network.ring_match, "thunderbolt*");
+}
+
+#[test]
+fn bad_specs_are_refused_with_the_field_named() {
+    let cases = [
+        (
+            DEFAULT.replace("suite = \"bookworm\"", "suite = \"buster\""),
+            "suite",
+        ),
+        (
+            DEFAULT.replace("api_port = 8443", "api_port = 0"),
+            "network.api_port",
+        ),
+        (
+            DEFAULT.replace("ring_port = 7420", "ring_port = 8443"),
+            "network.ring_port",
+        ),
+        (
+            DEFAULT.replace("lan_address = \"dhcp\"", "lan_address = \"10.1.2.3\""),
+            "network.lan_address",
+        ),
+        (
+            DEFAULT.replace("packages = []", "packages = [\"openssh-server\"]"),
+            "packages",
+        ),
+        (
+            DEFAULT.replace(
+                "services = [\"audit\", \"import\", \"api\"]",
+                "services = [\"import\"]",
+            ),
+            "services",
+        ),
+        (
+            DEFAULT.replace("profile = \"production\"", "profile = \"debug\""),
+            "debug",
+        ),
+        (
+            DEFAULT.replace("[trust]", "colour = \"red\"\n[trust]"),
+            "colour",
+        ),
+        (
+            DEFAULT.replace("lan_match = \"en*\"", "lan_match = \"en 0; drop\""),
+            "network.lan_match",
+        ),
+        (
+            DEFAULT.replace("trust/node.trust", "../node.trust"),
+            "trust.bundle_trust",
+        ),
+    ];
+    for (text, field) in cases {
+        let err = ImageSpec::parse(&text).expect_err(field).to_string();
+        assert!(
+            err.starts_with("spec: ") && err.contains(field),
+            "{field}: {err}"
+        );
+    }
+    let test_profile = DEFAULT
+        .replace("profile = \"production\"", "profile = \"test\"")
+        .replace("packages = []", "packages = [\"openssh-server\"]");
+    ImageSpec::parse(&test_profile).expect("the test profile may carry test tools");
+}
+
+#[test]
+fn every_unit_has_exposure_at_most_2_0() {
+    let spec = ImageSpec::parse(DEFAULT).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let units = root.path().join("etc/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    for service in &spec.services {
+        std::fs::write(units.join(unit_name(*service)), unit_file(*service, &spec)).unwrap();
+    }
+    for unit in [
+        "sovereign-audit.service",
+        "sovereign-import@media-stick.service",
+        "sovereign-api.service",
+    ] {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--root={}", root.path().display()))
+            .arg(unit)
+            .output()
+            .expect("run systemd-analyze");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let level: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{unit}: no exposure level in:\n{text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        assert!(level <= 2.0, "{unit}: exposure {level}\n{text}");
+    }
+    let api = unit_file(Service::Api, &spec);
+    assert!(api.contains("IPAddressDeny=any") && api.contains("--listen [::]:8443"));
+}
+
+/// Runs `ip` and asserts success.
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+/// Removes the test's namespaces.
+struct Namespaces(String, String);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.1]).status();
+    }
+}
+
+fn ping(ns: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "192.0.2.2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn the_ruleset_loads_and_drops_every_egress_packet() {
+    let mut spec = ImageSpec::parse(DEFAULT).unwrap();
+    spec.network.lan_match = "sov-lan*".into();
+    let ruleset = nftables_ruleset(&spec);
+    assert!(ruleset.contains("chain output") && ruleset.contains("policy drop"));
+    let id = std::process::id();
+    let (node, sink) = (format!("sov-node-{id}"), format!("sov-sink-{id}"));
+    let _cleanup = Namespaces(node.clone(), sink.clone());
+    // A node and a sink host in namespaces of this test, linked by a veth pair;
+    // nothing is connected to the host's network.
+    ip(&["netns", "add", &node]);
+    ip(&["netns", "add", &sink]);
+    ip(&[
+        "link",
+        "add",
+        "sov-lan0",
+        "netns",
+        &node,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "sov-sink0",
+        "netns",
+        &sink,
+    ]);
+    ip(&[
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "192.0.2.1/24",
+        "dev",
+        "sov-lan0",
+    ]);
+    ip(&[
+        "-n",
+        &sink,
+        "addr",
+        "add",
+        "192.0.2.2/24",
+        "dev",
+        "sov-sink0",
+    ]);
+    ip(&["-n", &node, "link", "set", "sov-lan0", "up"]);
+    ip(&["-n", &sink, "link", "set", "sov-sink0", "up"]);
+    assert!(
+        ping(&node),
+        "anti-test: without the firewall the sink must be reachable"
+    );
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &ruleset).unwrap();
+    let load = Command::new("ip")
+        .args(["netns", "exec", &node, "nft", "-f"])
+        .arg(file.path())
+        .output()
+        .expect("run nft");
+    assert!(
+        load.status.success(),
+        "nft rejected the ruleset: {}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    assert!(!ping(&node), "egress got through the firewall");
+    let counters = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node,
+            "nft",
+            "list",
+            "counter",
+            "inet",
+            "sovereign",
+            "egress-drops",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&counters.stdout);
+    let dropped: u64 = text
+        .split("packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(dropped >= 1, "egress drop not counted: {text}");
+}
