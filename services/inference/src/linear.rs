@@ -34,3 +34,49 @@ impl Linear {
         }
     }
 }
+
+/// Several weight matrices applied to the same input. Q4_1 matrices are
+/// stacked into one, so the input is quantized once and the thread pool is
+/// entered once (q|k|v, gate|up); anything else runs one by one.
+pub(crate) enum Fused {
+    Stacked(Linear, Vec<usize>),
+    Separate(Vec<Linear>),
+}
+
+impl Fused {
+    pub fn new(parts: Vec<Linear>) -> Self {
+        let q41: Vec<&Q41MatMul> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Q41(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        if q41.len() == parts.len() {
+            let sizes = q41.iter().map(|m| m.n()).collect();
+            if let Some(stacked) = Q41MatMul::stack_rows(&q41) {
+                return Self::Stacked(Linear::Q41(stacked), sizes);
+            }
+        }
+        Self::Separate(parts)
+    }
+
+    /// One output per matrix, in order.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Stacked(linear, sizes) => {
+                let all = linear.forward(x)?;
+                let mut at = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let part = all.narrow(candle_core::D::Minus1, at, n);
+                        at += n;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::InferenceError;
-use crate::linear::Linear;
+use crate::linear::{Fused, Linear};
 use crate::weights::{Name, Weights};
 
 /// The architecture numbers of a Llama-family model.
@@ -94,12 +94,11 @@ impl ModelConfig {
 struct Layer {
     attn_norm: Tensor,
     ffn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Fused,
     o: Linear,
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Fused,
     down: Linear,
 }
 
@@ -164,12 +163,16 @@ impl Stage {
             layers.push(Layer {
                 attn_norm: weights.tensor(Name::AttnNorm(i))?,
                 ffn_norm: weights.tensor(Name::FfnNorm(i))?,
-                q: weights.linear(Name::Q(i))?,
-                k: weights.linear(Name::K(i))?,
-                v: weights.linear(Name::V(i))?,
+                qkv: Fused::new(vec![
+                    weights.linear(Name::Q(i))?,
+                    weights.linear(Name::K(i))?,
+                    weights.linear(Name::V(i))?,
+                ]),
                 o: weights.linear(Name::O(i))?,
-                gate: weights.linear(Name::Gate(i))?,
-                up: weights.linear(Name::Up(i))?,
+                gate_up: Fused::new(vec![
+                    weights.linear(Name::Gate(i))?,
+                    weights.linear(Name::Up(i))?,
+                ]),
                 down: weights.linear(Name::Down(i))?,
             });
         }
@@ -285,9 +288,15 @@ impl Stage {
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()
         };
-        let q = self.rope(&heads(layer.q.forward(&h)?, nh)?, pos)?;
-        let k = self.rope(&heads(layer.k.forward(&h)?, nkv)?, pos)?;
-        let v = heads(layer.v.forward(&h)?, nkv)?;
+        let mut qkv = layer.qkv.forward(&h)?.into_iter();
+        let mut next = || {
+            qkv.next()
+                .ok_or_else(|| InferenceError::Model("q/k/v projection missing".into()))
+        };
+        let (q, k, v) = (next()?, next()?, next()?);
+        let q = self.rope(&heads(q.contiguous()?, nh)?, pos)?;
+        let k = self.rope(&heads(k.contiguous()?, nkv)?, pos)?;
+        let v = heads(v.contiguous()?, nkv)?;
         let (k, v) = match slot.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
             None => (k, v),
@@ -314,7 +323,12 @@ impl Stage {
         let o = att.matmul(&v)?.transpose(0, 1)?.reshape((seq, nh * hd))?;
         let x = (x + layer.o.forward(&o)?)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps)?;
-        let m = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+        let gate_up = layer.gate_up.forward(&h)?;
+        let (gate, up) = match gate_up.as_slice() {
+            [gate, up] => (gate, up),
+            _ => return Err(InferenceError::Model("gate/up projection missing".into())),
+        };
+        let m = (gate.silu()? * up)?;
         Ok((x + layer.down.forward(&m)?)?)
     }
 
