@@ -373,7 +373,7 @@ async fn admit(state: &Arc<AppState>, job: &Job) -> Result<Admission, ApiError> 
     let mut admission = Admission {
         state: Arc::clone(state),
         bytes,
-        permit: None,
+        holds_slot: false,
     };
     if reserved > state.limits.kv_budget_bytes {
         return Err(ApiError::new(
@@ -393,10 +393,10 @@ async fn admit(state: &Arc<AppState>, job: &Job) -> Result<Admission, ApiError> 
                     "the queue is full; retry later",
                 ));
             }
-            state.metrics.queued.fetch_add(1, Ordering::Relaxed);
+            // Counted as waiting until acquired or until the request is
+            // dropped (client gone), whichever comes first.
+            let _waiting = Waiting::enter(state);
             let acquired = state.slots.acquire().await;
-            state.waiting.fetch_sub(1, Ordering::SeqCst);
-            state.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             acquired.map_err(|_| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -407,16 +407,33 @@ async fn admit(state: &Arc<AppState>, job: &Job) -> Result<Admission, ApiError> 
         }
     };
     permit.forget();
-    admission.permit = Some(());
+    admission.holds_slot = true;
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     Ok(admission)
+}
+
+/// A request's place in the queue.
+struct Waiting<'a>(&'a AppState);
+
+impl<'a> Waiting<'a> {
+    fn enter(state: &'a AppState) -> Self {
+        state.metrics.queued.fetch_add(1, Ordering::Relaxed);
+        Self(state)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Releases the KV reservation and the slot when dropped.
 struct Admission {
     state: Arc<AppState>,
     bytes: u64,
-    permit: Option<()>,
+    holds_slot: bool,
 }
 
 impl Drop for Admission {
@@ -424,7 +441,7 @@ impl Drop for Admission {
         self.state
             .kv_reserved
             .fetch_sub(self.bytes, Ordering::SeqCst);
-        if self.permit.take().is_some() {
+        if self.holds_slot {
             self.state.slots.add_permits(1);
             self.state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
