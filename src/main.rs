@@ -41,6 +41,9 @@ enum Command {
     Audit(commands::audit::AuditCommand),
     /// List installed models; `models remove` and `models history`.
     Models(commands::models::ModelsArgs),
+    /// Build a node image from a spec, or verify one against its signed manifest.
+    #[command(subcommand)]
+    Image(commands::image::ImageCommand),
     /// Write a node image to a disk (or a file), verify it, add the node's state partition.
     Flash(commands::flash::FlashArgs),
 }
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Models(args) => commands::models::run(args),
+        Command::Image(command) => commands::image::run(command),
         Command::Flash(args) => commands::flash::run(args),
     };
     match result {

@@ -38,6 +38,14 @@ pub struct ImageSpec {
     pub network: Network,
     /// Trust files.
     pub trust: Trust,
+    /// Every timestamp in the image (SOURCE_DATE_EPOCH), for reproducible builds.
+    #[serde(default = "default_epoch")]
+    pub source_date_epoch: u64,
+}
+
+/// 2026-01-01T00:00:00Z.
+fn default_epoch() -> u64 {
+    1_767_225_600
 }
 
 /// The image profile.
@@ -115,7 +123,8 @@ impl Network {
 pub struct Trust {
     /// The initial bundle trust file.
     pub bundle_trust: String,
-    /// The cluster CA public key.
+    /// The cluster CA public key; empty until the cluster has one.
+    #[serde(default)]
     pub cluster_ca: String,
 }
 
@@ -232,7 +241,10 @@ impl ImageSpec {
             ("trust.bundle_trust", &self.trust.bundle_trust),
             ("trust.cluster_ca", &self.trust.cluster_ca),
         ] {
-            if path.is_empty() || path.split('/').any(|c| c == "..") {
+            if field == "trust.cluster_ca" && path.is_empty() {
+                continue;
+            }
+            if path.is_empty() || path.starts_with('/') || path.split('/').any(|c| c == "..") {
                 return invalid(
                     field,
                     format!("{path:?} must be a path inside the build directory"),

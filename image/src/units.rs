@@ -1,11 +1,23 @@
 //! Hardened systemd units for the Sovereign services: each its own user, a
 //! read-only system, no capabilities, a system call filter, and IP access
-//! limited to what the service needs.
+//! limited to what the service needs. Secrets reach a service as systemd
+//! credentials (`LoadCredential=`), so no service user can read the node's
+//! identity directory itself.
 
 use crate::spec::{ImageSpec, LanAddress, Service};
 
 /// The socket services use to reach the audit daemon.
 pub const AUDIT_SOCKET: &str = "/run/sovereign-audit/audit.sock";
+
+/// Where the node's identity and credentials live (on the state partition).
+pub const NODE_DIR: &str = "/var/lib/sovereign/node";
+
+/// Where sticks are mounted, one directory per block device.
+pub const STICK_DIR: &str = "/run/sovereign/stick";
+
+/// The template unit that mounts a stick read-only and runs the import on it
+/// (instance: the block device name, `sda1`).
+pub const STICK_UNIT: &str = "sovereign-stick@.service";
 
 /// The unit file name of a service.
 pub fn unit_name(service: Service) -> &'static str {
@@ -53,25 +65,29 @@ IPAddressDeny=any
 
 /// The unit file of `service` for `spec`.
 pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
-    let (description, body) = match service {
+    let (description, body, overrides) = match service {
         Service::Audit => (
             "Sovereign audit log",
             format!(
                 "Type=simple\nUser=sovereign-audit\nGroup=sovereign-audit\nStateDirectory=sovereign/audit\nStateDirectoryMode=0700\n\
                  RuntimeDirectory=sovereign-audit\nRuntimeDirectoryMode=0750\n\
-                 ExecStart=/usr/bin/sovereign-audit --log /var/lib/sovereign/audit --socket {AUDIT_SOCKET} --node %H\n\
+                 ExecStart=/usr/bin/sovereign-audit --log /var/lib/sovereign/audit --socket {AUDIT_SOCKET} --node %H --boot\n\
                  Restart=always\nPrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n"
             ),
+            String::new(),
         ),
         Service::Import => (
-            "Sovereign import from the stick at %f",
+            "Sovereign import from the stick %I",
             format!(
                 "Type=oneshot\nUser=sovereign-import\nGroup=sovereign-import\nSupplementaryGroups=sovereign-audit\n\
-                 StateDirectory=sovereign/store\nReadOnlyPaths=%f\n\
+                 StateDirectory=sovereign/store\nReadOnlyPaths={STICK_DIR}/%i\n\
+                 LoadCredential=node.age:{NODE_DIR}/node.age\n\
                  ExecStart=/usr/bin/sovereign-import --store /var/lib/sovereign/store --trust /etc/sovereign/node.trust \
-                 --identity /var/lib/sovereign/node/node.age --audit-socket {AUDIT_SOCKET} %f\n\
+                 --identity %d/node.age --audit-socket {AUDIT_SOCKET} {STICK_DIR}/%i\n\
                  PrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n"
             ),
+            // The API's user reads the models this service writes.
+            "UMask=0022\n".to_owned(),
         ),
         Service::Api => {
             let lan = match spec.network.lan() {
@@ -82,20 +98,30 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                 "Sovereign OpenAI-compatible API",
                 format!(
                     "Type=simple\nUser=sovereign-api\nGroup=sovereign-api\nSupplementaryGroups=sovereign-audit\n\
+                     LoadCredential=api-keys:{NODE_DIR}/api-keys\nLoadCredential=cert.pem:{NODE_DIR}/cert.pem\n\
+                     LoadCredential=key.pem:{NODE_DIR}/key.pem\n\
                      ExecStart=/usr/bin/sovereign-api --store /var/lib/sovereign/store --listen [::]:{port} \
-                     --keys /var/lib/sovereign/node/api-keys --tls-cert /var/lib/sovereign/node/cert.pem \
-                     --tls-key /var/lib/sovereign/node/key.pem --audit-socket {AUDIT_SOCKET} --node %H\n\
-                     Restart=always\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n\
+                     --keys %d/api-keys --tls-cert %d/cert.pem --tls-key %d/key.pem --audit-socket {AUDIT_SOCKET} --node %H\n\
+                     Restart=on-failure\nRestartSec=5\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n\
                      IPAddressAllow=localhost link-local {lan}\n",
                     port = spec.network.api_port
                 ),
+                String::new(),
             )
         }
     };
-    let after = if service == Service::Audit {
-        ""
-    } else {
-        "After=sovereign-audit.service\nRequires=sovereign-audit.service\n"
+    let unit = match service {
+        Service::Audit => String::new(),
+        // Until the node holds a model, its API keys and its certificate, there is nothing to serve.
+        Service::Api => format!(
+            "After=sovereign-audit.service\nRequires=sovereign-audit.service\n\
+             ConditionDirectoryNotEmpty=/var/lib/sovereign/store/models\n\
+             ConditionPathExists={NODE_DIR}/api-keys\nConditionPathExists={NODE_DIR}/cert.pem\n\
+             ConditionPathExists={NODE_DIR}/key.pem\n"
+        ),
+        Service::Import => {
+            "After=sovereign-audit.service\nRequires=sovereign-audit.service\n".to_owned()
+        }
     };
     let install = if service == Service::Import {
         ""
@@ -103,6 +129,30 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
         "\n[Install]\nWantedBy=multi-user.target\n"
     };
     format!(
-        "# Generated by sovereign-image.\n[Unit]\nDescription={description}\n{after}\n[Service]\n{body}{HARDENING}{install}"
+        "# Generated by sovereign-image.\n[Unit]\nDescription={description}\n{unit}\n[Service]\n{body}{HARDENING}{overrides}{install}"
+    )
+}
+
+/// The stick unit: runs as root only to mount the stick read-only (nosuid,
+/// nodev, noexec) and to start the unprivileged import on it; then unmounts.
+/// A model that went live restarts the API so it serves the newest version.
+pub fn stick_unit(spec: &ImageSpec) -> String {
+    let restart_api = if spec.services.contains(&Service::Api) {
+        "ExecStart=/usr/bin/systemctl --no-block restart sovereign-api.service\n"
+    } else {
+        ""
+    };
+    format!(
+        "# Generated by sovereign-image.\n[Unit]\nDescription=Sovereign USB stick %I\n\
+         BindsTo=dev-%i.device\nAfter=dev-%i.device sovereign-audit.service\n\n\
+         [Service]\nType=oneshot\n\
+         ExecStart=/usr/bin/mkdir -p {STICK_DIR}/%i\n\
+         ExecStart=/usr/bin/mount -o ro,nosuid,nodev,noexec,umask=0022 /dev/%i {STICK_DIR}/%i\n\
+         ExecStart=/usr/bin/systemctl start sovereign-import@%i.service\n\
+         {restart_api}\
+         ExecStopPost=-/usr/bin/umount {STICK_DIR}/%i\n\
+         ExecStopPost=-/usr/bin/rmdir {STICK_DIR}/%i\n\
+         PrivateNetwork=yes\nIPAddressDeny=any\nNoNewPrivileges=yes\n\
+         CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_OVERRIDE\nRestrictAddressFamilies=AF_UNIX\n"
     )
 }

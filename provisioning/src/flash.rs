@@ -51,6 +51,19 @@ pub struct FlashOptions {
     pub node_key: PathBuf,
     /// Size of the state partition in bytes (a multiple of 1 MiB, at least 16 MiB).
     pub state_size: u64,
+    /// More files for the node's identity directory (credentials: `node.age`,
+    /// `api-keys`, `cert.pem`, `key.pem`). Without a `node.age`, flash makes
+    /// the node a fresh age identity.
+    pub node_files: Vec<NodeFile>,
+}
+
+/// A file for the node's identity directory on the state partition.
+#[derive(Debug, Clone)]
+pub struct NodeFile {
+    /// The file name (one of [`crate::state::NODE_FILE_NAMES`]).
+    pub name: String,
+    /// Its bytes.
+    pub contents: Vec<u8>,
 }
 
 /// What a completed flash did.
@@ -66,6 +79,8 @@ pub struct FlashReport {
     pub state_partition: Partition,
     /// The node's public key (`ed25519:...`).
     pub node_public_key: String,
+    /// The node's age recipient (`age1...`): bundles encrypted to it can be imported.
+    pub age_recipient: String,
 }
 
 /// Receives progress; the CLI draws bars, tests ignore it.
@@ -354,10 +369,11 @@ pub fn flash(options: &FlashOptions, progress: &dyn Progress) -> Result<FlashRep
         .tempdir()
         .map_err(io("creating a temp dir"))?;
     let state_size = (plan.state_last_lba + 1 - plan.state_first_lba) * SECTOR;
-    let state_fs = state::build(
+    let (state_fs, age_recipient) = state::build(
         work.path(),
         &key,
         &key_text,
+        &options.node_files,
         state_size,
         &plan.fs_uuid.to_string(),
     )?;
@@ -365,6 +381,7 @@ pub fn flash(options: &FlashOptions, progress: &dyn Progress) -> Result<FlashRep
     match write_all(options, &plan, &state_fs, progress) {
         Ok(report) => Ok(FlashReport {
             node_public_key: public.to_string(),
+            age_recipient,
             ..report
         }),
         Err(error) => {
@@ -478,5 +495,6 @@ fn write_all(
         image_blake3: written.to_hex().to_string(),
         state_partition,
         node_public_key: String::new(),
+        age_recipient: String::new(),
     })
 }

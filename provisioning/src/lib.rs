@@ -23,5 +23,7 @@ pub mod target;
 
 pub use error::FlashError;
 pub use flash::{
-    flash, BarProgress, FlashOptions, FlashReport, NoProgress, Progress, DEFAULT_STATE_SIZE,
+    flash, BarProgress, FlashOptions, FlashReport, NoProgress, NodeFile, Progress,
+    DEFAULT_STATE_SIZE,
 };
+pub use state::NODE_FILE_NAMES;

@@ -63,14 +63,24 @@ pub(crate) fn run_tool(command: &mut Command) -> Result<(), FlashError> {
     })
 }
 
-/// Builds the state filesystem holding `key` into `<work>/state.ext4`, `size` bytes long.
+/// Names a node file may have, and whether it is secret (mode 0600; else 0644).
+pub const NODE_FILE_NAMES: &[(&str, bool)] = &[
+    ("node.age", true),
+    ("api-keys", true),
+    ("cert.pem", false),
+    ("key.pem", true),
+];
+
+/// Builds the state filesystem holding `key` and `files` into
+/// `<work>/state.ext4`, `size` bytes long; returns it and the node's age recipient.
 pub fn build(
     work: &Path,
     key: &SigningKey,
     key_text: &str,
+    files: &[crate::NodeFile],
     size: u64,
     uuid: &str,
-) -> Result<PathBuf, FlashError> {
+) -> Result<(PathBuf, String), FlashError> {
     let root = work.join("state-root");
     let identity = root.join(IDENTITY_DIR);
     fs::create_dir_all(&identity).map_err(io(format!("creating {}", identity.display())))?;
@@ -80,6 +90,27 @@ pub fn build(
     let public = format!("{}\n", key.public_key());
     let pub_path = identity.join(NODE_PUB_FILE);
     fs::write(&pub_path, public).map_err(io(format!("writing {}", pub_path.display())))?;
+    for file in files {
+        let Some((_, secret)) = NODE_FILE_NAMES.iter().find(|(n, _)| *n == file.name) else {
+            return Err(FlashError::Io {
+                what: format!("node file {}", file.name),
+                source: std::io::Error::other("not a node file name"),
+            });
+        };
+        let path = identity.join(&file.name);
+        if *secret {
+            sovereign_signing::write_secret_file(&path, &file.contents)?;
+        } else {
+            fs::write(&path, &file.contents).map_err(io(format!("writing {}", path.display())))?;
+        }
+    }
+    let age_path = identity.join("node.age");
+    if !age_path.exists() {
+        sovereign_signing::generate_age_identity(&age_path)?;
+    }
+    let age_recipient = sovereign_signing::read_age_identity(&age_path)?
+        .to_public()
+        .to_string();
     let image = work.join("state.ext4");
     run_tool(
         Command::new("mkfs.ext4")
@@ -101,5 +132,5 @@ pub fn build(
             .arg(&image)
             .arg(format!("{}k", size / 1024)),
     )?;
-    Ok(image)
+    Ok((image, age_recipient))
 }

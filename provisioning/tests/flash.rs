@@ -78,6 +78,7 @@ fn options(image: &Path, device: &Path, key: &Path) -> FlashOptions {
         device: device.to_owned(),
         node_key: key.to_owned(),
         state_size: 32 << 20,
+        node_files: Vec::new(),
     }
 }
 

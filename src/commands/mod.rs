@@ -4,6 +4,7 @@ pub mod audit;
 pub mod bundle;
 pub mod flash;
 pub mod generate;
+pub mod image;
 pub mod import;
 pub mod key;
 pub mod models;

@@ -70,6 +70,7 @@ fn first_boot_grows_the_state_partition_and_its_filesystem_to_the_disk() {
             device: disk.clone(),
             node_key: key,
             state_size: 32 << 20,
+            node_files: Vec::new(),
         },
         &NoProgress,
     )

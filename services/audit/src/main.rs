@@ -4,6 +4,7 @@ events on a unix socket, writes a checkpoint every minute when there is
 something new and on SIGTERM/SIGINT.
 */
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,33 @@ struct Args {
     /// Seconds between checkpoints (when there are new records).
     #[arg(long, default_value_t = 60)]
     checkpoint_every: u64,
+    /// Record a boot event: the image's version (os-release) and the verity
+    /// root hash the kernel was booted with (a node's unit passes this).
+    #[arg(long)]
+    boot: bool,
+}
+
+/// The boot event's details: what image runs, and the root hash it verified.
+fn boot_details() -> serde_json::Value {
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |name: &str| {
+        os_release
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(|v| v.trim_matches('"').to_owned())
+    };
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let root_hash = cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("sovereign.verity="))
+        .and_then(|v| v.rsplit(',').next())
+        .map(str::to_owned);
+    serde_json::json!({
+        "image": field("IMAGE_ID"),
+        "image_version": field("IMAGE_VERSION"),
+        "profile": field("SOVEREIGN_PROFILE"),
+        "verity_root_hash": root_hash,
+    })
 }
 
 fn main() -> ExitCode {
@@ -61,11 +89,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     let log = Arc::new(AuditLog::open(&args.log, &args.node)?);
     let _ = std::fs::remove_file(&args.socket);
     let listener = UnixListener::bind(&args.socket)?;
+    // Services in the daemon's group connect; nobody else (the unit's umask is 0077).
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o660))?;
     log.record(Event::new(
         "audit",
         "daemon-start",
         serde_json::json!({ "socket": args.socket }),
     ))?;
+    if args.boot {
+        log.record(Event::new("audit", "boot", boot_details()))?;
+    }
     eprintln!("sovereign-audit: ready on {}", args.socket.display());
     {
         let log = Arc::clone(&log);

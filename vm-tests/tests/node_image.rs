@@ -1,0 +1,275 @@
+//! Scenario: the operator builds the node image (test profile) with
+//! `sovereign image build`, checks it with `sovereign image verify`, flashes
+//! it with `sovereign flash`, and the node boots under UEFI (OVMF, TCG, no
+//! network to the host) from its dm-verity root to ready services; a USB
+//! stick carrying a signed bundle is imported, and a tampered one refused,
+//! both recorded in the audit log next to the boot record.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig};
+
+fn run(command: &mut Command) -> String {
+    let output = command.output().expect("tool runs");
+    assert!(
+        output.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The `sovereign` binary built beside this test (with the service binaries).
+fn sovereign_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test path");
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join("sovereign"))
+        .expect("target dir");
+    assert!(
+        binary.is_file(),
+        "{} is missing: run `cargo build --workspace` (cargo test --workspace builds it)",
+        binary.display()
+    );
+    binary
+}
+
+/// A FAT32 stick image holding `files`.
+fn stick(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
+    let image = dir.join(name);
+    run(Command::new("mkfs.vfat")
+        .args(["-F", "32", "-n", "STICK", "-C"])
+        .arg(&image)
+        .arg("65536"));
+    for file in files {
+        run(Command::new("mcopy")
+            .arg("-i")
+            .arg(&image)
+            .arg(file)
+            .arg("::/")
+            .env("MTOOLS_SKIP_CHECK", "1"));
+    }
+    image
+}
+
+#[test]
+fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let sovereign = sovereign_binary();
+    let sov = |args: &[&str]| run(Command::new(&sovereign).args(args).current_dir(d));
+
+    // The operator: a signer, the node's trust, a build key, the image.
+    sov(&["key", "generate", "--out", "signer"]);
+    sov(&["key", "generate", "--out", "build.key"]);
+    sov(&["key", "generate", "--out", "node.key"]);
+    sov(&[
+        "trust",
+        "init",
+        "--signer",
+        "signer.pub",
+        "--threshold",
+        "1",
+        "--out",
+        "node.trust",
+    ]);
+    let started = Instant::now();
+    let built = sov(&[
+        "image",
+        "build",
+        "--profile",
+        "test",
+        "--bundle-trust",
+        "node.trust",
+        "--key",
+        "build.key",
+        "--out",
+        "out",
+    ]);
+    eprintln!(
+        "image build (test profile): {:.1} s\n{built}",
+        started.elapsed().as_secs_f64()
+    );
+    let verified = sov(&[
+        "image",
+        "verify",
+        "--manifest",
+        "out/node.manifest.json",
+        "--key",
+        "build.key.pub",
+        "out/node.img",
+    ]);
+    assert!(verified.contains("verified"), "{verified}");
+    let image_size = fs::metadata(d.join("out/node.img")).expect("image").len();
+    assert!(image_size < 500_000_000, "image is {image_size} bytes");
+
+    // A bundle for the stick, and a tampered copy of it.
+    fs::write(d.join("weights.bin"), vec![7u8; 1 << 20]).expect("weights");
+    fs::create_dir_all(d.join("good")).expect("dir");
+    fs::create_dir_all(d.join("bad")).expect("dir");
+    for (name, version) in [("good", "1.0.0"), ("bad", "2.0.0")] {
+        let bundle = format!("{name}/demo-{version}.sovb");
+        sov(&[
+            "bundle",
+            "create",
+            "--name",
+            "demo",
+            "--version",
+            version,
+            "--out",
+            &bundle,
+            "weights.bin",
+        ]);
+        sov(&["bundle", "sign", "--key", "signer", &bundle]);
+    }
+    let bad = d.join("bad/demo-2.0.0.sovb");
+    let mut bytes = fs::read(&bad).expect("bundle");
+    let middle = bytes.len() - 4096;
+    bytes[middle] ^= 0x55;
+    fs::write(&bad, bytes).expect("tamper");
+    let good_stick = stick(d, "good.img", &[&d.join("good/demo-1.0.0.sovb")]);
+    let bad_stick = stick(d, "bad.img", &[&bad]);
+
+    let disk = d.join("disk.img");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 30))
+        .expect("disk");
+    let flashed = sov(&[
+        "flash",
+        "--image",
+        "out/node.img",
+        "--device",
+        disk.to_str().expect("utf8"),
+        "--node",
+        "node.key",
+    ]);
+    assert!(flashed.contains("verified by read-back"), "{flashed}");
+
+    let (ring0, ring1) = (Link::new().expect("link"), Link::new().expect("link"));
+    let mut node = Machine::new(
+        MachineConfig::new("node", Boot::Uefi { disk: disk.clone() })
+            .link(ring0.ends().0)
+            .link(ring1.ends().0),
+    )
+    .expect("machine");
+    let booted = Instant::now();
+    node.start().expect("start");
+    node.wait_for_console(
+        "sovereign-verity: root verified against",
+        Duration::from_secs(300),
+    )
+    .expect("the initramfs opens the verified root");
+    node.wait_for_console("sovereign-test-agent: ready", Duration::from_secs(300))
+        .expect("agent");
+    node.wait_for_unit("sovereign-audit.service", Duration::from_secs(120))
+        .expect("audit daemon");
+    node.wait_for_unit("nftables.service", Duration::from_secs(60))
+        .expect("firewall");
+    node.wait_for_unit("multi-user.target", Duration::from_secs(120))
+        .expect("multi-user");
+    eprintln!(
+        "node: UEFI boot to services ready in {:.1} s",
+        booted.elapsed().as_secs_f64()
+    );
+
+    let wait = Duration::from_secs(60);
+    let root = node
+        .succeed("findmnt -no SOURCE,FSTYPE,OPTIONS /", wait)
+        .expect("root mount");
+    assert!(
+        root.starts_with("/dev/mapper/sovereign-root erofs ro"),
+        "{root}"
+    );
+    let verity = node
+        .succeed("dmsetup table sovereign-root", wait)
+        .expect("dm table");
+    assert!(verity.contains(" verity "), "{verity}");
+    let var = node
+        .succeed("findmnt -no SOURCE,FSTYPE /var", wait)
+        .expect("/var");
+    assert!(var.contains("ext4"), "{var}");
+    let ruleset = node.succeed("nft list ruleset", wait).expect("nft");
+    assert!(
+        ruleset.contains("table inet sovereign") && ruleset.contains("policy drop"),
+        "{ruleset}"
+    );
+    let defaults = node.succeed(
+        "cut -f2 /proc/net/route | grep -x 00000000; grep '^00000000000000000000000000000000 00 ' /proc/net/ipv6_route; true",
+        wait,
+    );
+    assert_eq!(defaults.expect("routes").trim(), "", "no default route");
+    let links = node.succeed("ls /sys/class/net", wait).expect("links");
+    assert_eq!(
+        links.split_whitespace().collect::<Vec<_>>(),
+        ["lo", "thunderbolt0", "thunderbolt1"]
+    );
+    let users = node
+        .succeed(
+            "stat -c %U /proc/$(systemctl show -p MainPID --value sovereign-audit.service)",
+            wait,
+        )
+        .expect("audit daemon's user");
+    assert_eq!(
+        users.trim(),
+        "sovereign-audit",
+        "the audit daemon runs as its own user"
+    );
+    let write = node.execute("touch /usr/bin/x", wait).expect("touch");
+    assert_ne!(write.0, 0, "the root is read-only: {}", write.1);
+
+    // A stick with a signed bundle: mounted read-only, imported, unmounted.
+    node.attach_stick(&good_stick).expect("plug the good stick");
+    node.wait_for_unit("sovereign-stick@sda.service", Duration::from_secs(120))
+        .expect("the stick unit ran");
+    let models = node
+        .succeed("ls /var/lib/sovereign/store/models/demo", wait)
+        .expect("store");
+    assert!(models.contains("1.0.0"), "{models}");
+    node.attach_stick(&bad_stick)
+        .expect("plug the tampered stick");
+    let error = node
+        .wait_for_unit("sovereign-stick@sdb.service", Duration::from_secs(120))
+        .expect_err("the tampered bundle is refused");
+    assert!(error.to_string().contains("failed"), "{error}");
+    let journal = node
+        .succeed(
+            "journalctl -b -u sovereign-import@sdb.service --no-pager -o cat",
+            wait,
+        )
+        .expect("journal");
+    assert!(journal.contains("error:"), "{journal}");
+    let models = node
+        .succeed("ls /var/lib/sovereign/store/models/demo", wait)
+        .expect("store");
+    assert_eq!(
+        models.split_whitespace().collect::<Vec<_>>(),
+        ["1.0.0"],
+        "the store is unchanged"
+    );
+    let mounts = node
+        .succeed("findmnt -rn -o TARGET | grep sovereign/stick || true", wait)
+        .expect("mounts");
+    assert_eq!(mounts.trim(), "", "sticks are unmounted after the import");
+
+    // The audit log: the boot (image version, verity root hash) and both imports.
+    let records = node
+        .succeed("cat /var/lib/sovereign/audit/records.jsonl", wait)
+        .expect("audit");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.join("out/node.manifest.json")).expect("manifest"))
+            .expect("json");
+    let root_hash = manifest["verity_root_hash"].as_str().expect("root hash");
+    assert!(
+        records.contains("\"boot\"") && records.contains(root_hash),
+        "{records}"
+    );
+    assert!(records.contains("\"outcome\":\"imported\""), "{records}");
+    assert!(records.contains("\"outcome\":\"rejected\""), "{records}");
+    let status = node.shutdown(Duration::from_secs(120)).expect("powers off");
+    assert!(status.success(), "{status}");
+}
