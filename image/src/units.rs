@@ -74,7 +74,8 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                  ExecStart=/usr/bin/sovereign-audit --log /var/lib/sovereign/audit --socket {AUDIT_SOCKET} --node %H --boot\n\
                  Restart=always\nPrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n"
             ),
-            String::new(),
+            // The boot record reads the verity root hash from /proc/cmdline.
+            "ProcSubset=all\n".to_owned(),
         ),
         Service::Import => (
             "Sovereign import from the stick %I",
