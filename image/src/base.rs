@@ -33,7 +33,6 @@ const INITRAMFS_SCRIPT: &str =
     include_str!("../files/initramfs/scripts/local-top/sovereign-verity");
 const PRUNE_MODULES: &str = include_str!("../files/prune-modules");
 const CUSTOMIZE: &str = include_str!("../files/base-customize");
-const CHECK_LOCK: &str = include_str!("../files/base-check-lock");
 
 /// Bumped when the way the base is made changes in a way its inputs do not show.
 const RECIPE: &str = "sovereign-image-base/1";
@@ -100,7 +99,6 @@ impl BaseInputs<'_> {
             INITRAMFS_SCRIPT,
             PRUNE_MODULES,
             CUSTOMIZE,
-            CHECK_LOCK,
         ] {
             field(file.as_bytes());
         }
@@ -237,7 +235,6 @@ fn build(inputs: &BaseInputs, dir: &Path) -> Result<(), BuildError> {
     write_exec(&hooks.join("local-top"), INITRAMFS_SCRIPT, 0o755)?;
     write_exec(&dir.join("prune-modules"), PRUNE_MODULES, 0o644)?;
     write_exec(&hooks.join("customize"), CUSTOMIZE, 0o755)?;
-    write_exec(&hooks.join("check-lock"), CHECK_LOCK, 0o755)?;
     let h = hooks.display();
     let d = dir.display();
     let mut command = Command::new("mmdebstrap");
@@ -246,7 +243,6 @@ fn build(inputs: &BaseInputs, dir: &Path) -> Result<(), BuildError> {
             "--variant=essential",
             "--format=tar",
             "--skip=essential/unlink",
-            "--quiet",
         ])
         .arg(format!("--include={}", inputs.includes().join(",")))
         .arg("--aptopt=APT::Get::allow-downgrades \"true\"")
@@ -258,14 +254,6 @@ fn build(inputs: &BaseInputs, dir: &Path) -> Result<(), BuildError> {
             "--dpkgopt=path-include=/usr/share/doc/*/copyright",
             "--dpkgopt=path-exclude=/usr/share/info/*",
         ]);
-    if let Some((_, lock)) = inputs.lock {
-        let pins = dir.join("pins");
-        fs::write(&pins, lock.pins().join("\n") + "\n")
-            .map_err(BuildError::io("writing the pins"))?;
-        command.arg(format!(
-            "--extract-hook={h}/check-lock {d}/pins {d}/missing"
-        ));
-    }
     command
         .arg(format!(
             "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" \"$1/etc/initramfs-tools/hooks\" \"$1/etc/initramfs-tools/scripts/local-top\" && \
@@ -279,16 +267,44 @@ fn build(inputs: &BaseInputs, dir: &Path) -> Result<(), BuildError> {
     for source in inputs.sources {
         command.arg(source.line());
     }
-    match tool::run(&mut command, inputs.epoch) {
+    match tool::run_with_stderr(&mut command, inputs.epoch) {
         Ok(_) => Ok(()),
-        Err(error) => {
-            let missing = fs::read_to_string(dir.join("missing")).unwrap_or_default();
-            let missing: Vec<String> = missing.lines().map(str::to_owned).collect();
+        Err((error, stderr)) => {
+            let missing = versions_not_found(&stderr);
             if missing.is_empty() {
                 Err(error)
             } else {
                 Err(BuildError::LockedVersionsGone { missing })
             }
         }
+    }
+}
+
+/// The `name=version` pins apt could not find (`E: Version 'V' for 'N' was not found`).
+fn versions_not_found(apt_stderr: &str) -> Vec<String> {
+    let mut missing: Vec<String> = apt_stderr
+        .lines()
+        .filter_map(|line| {
+            let rest = line.split("Version '").nth(1)?;
+            let (version, rest) = rest.split_once("' for '")?;
+            let (name, _) = rest.split_once("' was not found")?;
+            Some(format!("{name}={version}"))
+        })
+        .collect();
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apt_names_each_missing_version() {
+        let stderr = "I: something\nE: Version '1.0-gone' for 'systemd' was not found\n\
+                      E: Version '2:9' for 'udev' was not found\nE: Version '1.0-gone' for 'systemd' was not found\n";
+        assert_eq!(versions_not_found(stderr), ["systemd=1.0-gone", "udev=2:9"]);
+        assert!(versions_not_found("E: mmdebstrap failed to run").is_empty());
     }
 }

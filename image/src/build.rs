@@ -186,10 +186,6 @@ pub fn build(
     };
     let mirror = request.mirror.unwrap_or(&spec.mirror);
     let apt_sources = sources::resolve(mirror, &spec.suite, request.host_etc)?;
-    fs::create_dir_all(request.out).map_err(BuildError::io(format!(
-        "creating {}",
-        request.out.display()
-    )))?;
     let work = tempfile::Builder::new()
         .prefix("sovereign-image-")
         .tempdir()
@@ -250,6 +246,10 @@ pub fn build(
         Ok((uki, format!("{} MB", size / 1_000_000)))
     })?;
 
+    fs::create_dir_all(request.out).map_err(BuildError::io(format!(
+        "creating {}",
+        request.out.display()
+    )))?;
     let staging = request.out.join(".build-partial");
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging)

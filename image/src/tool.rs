@@ -47,12 +47,25 @@ pub fn check_tools() -> Result<(), BuildError> {
 
 fn last_lines(text: &[u8], count: usize) -> String {
     let text = String::from_utf8_lossy(text);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match l.char_indices().nth(300) {
+            Some((cut, _)) => format!("{}...", &l[..cut]),
+            None => l.to_owned(),
+        })
+        .collect();
     lines[lines.len().saturating_sub(count)..].join(" | ")
 }
 
 /// Runs `command` with `SOURCE_DATE_EPOCH` set, returning its stdout.
 pub fn run(command: &mut Command, epoch: u64) -> Result<Vec<u8>, BuildError> {
+    run_with_stderr(command, epoch).map_err(|(error, _)| error)
+}
+
+/// [`run`], but a failure also hands back the whole of stderr, for callers
+/// that read a tool's own diagnostics.
+pub fn run_with_stderr(command: &mut Command, epoch: u64) -> Result<Vec<u8>, (BuildError, String)> {
     let tool = command.get_program().to_string_lossy().into_owned();
     let output = command
         .env("SOURCE_DATE_EPOCH", epoch.to_string())
@@ -60,13 +73,14 @@ pub fn run(command: &mut Command, epoch: u64) -> Result<Vec<u8>, BuildError> {
         .env("MTOOLS_SKIP_CHECK", "1")
         .stdin(Stdio::null())
         .output()
-        .map_err(BuildError::io(format!("running {tool}")))?;
+        .map_err(|e| (BuildError::io(format!("running {tool}"))(e), String::new()))?;
     if output.status.success() {
         return Ok(output.stdout);
     }
-    Err(BuildError::Tool {
+    let error = BuildError::Tool {
         tool,
         status: output.status.to_string(),
         stderr: last_lines(&output.stderr, 3),
-    })
+    };
+    Err((error, String::from_utf8_lossy(&output.stderr).into_owned()))
 }

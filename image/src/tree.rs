@@ -167,7 +167,7 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
         let _ = fs::remove_file(root.join(link));
     }
     // Nothing of the build host stays; /var is the state partition on a node.
-    for leftover in ["var/cache/apt/archives", "var/log/apt", "var/lib/apt/lists"] {
+    for leftover in ["var/cache/apt", "var/log/apt", "var/lib/apt"] {
         let _ = fs::remove_dir_all(root.join(leftover));
     }
 

@@ -1,8 +1,10 @@
 //! The image build for real (root, mmdebstrap from the host's apt sources):
 //! two builds of the same inputs, each from scratch, give the same image
-//! bytes; the manifest verifies and names every package; a lock whose version
+//! bytes, and so does a third from scratch that installs the first one's
+//! lock; the manifest verifies and names every package; a lock whose version
 //! the mirror no longer has is refused before anything is installed; the
-//! production root has no login path and no package manager.
+//! production root has no login path and no package manager; the test profile
+//! differs from it by exactly the test agent.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -82,7 +84,7 @@ fn log(event: Progress) {
 }
 
 #[test]
-fn two_builds_from_scratch_are_byte_identical_and_a_stale_lock_is_refused() {
+fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_refused() {
     let f = fixture();
     let (a, b) = (f.root.join("a"), f.root.join("b"));
     // The CLI's cache, so that the VM scenario's build after this one starts warm.
@@ -98,6 +100,20 @@ fn two_builds_from_scratch_are_byte_identical_and_a_stale_lock_is_refused() {
         "byte-identical images"
     );
     assert!(first.size < 500_000_000, "image is {} bytes", first.size);
+
+    // From scratch again, installing exactly the first build's lock: the same image.
+    let locked_out = f.root.join("locked");
+    let locked = build(&request(&f, &locked_out, None, Some(&first.lock)), &mut log)
+        .expect("build from the lock, from scratch");
+    assert_eq!(
+        fs::read_to_string(&locked.lock).expect("lock"),
+        fs::read_to_string(&first.lock).expect("lock"),
+        "the lock installs exactly its versions"
+    );
+    assert_eq!(
+        locked.sha256, first.sha256,
+        "the locked build gives the same bytes"
+    );
 
     // The manifest verifies against the image and the build key.
     let (manifest, signer) =
@@ -159,6 +175,76 @@ fn two_builds_from_scratch_are_byte_identical_and_a_stale_lock_is_refused() {
     assert!(
         !listing.lines().any(|l| l.contains("/boot/vmlinuz")),
         "the kernel lives in the UKI only"
+    );
+
+    // The test profile differs from production by exactly what the VM tests need.
+    let mut test_spec = f.spec.clone();
+    test_spec.profile = sovereign_image::Profile::Test;
+    let t = f.root.join("t");
+    let test_build = build(
+        &BuildRequest {
+            spec: &test_spec,
+            ..request(&f, &t, Some(&cache), None)
+        },
+        &mut log,
+    )
+    .expect("test profile build");
+    assert!(test_build.base_cached, "both profiles share one base");
+    let parse = |text: &str| -> std::collections::BTreeMap<String, String> {
+        text.lines()
+            .map(|l| {
+                (
+                    l.split_whitespace().nth(4).unwrap_or("").to_owned(),
+                    l.to_owned(),
+                )
+            })
+            .collect()
+    };
+    let production = parse(&listing);
+    let test = parse(&fs::read_to_string(&test_build.listing).expect("test listing"));
+    let only = |a: &std::collections::BTreeMap<String, String>,
+                b: &std::collections::BTreeMap<String, String>| {
+        a.keys()
+            .filter(|k| !b.contains_key(*k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let changed: Vec<String> = production
+        .iter()
+        .filter(|(k, v)| test.get(*k).is_some_and(|t| t != *v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(
+        only(&test, &production),
+        [
+            "/etc/systemd/network/10-sovereign-test-thunderbolt0.link",
+            "/etc/systemd/network/10-sovereign-test-thunderbolt1.link",
+            "/etc/systemd/system/multi-user.target.wants/sovereign-test-agent.service",
+            "/usr/bin/dpkg",
+            "/usr/bin/dpkg-deb",
+            "/usr/bin/dpkg-divert",
+            "/usr/bin/dpkg-maintscript-helper",
+            "/usr/bin/dpkg-query",
+            "/usr/bin/dpkg-realpath",
+            "/usr/bin/dpkg-split",
+            "/usr/bin/dpkg-statoverride",
+            "/usr/bin/dpkg-trigger",
+            "/usr/lib/systemd/system/sovereign-test-agent.service",
+            "/usr/local/sbin/sovereign-test-agent",
+            "/usr/sbin/dpkg-preconfigure",
+            "/usr/sbin/dpkg-reconfigure",
+        ],
+        "only in the test profile: the console agent, its NIC names, package tools"
+    );
+    assert_eq!(
+        only(&production, &test),
+        Vec::<String>::new(),
+        "nothing only in production"
+    );
+    assert_eq!(
+        changed,
+        ["/usr/lib/os-release"],
+        "os-release names the profile"
     );
 
     // A lock pinning a version the mirror does not have is refused, naming it.
