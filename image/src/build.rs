@@ -19,7 +19,7 @@ use crate::rootfs;
 use crate::sources;
 use crate::spec::{ImageSpec, Profile};
 use crate::tool::{self, EFI_STUB};
-use crate::tree::{self, binary_name, TreeInputs};
+use crate::tree::{self, binary_names, TreeInputs};
 
 /// File names in the output directory.
 pub const IMAGE_FILE: &str = "node.img";
@@ -152,11 +152,11 @@ pub fn build(
         )?),
     };
     let mut binaries = Vec::new();
-    for service in &spec.services {
-        let path = request.binaries.join(binary_name(*service));
+    for name in spec.services.iter().flat_map(|s| binary_names(*s)) {
+        let path = request.binaries.join(name);
         let bytes =
             fs::read(&path).map_err(|_| BuildError::MissingBinary { path: path.clone() })?;
-        binaries.push((binary_name(*service), bytes));
+        binaries.push((*name, bytes));
     }
     let lock = match request.lock {
         Some(path) => {

@@ -16,7 +16,10 @@ use crate::error::BuildError;
 use crate::firewall::nftables_ruleset;
 use crate::spec::{ImageSpec, Profile, Service};
 use crate::tool;
-use crate::units::{stick_unit, unit_file, unit_name, STICK_UNIT};
+use crate::units::{
+    firewall_audit_timer, firewall_audit_unit, stick_unit, unit_file, unit_name,
+    FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, STICK_UNIT,
+};
 
 const TEST_AGENT: &str = include_str!("../../vm-tests/agent/sovereign-test-agent");
 const TEST_AGENT_UNIT: &str = include_str!("../../vm-tests/agent/sovereign-test-agent.service");
@@ -87,12 +90,12 @@ pub struct Tree {
     pub os_release: String,
 }
 
-/// The binary of a service.
-pub fn binary_name(service: Service) -> &'static str {
+/// The binaries of a service.
+pub fn binary_names(service: Service) -> &'static [&'static str] {
     match service {
-        Service::Audit => "sovereign-audit",
-        Service::Import => "sovereign-import",
-        Service::Api => "sovereign-api",
+        Service::Audit => &["sovereign-audit", "sovereign-audit-firewall"],
+        Service::Import => &["sovereign-import"],
+        Service::Api => &["sovereign-api"],
     }
 }
 
@@ -190,25 +193,39 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
 
     // The services: binaries, users, units.
     for service in &spec.services {
-        let name = binary_name(*service);
-        let source = inputs.binaries.join(name);
-        let bytes = fs::read(&source).map_err(|_| BuildError::MissingBinary {
-            path: source.clone(),
-        })?;
-        put(&root, &format!("usr/bin/{name}"), &bytes, 0o755)?;
-        // Debug information has no place on a node (and makes dev builds huge).
-        tool::run(
-            Command::new("objcopy")
-                .arg("--strip-debug")
-                .arg(root.join(format!("usr/bin/{name}"))),
-            epoch,
-        )?;
+        for name in binary_names(*service) {
+            let source = inputs.binaries.join(name);
+            let bytes = fs::read(&source).map_err(|_| BuildError::MissingBinary {
+                path: source.clone(),
+            })?;
+            put(&root, &format!("usr/bin/{name}"), &bytes, 0o755)?;
+            // Debug information has no place on a node (and makes dev builds huge).
+            tool::run(
+                Command::new("objcopy")
+                    .arg("--strip-debug")
+                    .arg(root.join(format!("usr/bin/{name}"))),
+                epoch,
+            )?;
+        }
         put(
             &root,
             &format!("usr/lib/systemd/system/{}", unit_name(*service)),
             unit_file(*service, spec).as_bytes(),
             0o644,
         )?;
+    }
+    if spec.services.contains(&Service::Audit) {
+        for (name, text) in [
+            (FIREWALL_AUDIT_UNIT, firewall_audit_unit()),
+            (FIREWALL_AUDIT_TIMER, firewall_audit_timer()),
+        ] {
+            put(
+                &root,
+                &format!("usr/lib/systemd/system/{name}"),
+                text.as_bytes(),
+                0o644,
+            )?;
+        }
     }
     if spec.services.contains(&Service::Import) {
         put(
@@ -283,6 +300,9 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
         if *service != Service::Import {
             enable.push(unit_name(*service));
         }
+    }
+    if spec.services.contains(&Service::Audit) {
+        enable.push(FIREWALL_AUDIT_TIMER);
     }
     systemctl(&root, "enable", &enable, epoch)?;
     systemctl(

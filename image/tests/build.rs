@@ -88,8 +88,10 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
     let f = fixture();
     let (a, b) = (f.root.join("a"), f.root.join("b"));
     // The CLI's cache, so that the VM scenario's build after this one starts warm.
-    let cache =
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/sovereign/image-base");
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"))
+        .join("sovereign/image-base");
     let first = build(&request(&f, &a, Some(&cache), None), &mut log).expect("first build");
     let second = build(&request(&f, &b, None, None), &mut log).expect("second build, from scratch");
     assert!(!second.base_cached, "the second build made its own base");

@@ -259,7 +259,11 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         .expect("mounts");
     assert_eq!(mounts.trim(), "", "sticks are unmounted after the import");
 
-    // The audit log: the boot (image version, verity root hash) and both imports.
+    // The firewall's drop counters reach the audit log (the timer's unit, run now).
+    node.succeed("systemctl start sovereign-firewall-audit.service", wait)
+        .expect("the firewall's counters are recorded");
+
+    // The audit log: the boot (image version, verity root hash), both imports, the counters.
     let records = node
         .succeed("cat /var/lib/sovereign/audit/records.jsonl", wait)
         .expect("audit");
@@ -273,6 +277,10 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     );
     assert!(records.contains("\"outcome\":\"imported\""), "{records}");
     assert!(records.contains("\"outcome\":\"rejected\""), "{records}");
+    assert!(
+        records.contains("\"drop-counters\"") && records.contains("\"egress-drops\""),
+        "{records}"
+    );
     let status = node.shutdown(Duration::from_secs(120)).expect("powers off");
     assert!(status.success(), "{status}");
 }
