@@ -260,8 +260,12 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     assert_eq!(mounts.trim(), "", "sticks are unmounted after the import");
 
     // The firewall's drop counters reach the audit log (the timer's unit, run now).
-    node.succeed("systemctl start sovereign-firewall-audit.service", wait)
-        .expect("the firewall's counters are recorded");
+    node.succeed(
+        "systemctl start sovereign-firewall-audit.service || \
+         { journalctl -b -u sovereign-firewall-audit.service --no-pager -o cat; exit 1; }",
+        wait,
+    )
+    .expect("the firewall's counters are recorded");
 
     // The audit log: the boot (image version, verity root hash), both imports, the counters.
     let records = node
