@@ -9,7 +9,7 @@ use std::process::Command;
 
 use sovereign_provisioning::gpt::{self, Guid, SECTOR};
 use sovereign_provisioning::state::{STATE_LABEL, VAR_PARTITION_TYPE};
-use sovereign_provisioning::{flash, FlashError, FlashOptions, NoProgress};
+use sovereign_provisioning::{flash, FlashError, FlashOptions, NoProgress, NodeFile};
 
 fn run(command: &mut Command) -> String {
     let output = command.output().expect("tool runs");
@@ -398,4 +398,68 @@ fn the_disk_holding_the_root_filesystem_is_refused() {
         error.to_string().contains("running system's disk"),
         "{error}"
     );
+}
+
+#[test]
+fn node_credentials_land_on_the_state_partition_with_their_modes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = make_image(dir.path());
+    let key = make_key(dir.path());
+    let age = dir.path().join("node.age");
+    let recipient = sovereign_signing::generate_age_identity(&age).expect("age identity");
+    let disk = dir.path().join("disk");
+    sparse_file(&disk, 128 << 20);
+    let mut opts = options(&image, &disk, &key);
+    opts.node_files = vec![
+        NodeFile {
+            name: "node.age".into(),
+            contents: fs::read(&age).expect("age"),
+        },
+        NodeFile {
+            name: "api-keys".into(),
+            contents: b"ops blake3:00\n".to_vec(),
+        },
+        NodeFile {
+            name: "cert.pem".into(),
+            contents: b"CERT\n".to_vec(),
+        },
+    ];
+    let report = flash(&opts, &NoProgress).expect("flash");
+    assert_eq!(
+        report.age_recipient, recipient,
+        "the given age identity is the node's"
+    );
+    let table = gpt::read(&mut fs::File::open(&disk).expect("disk")).expect("GPT");
+    let state = table.by_name(STATE_LABEL).expect("state partition");
+    let fs_image = dir.path().join("state.ext4");
+    fs::write(&fs_image, read_range(&disk, state.offset(), state.len())).expect("extract");
+    let debugfs = |request: &str| run(Command::new("debugfs").args(["-R", request]).arg(&fs_image));
+    assert_eq!(
+        debugfs("cat /lib/sovereign/node/api-keys"),
+        "ops blake3:00\n"
+    );
+    assert_eq!(debugfs("cat /lib/sovereign/node/cert.pem"), "CERT\n");
+    for (file, mode) in [
+        ("node.age", "0600"),
+        ("api-keys", "0600"),
+        ("cert.pem", "0644"),
+    ] {
+        let stat = debugfs(&format!("stat /lib/sovereign/node/{file}"));
+        assert!(stat.contains(&format!("Mode:  {mode}")), "{file}: {stat}");
+    }
+
+    // Without one, flash gives the node a fresh age identity and names its recipient.
+    let other = dir.path().join("other");
+    sparse_file(&other, 128 << 20);
+    let fresh = flash(&options(&image, &other, &key), &NoProgress).expect("flash");
+    assert!(fresh.age_recipient.starts_with("age1") && fresh.age_recipient != recipient);
+    let bad = FlashOptions {
+        node_files: vec![NodeFile {
+            name: "../escape".into(),
+            contents: Vec::new(),
+        }],
+        ..options(&image, &other, &key)
+    };
+    let err = flash(&bad, &NoProgress).expect_err("not a node file name");
+    assert!(err.to_string().contains("not a node file name"), "{err}");
 }

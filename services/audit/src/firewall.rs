@@ -9,11 +9,11 @@ use crate::error::AuditError;
 use crate::record::Event;
 
 /// The nftables table whose named counters are recorded.
-pub const TABLE: &str = "sovereign";
+const TABLE: &str = "sovereign";
 
 /// Builds the `firewall`/`drop-counters` event from the JSON that
 /// `nft --json list counters` prints: `{ "<counter>": { "packets", "bytes" } }`
-/// for every named counter of the [`TABLE`] table.
+/// for every named counter of the `sovereign` table.
 pub fn drop_counters_event(nft_json: &str) -> Result<Event, AuditError> {
     let bad = |why: &str| AuditError::Format(format!("nft counters: {why}"));
     let parsed: Value = serde_json::from_str(nft_json).map_err(|e| bad(&e.to_string()))?;

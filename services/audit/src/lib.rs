@@ -28,7 +28,7 @@ pub use checkpoint::Checkpoint;
 pub use client::{serve, AuditClient, Auditor};
 pub use courier::{verify_courier, write_courier, CourierProof};
 pub use error::AuditError;
-pub use firewall::{drop_counters_event, TABLE as FIREWALL_TABLE};
+pub use firewall::drop_counters_event;
 pub use log::AuditLog;
 pub use record::{Event, RecordBody, StoredRecord};
 pub use verify::{verify, verify_records, Export, Verified};
