@@ -93,7 +93,7 @@ pub struct Tree {
 /// The binaries of a service.
 pub fn binary_names(service: Service) -> &'static [&'static str] {
     match service {
-        Service::Audit => &["sovereign-audit", "sovereign-audit-firewall"],
+        Service::Audit => &["sovereign-audit", "sovereign-auditctl"],
         Service::Import => &["sovereign-import"],
         Service::Api => &["sovereign-api"],
     }

@@ -226,14 +226,15 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     assert_ne!(write.0, 0, "the root is read-only: {}", write.1);
 
     // A stick with a signed bundle: mounted read-only, imported, unmounted.
-    node.attach_stick(&good_stick).expect("plug the good stick");
+    let good_id = node.attach_stick(&good_stick).expect("plug the good stick");
     node.wait_for_unit("sovereign-stick@sda.service", Duration::from_secs(120))
         .expect("the stick unit ran");
     let models = node
         .succeed("ls /var/lib/sovereign/store/models/demo", wait)
         .expect("store");
     assert!(models.contains("1.0.0"), "{models}");
-    node.attach_stick(&bad_stick)
+    let bad_id = node
+        .attach_stick(&bad_stick)
         .expect("plug the tampered stick");
     let error = node
         .wait_for_unit("sovereign-stick@sdb.service", Duration::from_secs(120))
@@ -258,6 +259,65 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         .succeed("findmnt -rn -o TARGET | grep sovereign/stick || true", wait)
         .expect("mounts");
     assert_eq!(mounts.trim(), "", "sticks are unmounted after the import");
+
+    // Every stick became the auditor's courier; on its second visit the good
+    // stick also gets the proof that the log only grew since the first.
+    let audit_key = node
+        .succeed("cat /var/lib/sovereign/audit/node.pub", wait)
+        .expect("the audit log's key");
+    fs::write(d.join("audit.pub"), audit_key.trim()).expect("key");
+    node.detach_stick(&good_id).expect("unplug");
+    node.detach_stick(&bad_id).expect("unplug");
+    let again = node
+        .attach_stick(&good_stick)
+        .expect("plug the good stick again");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let count = node
+            .succeed(
+                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint' || true",
+                wait,
+            )
+            .expect("journal");
+        if count.trim() == "3" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "couriers written: {count}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    node.detach_stick(&again).expect("unplug");
+    for (image, visits) in [(&good_stick, "second"), (&bad_stick, "first")] {
+        let out = d.join(format!("courier-{visits}"));
+        fs::create_dir_all(&out).expect("dir");
+        run(Command::new("mcopy")
+            .args(["-s", "-n", "-i"])
+            .arg(image)
+            .arg("::/sovereign-audit")
+            .arg(&out)
+            .env("MTOOLS_SKIP_CHECK", "1"));
+        let folder = out.join("sovereign-audit/sovereign");
+        let verified = sov(&[
+            "audit",
+            "verify",
+            "--key",
+            "audit.pub",
+            folder.to_str().expect("utf8"),
+        ]);
+        assert!(verified.contains("ok: courier checkpoint"), "{verified}");
+        let proof: serde_json::Value = serde_json::from_slice(
+            &fs::read(folder.join("consistency-proof.json")).expect("proof"),
+        )
+        .expect("json");
+        let old_size = proof["old_size"].as_u64().expect("old size");
+        if visits == "second" {
+            assert!(
+                old_size > 0 && folder.join("previous-checkpoint").is_file(),
+                "{proof}"
+            );
+        } else {
+            assert_eq!(old_size, 0, "a first visit has nothing to extend: {proof}");
+        }
+    }
 
     // The firewall's drop counters reach the audit log (the timer's unit, run now).
     node.succeed(

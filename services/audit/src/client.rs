@@ -1,13 +1,16 @@
 //! The daemon's unix-socket protocol and the recording handle services use.
 //!
 //! One JSON [`Event`] per line in; one line out: `{"seq": N}` once the record
-//! is on disk, or `{"error": "..."}`.
+//! is on disk, or `{"error": "..."}`. A line `{"courier": {"previous": NOTE}}`
+//! (NOTE: the checkpoint a stick carries, or null) asks for a fresh checkpoint
+//! and the consistency proof from NOTE: `{"courier": CourierPackage}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use crate::courier::{courier_package, CourierPackage};
 use crate::error::AuditError;
 use crate::log::AuditLog;
 use crate::record::Event;
@@ -29,16 +32,14 @@ impl AuditClient {
         })
     }
 
-    /// Records an event; returns its sequence number once it is durable.
-    pub fn record(&self, event: &Event) -> Result<u64, AuditError> {
+    /// Sends one request line and reads the reply line.
+    fn request(&self, request: &serde_json::Value) -> Result<serde_json::Value, AuditError> {
         let mut stream = self
             .stream
             .lock()
             .map_err(|_| AuditError::Closed("client poisoned".into()))?;
         let closed = |e: std::io::Error| AuditError::Closed(format!("audit daemon: {e}"));
-        let mut line =
-            serde_json::to_string(event).map_err(|e| AuditError::Format(e.to_string()))?;
-        line.push('\n');
+        let line = format!("{request}\n");
         stream
             .get_mut()
             .write_all(line.as_bytes())
@@ -47,11 +48,25 @@ impl AuditClient {
         stream.read_line(&mut reply).map_err(closed)?;
         let reply: serde_json::Value = serde_json::from_str(&reply)
             .map_err(|_| AuditError::Closed("audit daemon closed the connection".into()))?;
-        match (reply["seq"].as_u64(), reply["error"].as_str()) {
-            (Some(seq), _) => Ok(seq),
-            (_, Some(error)) => Err(AuditError::Closed(error.to_owned())),
-            _ => Err(AuditError::Closed("audit daemon sent a bad reply".into())),
+        match reply["error"].as_str() {
+            Some(error) => Err(AuditError::Closed(error.to_owned())),
+            None => Ok(reply),
         }
+    }
+
+    /// Records an event; returns its sequence number once it is durable.
+    pub fn record(&self, event: &Event) -> Result<u64, AuditError> {
+        let request = serde_json::to_value(event).map_err(|e| AuditError::Format(e.to_string()))?;
+        self.request(&request)?["seq"]
+            .as_u64()
+            .ok_or_else(|| AuditError::Closed("audit daemon sent a bad reply".into()))
+    }
+
+    /// A fresh checkpoint and the proof from `previous` (the checkpoint a stick carries).
+    pub fn courier(&self, previous: Option<&str>) -> Result<CourierPackage, AuditError> {
+        let reply = self.request(&serde_json::json!({ "courier": { "previous": previous } }))?;
+        serde_json::from_value(reply["courier"].clone())
+            .map_err(|e| AuditError::Closed(format!("audit daemon sent a bad courier reply: {e}")))
     }
 }
 
@@ -72,6 +87,20 @@ pub fn serve(listener: UnixListener, log: Arc<AuditLog>) {
     }
 }
 
+/// A request line: an event to record, or a courier request.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Request {
+    Courier { courier: CourierRequest },
+    Event(Event),
+}
+
+/// The courier request's body.
+#[derive(serde::Deserialize)]
+struct CourierRequest {
+    previous: Option<String>,
+}
+
 fn handle(stream: UnixStream, log: &AuditLog) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -86,8 +115,14 @@ fn handle(stream: UnixStream, log: &AuditLog) -> std::io::Result<()> {
             writer.write_all(b"{\"error\": \"request line too long\"}\n")?;
             return Ok(());
         }
-        let reply = match serde_json::from_str::<Event>(&line) {
-            Ok(event) => match log.record(event) {
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Courier { courier }) => {
+                match courier_package(log, courier.previous.as_deref()) {
+                    Ok(package) => serde_json::json!({ "courier": package }),
+                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                }
+            }
+            Ok(Request::Event(event)) => match log.record(event) {
                 Ok(seq) => serde_json::json!({ "seq": seq }),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             },

@@ -21,7 +21,7 @@ use crate::merkle::{verify_consistency, Hash};
 use crate::record::hex;
 
 /// A consistency proof as written to the stick.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CourierProof {
     /// Size of the previous checkpoint.
     pub old_size: u64,
@@ -31,30 +31,83 @@ pub struct CourierProof {
     pub proof: Vec<String>,
 }
 
-/// Writes the courier folder for `log` under `stick`; returns the folder.
-pub fn write_courier(log: &AuditLog, stick: &Path) -> Result<PathBuf, AuditError> {
-    let dir = stick.join("sovereign-audit").join(log.node());
-    fs::create_dir_all(&dir).map_err(|e| AuditError::io(&dir, e))?;
-    let previous = match fs::read_to_string(dir.join("checkpoint")) {
-        Ok(note) => Checkpoint::verify(&note, &log.public_key()).ok(),
-        Err(_) => None,
-    };
+/// What the node leaves on a stick: made by the log's owner (in-process, or
+/// the audit daemon over its socket), written by whoever may write the stick.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CourierPackage {
+    /// The node's name (the folder under `sovereign-audit/`).
+    pub node: String,
+    /// The newest checkpoint note.
+    pub checkpoint: String,
+    /// The previous checkpoint found on the stick, if it verified.
+    pub previous: Option<String>,
+    /// The proof from `previous` to `checkpoint`.
+    pub proof: CourierProof,
+}
+
+/// The courier folder of `node` on `stick`.
+pub fn courier_dir(stick: &Path, node: &str) -> PathBuf {
+    stick.join("sovereign-audit").join(node)
+}
+
+/// The checkpoint a stick carries from the last visit, if any.
+pub fn previous_checkpoint(stick: &Path, node: &str) -> Option<String> {
+    fs::read_to_string(courier_dir(stick, node).join("checkpoint")).ok()
+}
+
+/// A fresh checkpoint of `log` and the proof from `previous` (the stick's
+/// last checkpoint; ignored unless signed by this log's key).
+pub fn courier_package(
+    log: &AuditLog,
+    previous: Option<&str>,
+) -> Result<CourierPackage, AuditError> {
+    let previous = previous.and_then(|note| Checkpoint::verify(note, &log.public_key()).ok());
     let checkpoint = log.checkpoint()?;
     let old_size = previous.as_ref().map_or(0, |p| p.size);
     let proof = log.consistency_proof(old_size, checkpoint.size)?;
-    if let Some(previous) = &previous {
-        write_synced(&dir.join("previous-checkpoint"), previous.note.as_bytes())?;
+    Ok(CourierPackage {
+        node: log.node().to_owned(),
+        checkpoint: checkpoint.note,
+        previous: previous.map(|p| p.note),
+        proof: CourierProof {
+            old_size,
+            new_size: checkpoint.size,
+            proof: proof.iter().map(hex).collect(),
+        },
+    })
+}
+
+/// Writes `package` into its folder under `stick`; returns the folder.
+pub fn write_package(package: &CourierPackage, stick: &Path) -> Result<PathBuf, AuditError> {
+    let valid = !package.node.is_empty()
+        && package.node.len() <= 64
+        && package
+            .node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !package.node.starts_with('.');
+    if !valid {
+        return Err(AuditError::Format(format!(
+            "courier: {:?} is not a node name",
+            package.node
+        )));
     }
-    let proof = CourierProof {
-        old_size,
-        new_size: checkpoint.size,
-        proof: proof.iter().map(hex).collect(),
-    };
-    let text =
-        serde_json::to_string_pretty(&proof).map_err(|e| AuditError::Format(e.to_string()))?;
+    let dir = courier_dir(stick, &package.node);
+    fs::create_dir_all(&dir).map_err(|e| AuditError::io(&dir, e))?;
+    if let Some(previous) = &package.previous {
+        write_synced(&dir.join("previous-checkpoint"), previous.as_bytes())?;
+    }
+    let text = serde_json::to_string_pretty(&package.proof)
+        .map_err(|e| AuditError::Format(e.to_string()))?;
     write_synced(&dir.join("consistency-proof.json"), text.as_bytes())?;
-    write_synced(&dir.join("checkpoint"), checkpoint.note.as_bytes())?;
+    write_synced(&dir.join("checkpoint"), package.checkpoint.as_bytes())?;
     Ok(dir)
+}
+
+/// Writes the courier folder for `log` under `stick`; returns the folder.
+pub fn write_courier(log: &AuditLog, stick: &Path) -> Result<PathBuf, AuditError> {
+    let previous = previous_checkpoint(stick, log.node());
+    write_package(&courier_package(log, previous.as_deref())?, stick)
 }
 
 /// Checks a courier folder: both checkpoints signed by `key` and the proof

@@ -26,7 +26,10 @@ mod verify;
 
 pub use checkpoint::Checkpoint;
 pub use client::{serve, AuditClient, Auditor};
-pub use courier::{verify_courier, write_courier, CourierProof};
+pub use courier::{
+    courier_package, previous_checkpoint, verify_courier, write_courier, write_package,
+    CourierPackage, CourierProof,
+};
 pub use error::AuditError;
 pub use firewall::drop_counters_event;
 pub use log::AuditLog;

@@ -1,9 +1,12 @@
-//! The daemon end to end: events over its socket, a checkpoint on SIGTERM.
+//! The daemon end to end: events over its socket, a checkpoint on SIGTERM,
+//! and the courier a stick carries between visits.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sovereign_audit::{verify, AuditClient, Event, Export};
+use sovereign_audit::{
+    previous_checkpoint, verify, verify_courier, write_package, AuditClient, Event, Export,
+};
 
 #[test]
 fn the_daemon_records_over_its_socket_and_checkpoints_on_sigterm() {
@@ -29,12 +32,44 @@ fn the_daemon_records_over_its_socket_and_checkpoints_on_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
+    // A stick's first visit: a checkpoint, nothing to extend.
+    let stick = tmp.path().join("stick");
+    let key = sovereign_signing::read_public_key(tmp.path().join("log/node.pub").to_str().unwrap())
+        .unwrap();
+    let first = client
+        .courier(previous_checkpoint(&stick, "node-b").as_deref())
+        .unwrap();
+    assert_eq!((first.node.as_str(), first.proof.old_size), ("node-b", 0));
+    let folder = write_package(&first, &stick).unwrap();
+    assert_eq!(
+        verify_courier(&folder, &key).unwrap().size,
+        first.proof.new_size
+    );
     let mut seqs = Vec::new();
     for i in 0..3 {
         let event = Event::new("api", "api-request", serde_json::json!({ "tokens": i }));
         seqs.push(client.record(&event).unwrap());
     }
     assert_eq!(seqs, [1, 2, 3], "record 0 is the daemon's start");
+    // The second visit proves the log only grew since the first.
+    let second = client
+        .courier(previous_checkpoint(&stick, "node-b").as_deref())
+        .unwrap();
+    assert_eq!(second.proof.old_size, first.proof.new_size);
+    assert!(second.proof.new_size > second.proof.old_size);
+    write_package(&second, &stick).unwrap();
+    assert_eq!(
+        verify_courier(&folder, &key).unwrap().size,
+        second.proof.new_size
+    );
+    let bad = sovereign_audit::CourierPackage {
+        node: "../x".into(),
+        ..second.clone()
+    };
+    assert!(
+        write_package(&bad, &stick).is_err(),
+        "a node name cannot leave the folder"
+    );
     let status = Command::new("kill")
         .arg("-TERM")
         .arg(daemon.id().to_string())
