@@ -131,15 +131,19 @@ fn installed_packages(dir: &Path) -> Result<Vec<Package>, BuildError> {
     let mut packages = Vec::new();
     for row in read_tsv(&dir.join("installed.tsv"))? {
         let [name, version, arch] = row.as_slice() else {
-            return Err(BuildError::Base(format!(
-                "bad installed package line {row:?}"
+            return Err(BuildError::Unexpected(format!(
+                "base root filesystem: bad installed package line {row:?}"
             )));
         };
         let sha256 = debs
             .iter()
             .find(|d| d.len() == 4 && d[0] == *name && d[1] == *version)
             .map(|d| d[3].clone())
-            .ok_or_else(|| BuildError::Base(format!("no .deb was kept for {name} {version}")))?;
+            .ok_or_else(|| {
+                BuildError::Unexpected(format!(
+                    "base root filesystem: no .deb was kept for {name} {version}"
+                ))
+            })?;
         packages.push(Package {
             name: name.clone(),
             version: version.clone(),

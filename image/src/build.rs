@@ -125,9 +125,7 @@ pub fn build(
     let spec = request.spec;
     let epoch = spec.source_date_epoch;
     if !is_root() {
-        return Err(BuildError::Base(
-            "building an image needs root (mmdebstrap, file ownership in the root tree)".into(),
-        ));
+        return Err(BuildError::NotRoot);
     }
     tool::check_tools()?;
 
@@ -305,6 +303,8 @@ pub fn build(
                     Profile::Production => "production".into(),
                     Profile::Test => "test".into(),
                 },
+                spec: serde_json::to_value(spec)
+                    .map_err(|e| BuildError::Unexpected(format!("serialising the spec: {e}")))?,
                 version: request.version.into(),
                 source_date_epoch: epoch,
                 kernel: base.kernel.clone(),

@@ -30,9 +30,9 @@ pub fn root_partition_uuids(root_hash: &str) -> Result<(String, String), BuildEr
         .step_by(2)
         .map(|i| u8::from_str_radix(&root_hash[i..i + 2], 16))
         .collect::<Result<_, _>>()
-        .map_err(|_| BuildError::Base(format!("root hash {root_hash} is not hex")))?;
+        .map_err(|_| BuildError::Unexpected(format!("root hash {root_hash} is not hex")))?;
     if bytes.len() != 32 {
-        return Err(BuildError::Base(format!(
+        return Err(BuildError::Unexpected(format!(
             "root hash {root_hash} is not 32 bytes"
         )));
     }

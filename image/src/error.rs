@@ -10,6 +10,9 @@ pub enum BuildError {
     /// The spec is invalid.
     #[error(transparent)]
     Spec(#[from] SpecError),
+    /// The build was started without root.
+    #[error("building an image needs root (mmdebstrap, file ownership in the root tree)")]
+    NotRoot,
     /// A file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -72,9 +75,9 @@ pub enum BuildError {
         /// What is wrong.
         reason: String,
     },
-    /// The base root filesystem is not what the later steps need.
-    #[error("base root filesystem: {0}")]
-    Base(String),
+    /// A step's tool or data did something unexpected (the message says what).
+    #[error("{0}")]
+    Unexpected(String),
     /// The build key cannot be used.
     #[error("build key: {0}")]
     Key(#[from] sovereign_signing::KeyError),

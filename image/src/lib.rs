@@ -40,7 +40,10 @@ pub use manifest::{signature_path, verify, Manifest};
 pub use sources::{from_host, AptSource};
 pub use spec::{ImageSpec, LanAddress, Network, Profile, Service, SpecError, Trust};
 pub use tree::{listing, MASKED_ALWAYS, PRODUCTION_REMOVED};
-pub use units::{stick_unit, unit_file, unit_name, AUDIT_SOCKET, STICK_DIR, STICK_UNIT};
+pub use units::{
+    firewall_audit_timer, firewall_audit_unit, stick_unit, unit_file, unit_name, AUDIT_SOCKET,
+    FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, STICK_DIR, STICK_UNIT,
+};
 
 /// The default spec (`image/node.toml`).
 pub const DEFAULT_SPEC: &str = include_str!("../node.toml");

@@ -30,6 +30,8 @@ pub struct Manifest {
     pub image: ImageFacts,
     /// `production` or `test`.
     pub profile: String,
+    /// The spec as built (after command-line overrides).
+    pub spec: serde_json::Value,
     /// The image version (`IMAGE_VERSION`).
     pub version: String,
     /// SOURCE_DATE_EPOCH of the build.
@@ -102,7 +104,7 @@ pub fn signature_path(manifest: &Path) -> PathBuf {
 /// The manifest's bytes and the text of its detached signature.
 pub fn sign(manifest: &Manifest, key: &SigningKey) -> Result<(Vec<u8>, String), BuildError> {
     let mut bytes = serde_json::to_vec_pretty(manifest)
-        .map_err(|e| BuildError::Base(format!("serialising the manifest: {e}")))?;
+        .map_err(|e| BuildError::Unexpected(format!("serialising the manifest: {e}")))?;
     bytes.push(b'\n');
     let signature = key.sign(&bytes);
     Ok((

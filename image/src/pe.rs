@@ -27,7 +27,7 @@ pub fn checksum(data: &[u8], checksum_at: usize) -> u32 {
 /// objcopy stamps the build time into a PE image's COFF header: set it to
 /// the build's epoch and recompute the checksum, so the UKI is reproducible.
 pub fn set_timestamp(data: &mut [u8], epoch: u64) -> Result<(), BuildError> {
-    let bad = || BuildError::Base("the UKI is not a PE image".into());
+    let bad = || BuildError::Unexpected("the UKI is not a PE image".into());
     let pe = data
         .get(0x3c..0x40)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)

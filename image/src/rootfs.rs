@@ -75,7 +75,9 @@ pub fn pack(root: &Path, seed: &[u8], work: &Path, epoch: u64) -> Result<Verifie
         .find_map(|l| l.strip_prefix("Root hash:"))
         .map(|h| h.trim().to_owned())
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| BuildError::Base(format!("veritysetup printed no root hash: {text}")))?;
+        .ok_or_else(|| {
+            BuildError::Unexpected(format!("veritysetup printed no root hash: {text}"))
+        })?;
     Ok(VerifiedRoot {
         data,
         hash,

@@ -188,6 +188,14 @@ pub fn from_host(
 /// The sources of a build: `mirror` if given, else the host's.
 pub fn resolve(mirror: &str, suite: &str, etc: &Path) -> Result<Vec<AptSource>, BuildError> {
     if !mirror.is_empty() {
+        if !["http://", "https://", "file://"]
+            .iter()
+            .any(|s| mirror.starts_with(s))
+        {
+            return Err(BuildError::Sources(format!(
+                "mirror {mirror:?} is not an http(s):// or file:// URL"
+            )));
+        }
         return Ok(vec![AptSource {
             uri: mirror.trim_end_matches('/').to_owned(),
             suite: suite.to_owned(),

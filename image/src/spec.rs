@@ -1,6 +1,6 @@
 //! The image spec (`image/node.toml`): parsed strictly, every refusal names its field.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors reading a spec.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum SpecError {
 }
 
 /// What the image contains.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
     /// Debian release.
@@ -49,7 +49,7 @@ fn default_epoch() -> u64 {
 }
 
 /// The image profile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// No login path at all.
@@ -59,7 +59,7 @@ pub enum Profile {
 }
 
 /// A Sovereign service of the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Service {
     /// The audit daemon (`sovereign-audit`).
@@ -71,7 +71,7 @@ pub enum Service {
 }
 
 /// Network settings.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
     /// LAN interface match.
@@ -118,7 +118,7 @@ impl Network {
 }
 
 /// Trust files installed into the image.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trust {
     /// The initial bundle trust file.

@@ -160,7 +160,11 @@ pub fn stick_unit(spec: &ImageSpec) -> String {
          ExecStopPost=-/usr/bin/umount {mount}\n\
          ExecStopPost=-/usr/bin/rmdir {mount}\n\
          PrivateNetwork=yes\nIPAddressDeny=any\nNoNewPrivileges=yes\n\
-         CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_OVERRIDE\nRestrictAddressFamilies=AF_UNIX\n"
+         CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_OVERRIDE\nRestrictAddressFamilies=AF_UNIX\n\
+         # No mount namespace: the mount must be the one the import unit sees.\n\
+         ProtectHostname=yes\nRestrictNamespaces=yes\nRestrictRealtime=yes\nRestrictSUIDSGID=yes\n\
+         LockPersonality=yes\nMemoryDenyWriteExecute=yes\nSystemCallArchitectures=native\n\
+         SystemCallFilter=@system-service @mount\nSystemCallErrorNumber=EPERM\nUMask=0022\n"
     )
 }
 
