@@ -19,8 +19,11 @@ node.shutdown(Duration::from_secs(60))?;
 ```
 
 **Architecture Invariant:** no guest is ever connected to the host network:
-every machine runs with `-nic none`, and its only NICs are point-to-point
-[`Link`]s over unix datagram sockets in temp dirs. QEMU uses TCG unless
+every machine runs with `-nic none`, and its NICs are point-to-point [`Link`]s
+over unix datagram sockets in temp dirs, plus at most one LAN stand-in
+([`MachineConfig::lan_forward`]): QEMU's user-mode network with `restrict=on`,
+through which the guest reaches nothing and the host reaches one forwarded
+port on `127.0.0.1`. QEMU uses TCG unless
 `SOVEREIGN_VM_ACCEL=kvm` (KVM guests hang on the project's machines;
 [`probe_kvm`] tells whether it works elsewhere).
 */
@@ -32,4 +35,4 @@ pub mod qmp;
 
 pub use cache::cached_build;
 pub use error::VmError;
-pub use machine::{probe_kvm, Accel, Boot, Link, LinkEnd, Machine, MachineConfig};
+pub use machine::{probe_kvm, Accel, Boot, LanForward, Link, LinkEnd, Machine, MachineConfig};

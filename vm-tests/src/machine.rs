@@ -143,6 +143,20 @@ pub struct MachineConfig {
     pub accel: Accel,
     /// Further raw disks (virtio), after the boot disk.
     pub disks: Vec<PathBuf>,
+    /// The office LAN stand-in, if any: see [`MachineConfig::lan_forward`].
+    pub lan: Option<LanForward>,
+}
+
+/// A LAN NIC on QEMU's user-mode network with `restrict=on`: the guest can
+/// reach nothing at all (no host, no outside), and the host reaches one guest
+/// TCP port through `127.0.0.1:host_port`. It stands in for the office LAN
+/// from which clients call a node's API.
+#[derive(Debug, Clone, Copy)]
+pub struct LanForward {
+    /// Port on the host's loopback.
+    pub host_port: u16,
+    /// Port in the guest.
+    pub guest_port: u16,
 }
 
 impl MachineConfig {
@@ -156,7 +170,19 @@ impl MachineConfig {
             links: Vec::new(),
             accel: Accel::from_env(),
             disks: Vec::new(),
+            lan: None,
         }
+    }
+
+    /// Adds a LAN NIC (PCI slot 0x18, a `en*` name in the guest) whose guest
+    /// TCP port `guest_port` the host reaches at `127.0.0.1:host_port`; the
+    /// guest itself can reach nothing through it.
+    pub fn lan_forward(mut self, host_port: u16, guest_port: u16) -> Self {
+        self.lan = Some(LanForward {
+            host_port,
+            guest_port,
+        });
+        self
     }
 
     /// Adds a raw disk image as a further virtio disk (`/dev/vdb`, `/dev/vdc`...).
@@ -329,6 +355,17 @@ impl Machine {
             args.push(format!(
                 "virtio-net-pci,netdev=ring{i},mac=52:54:00:5b:{machine_byte:02x}:{i:02x},addr=0x{:x},romfile=",
                 0x10 + i
+            ));
+        }
+        if let Some(lan) = self.config.lan {
+            args.push("-netdev".into());
+            args.push(format!(
+                "user,id=lan,restrict=on,hostfwd=tcp:127.0.0.1:{}-:{}",
+                lan.host_port, lan.guest_port
+            ));
+            args.push("-device".into());
+            args.push(format!(
+                "virtio-net-pci,netdev=lan,mac=52:54:00:5b:{machine_byte:02x}:ff,addr=0x18,romfile="
             ));
         }
         let disk = match &self.config.boot {

@@ -45,7 +45,7 @@ fn stick(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
     run(Command::new("mkfs.vfat")
         .args(["-F", "32", "-n", "STICK", "-C"])
         .arg(&image)
-        .arg("65536"));
+        .arg("196608"));
     for file in files {
         run(Command::new("mcopy")
             .arg("-i")
@@ -108,33 +108,68 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let image_size = fs::metadata(d.join("out/node.img")).expect("image").len();
     assert!(image_size < 500_000_000, "image is {image_size} bytes");
 
-    // A bundle for the stick, and a tampered copy of it.
-    fs::write(d.join("weights.bin"), vec![7u8; 1 << 20]).expect("weights");
+    // The demo model as a signed bundle for the stick, and a tampered release.
+    let model = PathBuf::from(
+        run(&mut Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/fetch-model"
+        )))
+        .trim(),
+    );
     fs::create_dir_all(d.join("good")).expect("dir");
     fs::create_dir_all(d.join("bad")).expect("dir");
     for (name, version) in [("good", "1.0.0"), ("bad", "2.0.0")] {
-        let bundle = format!("{name}/demo-{version}.sovb");
+        let bundle = format!("{name}/smollm2-{version}.sovb");
         sov(&[
             "bundle",
             "create",
             "--name",
-            "demo",
+            "smollm2",
             "--version",
             version,
             "--out",
             &bundle,
-            "weights.bin",
+            model.to_str().expect("utf8"),
         ]);
         sov(&["bundle", "sign", "--key", "signer", &bundle]);
     }
-    let bad = d.join("bad/demo-2.0.0.sovb");
+    let bad = d.join("bad/smollm2-2.0.0.sovb");
     let mut bytes = fs::read(&bad).expect("bundle");
     let middle = bytes.len() - 4096;
     bytes[middle] ^= 0x55;
     fs::write(&bad, bytes).expect("tamper");
-    let good_stick = stick(d, "good.img", &[&d.join("good/demo-1.0.0.sovb")]);
+    let good_stick = stick(d, "good.img", &[&d.join("good/smollm2-1.0.0.sovb")]);
     let bad_stick = stick(d, "bad.img", &[&bad]);
 
+    // The node's API credentials: a key for the operator, a TLS certificate.
+    fs::write(
+        d.join("api-keys"),
+        format!(
+            "operator blake3:{}\n",
+            blake3::hash(b"sk-node-test").to_hex()
+        ),
+    )
+    .expect("api keys");
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=node",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .args(["-keyout", "key.pem", "-out", "cert.pem"])
+        .current_dir(d));
     let disk = d.join("disk.img");
     fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 30))
@@ -147,14 +182,25 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         disk.to_str().expect("utf8"),
         "--node",
         "node.key",
+        "--api-keys",
+        "api-keys",
+        "--tls-cert",
+        "cert.pem",
+        "--tls-key",
+        "key.pem",
     ]);
     assert!(flashed.contains("verified by read-back"), "{flashed}");
 
     let (ring0, ring1) = (Link::new().expect("link"), Link::new().expect("link"));
+    let lan_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
     let mut node = Machine::new(
         MachineConfig::new("node", Boot::Uefi { disk: disk.clone() })
             .link(ring0.ends().0)
-            .link(ring1.ends().0),
+            .link(ring1.ends().0)
+            .lan_forward(lan_port, 8443),
     )
     .expect("machine");
     let booted = Instant::now();
@@ -209,7 +255,8 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let links = node.succeed("ls /sys/class/net", wait).expect("links");
     assert_eq!(
         links.split_whitespace().collect::<Vec<_>>(),
-        ["lo", "thunderbolt0", "thunderbolt1"]
+        ["enp0s24", "lo", "thunderbolt0", "thunderbolt1"],
+        "the LAN NIC and the two ring links"
     );
     let users = node
         .succeed(
@@ -230,7 +277,7 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     node.wait_for_unit("sovereign-stick@sda.service", Duration::from_secs(120))
         .expect("the stick unit ran");
     let models = node
-        .succeed("ls /var/lib/sovereign/store/models/demo", wait)
+        .succeed("ls /var/lib/sovereign/store/models/smollm2", wait)
         .expect("store");
     assert!(models.contains("1.0.0"), "{models}");
     let bad_id = node
@@ -248,7 +295,7 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         .expect("journal");
     assert!(journal.contains("error:"), "{journal}");
     let models = node
-        .succeed("ls /var/lib/sovereign/store/models/demo", wait)
+        .succeed("ls /var/lib/sovereign/store/models/smollm2", wait)
         .expect("store");
     assert_eq!(
         models.split_whitespace().collect::<Vec<_>>(),
@@ -275,11 +322,13 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     loop {
         let count = node
             .succeed(
-                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint' || true",
+                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint'; \
+                 findmnt -rn -o TARGET | grep -c sovereign/stick; true",
                 wait,
             )
             .expect("journal");
-        if count.trim() == "3" {
+        // Three couriers written, and the stick unmounted again (safe to unplug).
+        if count.split_whitespace().collect::<Vec<_>>() == ["3", "0"] {
             break;
         }
         assert!(Instant::now() < deadline, "couriers written: {count}");
@@ -319,6 +368,90 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         }
     }
 
+    // The imported model went live, so the API came up on the LAN over TLS:
+    // a client on the LAN asks it a question.
+    let api = format!("https://127.0.0.1:{lan_port}");
+    let curl = |args: &[&str]| {
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--cacert"])
+            .arg(d.join("cert.pem"))
+            .args(["-H", "Authorization: Bearer sk-node-test"])
+            .args(args)
+            .output()
+            .expect("run curl")
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let health = curl(&["--max-time", "10", &format!("{api}/health")]);
+        if health.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API did not come up: {}\n{}",
+            String::from_utf8_lossy(&health.stderr),
+            node.succeed(
+                "journalctl -b -u sovereign-api.service --no-pager -o cat | tail -20",
+                wait
+            )
+            .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let unauthorised = Command::new("curl")
+        .args([
+            "--silent",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_code}",
+            "--cacert",
+        ])
+        .arg(d.join("cert.pem"))
+        .arg(format!("{api}/v1/models"))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&unauthorised.stdout),
+        "401",
+        "a key is required"
+    );
+    let asked = Instant::now();
+    let answer = curl(&[
+        "--max-time",
+        "900",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}"#,
+        &format!("{api}/v1/completions"),
+    ]);
+    let answer: serde_json::Value = serde_json::from_slice(&answer.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&answer.stdout)));
+    let text = answer["choices"][0]["text"].as_str().unwrap_or_default();
+    eprintln!(
+        "node answered {text:?} in {:.1} s (TCG): {answer}",
+        asked.elapsed().as_secs_f64()
+    );
+    assert!(text.contains("Paris"), "greedy, the demo model knows: {answer}");
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64() >= Some(1),
+        "{answer}"
+    );
+
+    // The LAN has its DHCP address by now, and still no route beyond it.
+    let routes = node.succeed("cat /proc/net/route", wait).expect("routes");
+    assert!(
+        routes.contains("enp0s24"),
+        "the LAN is configured: {routes}"
+    );
+    assert!(
+        !routes
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("00000000")),
+        "no default route from DHCP: {routes}"
+    );
+
     // The firewall's drop counters reach the audit log (the timer's unit, run now).
     node.succeed(
         "systemctl start sovereign-firewall-audit.service || \
@@ -341,6 +474,14 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     );
     assert!(records.contains("\"outcome\":\"imported\""), "{records}");
     assert!(records.contains("\"outcome\":\"rejected\""), "{records}");
+    assert!(
+        records.contains("\"api-request\""),
+        "the API request is audited: {records}"
+    );
+    assert!(
+        !records.contains("capital of France"),
+        "never the prompt text"
+    );
     assert!(
         records.contains("\"drop-counters\"") && records.contains("\"egress-drops\""),
         "{records}"
