@@ -433,7 +433,10 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         "node answered {text:?} in {:.1} s (TCG): {answer}",
         asked.elapsed().as_secs_f64()
     );
-    assert!(text.contains("Paris"), "greedy, the demo model knows: {answer}");
+    assert!(
+        text.contains("Paris"),
+        "greedy, the demo model knows: {answer}"
+    );
     assert!(
         answer["usage"]["completion_tokens"].as_u64() >= Some(1),
         "{answer}"
