@@ -64,7 +64,7 @@ pub enum VmError {
         /// The last lines of the console.
         tail: String,
     },
-    /// A command run through the console agent exited non-zero.
+    /// A command run through the console agent (or, for `host`, on the host) exited non-zero.
     #[error("{machine}: `{command}` exited {status}: {output}")]
     CommandFailed {
         /// The machine.

@@ -30,9 +30,11 @@ port on `127.0.0.1`. QEMU uses TCG unless
 
 pub mod cache;
 pub mod error;
+pub mod host;
 pub mod machine;
 pub mod qmp;
 
 pub use cache::cached_build;
 pub use error::VmError;
+pub use host::{host_tool, workspace_binary};
 pub use machine::{probe_kvm, Accel, Boot, LanForward, Link, LinkEnd, Machine, MachineConfig};

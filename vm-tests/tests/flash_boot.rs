@@ -11,33 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sovereign_vm_tests::{Boot, Machine, MachineConfig};
+use sovereign_vm_tests::{host_tool, workspace_binary, Boot, Machine, MachineConfig};
 
+/// Runs a host tool, failing the test with its output if it fails.
 fn run(command: &mut Command) -> String {
-    let output = command.output().expect("tool runs");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The `sovereign` binary built beside this test (cargo builds it for the
-/// workspace's own CLI tests).
-fn sovereign_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|profile| profile.join("sovereign"))
-        .expect("target dir");
-    assert!(
-        binary.is_file(),
-        "{} is missing: run `cargo build -p sovereign` (cargo test --workspace builds it)",
-        binary.display()
-    );
-    binary
+    host_tool(command).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn payload() -> PathBuf {
@@ -111,7 +89,7 @@ fn stand_in_image(dir: &Path) -> PathBuf {
 fn a_disk_flashed_with_sovereign_flash_boots_under_uefi_and_holds_the_node_identity() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = stand_in_image(dir.path());
-    let sovereign = sovereign_binary();
+    let sovereign = workspace_binary("sovereign").expect("the sovereign binary");
     let key = dir.path().join("node.key");
     let public = run(Command::new(&sovereign)
         .args(["key", "generate", "--out"])

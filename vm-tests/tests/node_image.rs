@@ -1,42 +1,23 @@
 //! Scenario: the operator builds the node image (test profile) with
 //! `sovereign image build`, checks it with `sovereign image verify`, flashes
-//! it with `sovereign flash`, and the node boots under UEFI (OVMF, TCG, no
-//! network to the host) from its dm-verity root to ready services; a USB
-//! stick carrying a signed bundle is imported, and a tampered one refused,
-//! both recorded in the audit log next to the boot record.
+//! it with `sovereign flash` (identity and API credentials), and the node
+//! boots under UEFI (OVMF, TCG, no network to the host) from its dm-verity
+//! root to ready services; a USB stick carrying the signed demo model is
+//! imported and a tampered one refused, each stick leaving the auditor's
+//! courier; a client on the LAN stand-in asks the node's HTTPS API a
+//! question; the audit log holds the boot, the imports, the request and the
+//! firewall's counters.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig};
+use sovereign_vm_tests::{host_tool, workspace_binary, Boot, Link, Machine, MachineConfig};
 
+/// Runs a host tool, failing the test with its output if it fails.
 fn run(command: &mut Command) -> String {
-    let output = command.output().expect("tool runs");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The `sovereign` binary built beside this test (with the service binaries).
-fn sovereign_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|profile| profile.join("sovereign"))
-        .expect("target dir");
-    assert!(
-        binary.is_file(),
-        "{} is missing: run `cargo build --workspace` (cargo test --workspace builds it)",
-        binary.display()
-    );
-    binary
+    host_tool(command).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A FAT32 stick image holding `files`.
@@ -61,7 +42,7 @@ fn stick(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
 fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
-    let sovereign = sovereign_binary();
+    let sovereign = workspace_binary("sovereign").expect("the sovereign binary");
     let sov = |args: &[&str]| run(Command::new(&sovereign).args(args).current_dir(d));
 
     // The operator: a signer, the node's trust, a build key, the image.

@@ -11,7 +11,12 @@ use std::time::Duration;
 
 use sovereign_provisioning::gpt::{self, SECTOR};
 use sovereign_provisioning::{flash, FlashOptions, NoProgress};
-use sovereign_vm_tests::{Boot, Machine, MachineConfig};
+use sovereign_vm_tests::{host_tool, Boot, Machine, MachineConfig};
+
+/// Runs a host tool, failing the test with its output if it fails.
+fn run(command: &mut Command) -> String {
+    host_tool(command).unwrap_or_else(|e| panic!("{e}"))
+}
 
 const CMD: Duration = Duration::from_secs(120);
 
@@ -24,16 +29,6 @@ fn script(name: &str) -> PathBuf {
         String::from_utf8_lossy(&output.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
-}
-
-fn run(command: &mut Command) -> String {
-    let output = command.output().expect("tool runs");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn small_image(dir: &Path) -> PathBuf {
