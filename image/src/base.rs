@@ -12,6 +12,7 @@ use crate::error::BuildError;
 use crate::lock::{Lock, Package};
 use crate::sources::AptSource;
 use crate::tool;
+use crate::tree::put;
 
 /// Packages of every node beyond Debian's essential set.
 pub const BASE_PACKAGES: &[&str] = &[
@@ -33,6 +34,15 @@ const INITRAMFS_SCRIPT: &str =
     include_str!("../files/initramfs/scripts/local-top/sovereign-verity");
 const PRUNE_MODULES: &str = include_str!("../files/prune-modules");
 const CUSTOMIZE: &str = include_str!("../files/base-customize");
+
+/// Every package a spec asks for: [`BASE_PACKAGES`] and its `extra` ones, sorted, once each.
+pub fn package_names(extra: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = BASE_PACKAGES.iter().map(|p| p.to_string()).collect();
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
 
 /// Bumped when the way the base is made changes in a way its inputs do not show.
 const RECIPE: &str = "sovereign-image-base/1";
@@ -68,13 +78,7 @@ impl BaseInputs<'_> {
     fn includes(&self) -> Vec<String> {
         match self.lock {
             Some((_, lock)) => lock.pins(),
-            None => {
-                let mut names: Vec<String> = BASE_PACKAGES.iter().map(|p| p.to_string()).collect();
-                names.extend(self.packages.iter().cloned());
-                names.sort();
-                names.dedup();
-                names
-            }
+            None => package_names(self.packages),
         }
     }
 
@@ -106,13 +110,6 @@ impl BaseInputs<'_> {
         field(mmdebstrap_version.as_bytes());
         hasher.finalize().to_hex()[..24].to_string()
     }
-}
-
-fn write_exec(path: &Path, text: &str, mode: u32) -> Result<(), BuildError> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::write(path, text).map_err(BuildError::io(format!("writing {}", path.display())))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(BuildError::io(format!("chmod {}", path.display())))
 }
 
 fn read_tsv(path: &Path) -> Result<Vec<Vec<String>>, BuildError> {
@@ -232,13 +229,16 @@ fn finish(inputs: &BaseInputs, dir: &Path, cached: bool) -> Result<Base, BuildEr
 }
 
 fn build(inputs: &BaseInputs, dir: &Path) -> Result<(), BuildError> {
+    for (path, text, mode) in [
+        ("hooks/conf", INITRAMFS_CONF, 0o644),
+        ("hooks/hook", INITRAMFS_HOOK, 0o755),
+        ("hooks/local-top", INITRAMFS_SCRIPT, 0o755),
+        ("hooks/customize", CUSTOMIZE, 0o755),
+        ("prune-modules", PRUNE_MODULES, 0o644),
+    ] {
+        put(dir, path, text.as_bytes(), mode)?;
+    }
     let hooks = dir.join("hooks");
-    fs::create_dir_all(&hooks).map_err(BuildError::io("creating the hooks dir"))?;
-    write_exec(&hooks.join("conf"), INITRAMFS_CONF, 0o644)?;
-    write_exec(&hooks.join("hook"), INITRAMFS_HOOK, 0o755)?;
-    write_exec(&hooks.join("local-top"), INITRAMFS_SCRIPT, 0o755)?;
-    write_exec(&dir.join("prune-modules"), PRUNE_MODULES, 0o644)?;
-    write_exec(&hooks.join("customize"), CUSTOMIZE, 0o755)?;
     let h = hooks.display();
     let d = dir.display();
     let mut command = Command::new("mmdebstrap");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sovereign_signing::SigningKey;
 
-use crate::base::{self, BaseInputs, BASE_PACKAGES};
+use crate::base::{self, package_names, BaseInputs};
 use crate::disk;
 use crate::error::BuildError;
 use crate::lock::Lock;
@@ -158,7 +158,11 @@ pub fn build(
     }
     let lock = match request.lock {
         Some(path) => {
-            let lock = Lock::read(path)?;
+            let text = fs::read_to_string(path).map_err(|e| BuildError::Lock {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+            let lock = Lock::parse(path, &text)?;
             let bad = |reason: String| BuildError::Lock {
                 path: path.to_owned(),
                 reason,
@@ -169,16 +173,12 @@ pub fn build(
                     lock.suite, spec.suite
                 )));
             }
-            let wanted = BASE_PACKAGES
-                .iter()
-                .map(|p| p.to_string())
-                .chain(spec.packages.iter().cloned());
-            for name in wanted {
+            for name in package_names(&spec.packages) {
                 if !lock.packages.iter().any(|p| p.name == name) {
                     return Err(bad(format!("{name} is not in it (the spec needs it; build without --lock to resolve anew)")));
                 }
             }
-            Some((path, lock))
+            Some((path, lock, manifest::sha256_hex(text.as_bytes())))
         }
         None => None,
     };
@@ -194,7 +194,7 @@ pub fn build(
         suite: &spec.suite,
         sources: &apt_sources,
         packages: &spec.packages,
-        lock: lock.as_ref().map(|(p, l)| (*p, l)),
+        lock: lock.as_ref().map(|(p, l, _)| (*p, l)),
         epoch,
     };
     let base = step(progress, "base root filesystem", || {
@@ -210,7 +210,7 @@ pub fn build(
 
     let tree_inputs = TreeInputs {
         spec,
-        binaries: request.binaries,
+        binaries: &binaries,
         bundle_trust: &bundle_trust,
         cluster_ca: cluster_ca.as_deref(),
         version: request.version,
@@ -260,7 +260,7 @@ pub fn build(
         })?;
         let (manifest_bytes, signature, sha256) = step(progress, "signed manifest", || {
             let sha256 =
-                manifest::sha256_file(&image, None).map_err(BuildError::io("hashing the image"))?;
+                manifest::sha256_file(&image).map_err(BuildError::io("hashing the image"))?;
             let mut inputs = vec![
                 Input {
                     name: "bundle trust".into(),
@@ -268,7 +268,7 @@ pub fn build(
                 },
                 Input {
                     name: "efi stub".into(),
-                    sha256: manifest::sha256_file(Path::new(EFI_STUB), None)
+                    sha256: manifest::sha256_file(Path::new(EFI_STUB))
                         .map_err(BuildError::io("hashing the EFI stub"))?,
                 },
             ];
@@ -284,12 +284,10 @@ pub fn build(
                     sha256: manifest::sha256_hex(bytes),
                 });
             }
-            if let Some((path, _)) = &lock {
-                let bytes = fs::read(path)
-                    .map_err(BuildError::io(format!("reading {}", path.display())))?;
+            if let Some((_, _, sha256)) = &lock {
                 inputs.push(Input {
                     name: "lock".into(),
-                    sha256: manifest::sha256_hex(&bytes),
+                    sha256: sha256.clone(),
                 });
             }
             let manifest = Manifest {

@@ -5,7 +5,7 @@
 //! partitions' UUIDs are the halves of the root hash, as systemd does it).
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -99,18 +99,12 @@ fn copy_at(image: &mut fs::File, from: &Path, offset: u64) -> Result<(), BuildEr
     image
         .seek(SeekFrom::Start(offset))
         .map_err(BuildError::io("seeking in the disk image"))?;
-    let mut buffer = vec![0u8; 4 * MIB as usize];
-    loop {
-        let n = source
-            .read(&mut buffer)
-            .map_err(BuildError::io(format!("reading {}", from.display())))?;
-        if n == 0 {
-            return Ok(());
-        }
-        image
-            .write_all(&buffer[..n])
-            .map_err(BuildError::io("writing the disk image"))?;
-    }
+    std::io::copy(&mut source, image)
+        .map(|_| ())
+        .map_err(BuildError::io(format!(
+            "copying {} into the disk image",
+            from.display()
+        )))
 }
 
 /// Builds the ESP holding `uki` and writes the GPT disk image `out`.

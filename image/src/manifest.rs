@@ -6,7 +6,6 @@
 //! image against it.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -75,22 +74,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// sha256 of a file's first `limit` bytes (all of it when `None`), hex.
-pub fn sha256_file(path: &Path, limit: Option<u64>) -> std::io::Result<String> {
-    let file = fs::File::open(path)?;
-    let mut reader: Box<dyn Read> = match limit {
-        Some(n) => Box::new(file.take(n)),
-        None => Box::new(file),
-    };
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
+    std::io::copy(&mut fs::File::open(path)?, &mut hasher)?;
     Ok(format!("{:x}", hasher.finalize()))
 }
 
@@ -187,7 +174,7 @@ pub fn verify(
             manifest.image.size
         )));
     }
-    let sha256 = sha256_file(image, None).map_err(|source| VerifyError::Io {
+    let sha256 = sha256_file(image).map_err(|source| VerifyError::Io {
         what: format!("reading {}", image.display()),
         source,
     })?;

@@ -185,13 +185,17 @@ pub fn from_host(
     Ok(sources)
 }
 
+/// Whether `mirror` is a URL apt can fetch from (http, https or file).
+pub fn is_mirror_url(mirror: &str) -> bool {
+    ["http://", "https://", "file://"]
+        .iter()
+        .any(|s| mirror.starts_with(s))
+}
+
 /// The sources of a build: `mirror` if given, else the host's.
 pub fn resolve(mirror: &str, suite: &str, etc: &Path) -> Result<Vec<AptSource>, BuildError> {
     if !mirror.is_empty() {
-        if !["http://", "https://", "file://"]
-            .iter()
-            .any(|s| mirror.starts_with(s))
-        {
+        if !is_mirror_url(mirror) {
             return Err(BuildError::Sources(format!(
                 "mirror {mirror:?} is not an http(s):// or file:// URL"
             )));

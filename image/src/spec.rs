@@ -170,8 +170,7 @@ impl ImageSpec {
                 ),
             );
         }
-        let schemes = ["http://", "https://", "file://"];
-        if !self.mirror.is_empty() && !schemes.iter().any(|s| self.mirror.starts_with(s)) {
+        if !self.mirror.is_empty() && !crate::sources::is_mirror_url(&self.mirror) {
             return invalid(
                 "mirror",
                 format!("{:?} is not an http(s):// or file:// URL", self.mirror),

@@ -66,8 +66,8 @@ pub const PRODUCTION_REMOVED: &[&str] = &[
 pub struct TreeInputs<'a> {
     /// The spec.
     pub spec: &'a ImageSpec,
-    /// Directory holding `sovereign-audit`, `sovereign-import`, `sovereign-api`.
-    pub binaries: &'a Path,
+    /// The service binaries to install in `/usr/bin`: name and bytes.
+    pub binaries: &'a [(&'static str, Vec<u8>)],
     /// The bundle trust file's bytes.
     pub bundle_trust: &'a [u8],
     /// The cluster CA public key's bytes, if the spec names one.
@@ -99,7 +99,9 @@ pub fn binary_names(service: Service) -> &'static [&'static str] {
     }
 }
 
-fn put(root: &Path, path: &str, contents: &[u8], mode: u32) -> Result<(), BuildError> {
+/// Writes `contents` to `path` under `root` with `mode`, creating its
+/// directories and replacing whatever was there.
+pub(crate) fn put(root: &Path, path: &str, contents: &[u8], mode: u32) -> Result<(), BuildError> {
     let target = root.join(path.trim_start_matches('/'));
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent)
@@ -192,21 +194,17 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
     put(&root, "usr/lib/os-release", os_release.as_bytes(), 0o644)?;
 
     // The services: binaries, users, units.
+    for (name, bytes) in inputs.binaries {
+        put(&root, &format!("usr/bin/{name}"), bytes, 0o755)?;
+        // Debug information has no place on a node (and makes dev builds huge).
+        tool::run(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(root.join(format!("usr/bin/{name}"))),
+            epoch,
+        )?;
+    }
     for service in &spec.services {
-        for name in binary_names(*service) {
-            let source = inputs.binaries.join(name);
-            let bytes = fs::read(&source).map_err(|_| BuildError::MissingBinary {
-                path: source.clone(),
-            })?;
-            put(&root, &format!("usr/bin/{name}"), &bytes, 0o755)?;
-            // Debug information has no place on a node (and makes dev builds huge).
-            tool::run(
-                Command::new("objcopy")
-                    .arg("--strip-debug")
-                    .arg(root.join(format!("usr/bin/{name}"))),
-                epoch,
-            )?;
-        }
         put(
             &root,
             &format!("usr/lib/systemd/system/{}", unit_name(*service)),
