@@ -106,3 +106,60 @@ fn imports_are_audited_exported_and_verified() {
     lab.run(&["audit", "verify", "--key", "alice.pub", "export.json"])
         .refused("not by the expected");
 }
+
+/// An export whose records carry `service`, padded to `count` records.
+fn crafted_export(lab: &Lab, service: &str, count: usize) -> String {
+    let record = serde_json::json!({
+        "record": {"seq": 0, "time": "t", "node": "n", "service": service, "kind": "boot", "details": {"pad": "x".repeat(200)}},
+        "root": "00",
+        "sig": "AA==",
+    })
+    .to_string();
+    let export = serde_json::json!({
+        "format": "sovereign-audit-export/1",
+        "node": "n",
+        "public_key": "ed25519:x",
+        "certificate": null,
+        "records": vec![record; count],
+        "checkpoints": [],
+    });
+    fs::write(lab.path("crafted.json"), export.to_string()).unwrap();
+    "crafted.json".into()
+}
+
+#[test]
+fn r14_audit_show_escapes_control_characters() {
+    let lab = Lab::new();
+    let file = crafted_export(&lab, "api\u{1b}[2K\rforged line\u{202e}", 1);
+    let shown = lab.run(&["audit", "show", "--log", &file]).ok();
+    assert!(
+        !shown.stdout.contains(['\u{1b}', '\r', '\u{202e}']),
+        "{:?}",
+        shown.stdout
+    );
+    assert!(shown
+        .stdout
+        .contains("api\\u{1b}[2K\\u{d}forged line\\u{202e}"));
+}
+
+#[test]
+fn r14_audit_show_exits_quietly_when_its_pipe_closes() {
+    let lab = Lab::new();
+    let file = crafted_export(&lab, "api", 5000);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sovereign"))
+        .current_dir(lab.path(""))
+        .args(["audit", "show", "--log", &file])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line, then close the pipe while more than a pipe's worth is left.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,5 +1,7 @@
 //! `sovereign audit`: export, verify and show a node's audit log.
 
+use std::borrow::Cow;
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -40,6 +42,29 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `text` with control and bidirectional-override characters escaped
+/// (`\u{1b}`), so a record cannot move the cursor or fake a line.
+fn printable(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if unsafe_char(c) {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 /// Runs an audit command.
@@ -92,17 +117,26 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Show { log, json } => {
             let export = Export::load(&log)?;
+            // A closed pipe (`| head`) is an error here, not a panic; main exits quietly.
+            let mut out = std::io::stdout().lock();
             for line in &export.records {
                 let stored: StoredRecord = serde_json::from_str(line)
                     .with_context(|| "a record is not valid; run `sovereign audit verify`")?;
                 let r = &stored.record;
                 if json {
-                    println!("{}", serde_json::to_string(r)?);
+                    writeln!(out, "{}", serde_json::to_string(r)?)?;
                 } else {
-                    println!(
+                    // An export may come from anywhere: no field reaches the
+                    // terminal with its control characters.
+                    writeln!(
+                        out,
                         "{:>6} {} {} {} {}",
-                        r.seq, r.time, r.event.service, r.event.kind, r.event.details
-                    );
+                        r.seq,
+                        printable(&r.time),
+                        printable(&r.event.service),
+                        printable(&r.event.kind),
+                        printable(&r.event.details.to_string())
+                    )?;
                 }
             }
         }

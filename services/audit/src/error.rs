@@ -33,6 +33,10 @@ pub enum AuditError {
     /// The log's writer has stopped (fail closed).
     #[error("the audit log is not accepting records: {0}")]
     Closed(String),
+    /// An event was refused (malformed, too large, not allowed for its sender,
+    /// over its sender's quota); the log stays open.
+    #[error("event refused: {0}")]
+    Refused(String),
     /// A file is not an audit export or log.
     #[error("{0}")]
     Format(String),

@@ -33,5 +33,7 @@ pub use courier::{
 pub use error::AuditError;
 pub use firewall::drop_counters_event;
 pub use log::AuditLog;
-pub use record::{Event, RecordBody, StoredRecord};
+pub use record::{
+    Event, Peer, RawRecord, RecordBody, StoredRecord, MAX_DETAILS_DEPTH, MAX_EVENT_BYTES,
+};
 pub use verify::{verify, verify_records, Export, Verified};

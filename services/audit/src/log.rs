@@ -21,9 +21,9 @@ use sovereign_signing::{PublicKey, SigningKey};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::AuditError;
-use crate::merkle::{consistency_proof, leaf_hash, Frontier, Hash};
-use crate::record::{Event, RecordBody, StoredRecord};
-use crate::verify::verify_records;
+use crate::merkle::{consistency_proof, Frontier, Hash};
+use crate::record::{seal_line, Event, Peer, RecordBody};
+use crate::verify::{check_line, verify_records};
 
 pub(crate) const RECORDS: &str = "records.jsonl";
 pub(crate) const CHECKPOINTS: &str = "checkpoints.jsonl";
@@ -141,8 +141,18 @@ impl AuditLog {
             .map_err(|_| AuditError::Closed("a writer panicked".into()))
     }
 
-    /// Appends one record and returns its sequence number once it is on disk.
+    /// Appends one record made in-process and returns its sequence number
+    /// once it is on disk.
     pub fn record(&self, event: Event) -> Result<u64, AuditError> {
+        self.record_from(event, None)
+    }
+
+    /// Appends one record sent by `peer` (stamped into the record) and returns
+    /// its sequence number once it is on disk. An event that breaks
+    /// [`Event::check`] is refused; the stored line is checked exactly as a
+    /// verifier will read it before anyone is told it is recorded.
+    pub fn record_from(&self, event: Event, peer: Option<Peer>) -> Result<u64, AuditError> {
+        event.check().map_err(AuditError::Refused)?;
         let mut state = self.lock()?;
         if let Some(reason) = &state.failed {
             return Err(AuditError::Closed(reason.clone()));
@@ -152,12 +162,20 @@ impl AuditLog {
             seq,
             time: now(),
             node: self.node.clone(),
+            peer,
             event,
         };
-        let leaf = leaf_hash(&body.leaf_bytes());
-        state.frontier.push(leaf);
+        let bytes = body.to_bytes();
+        let mut frontier = state.frontier.clone();
+        let mut probe = frontier.clone();
+        probe.push(crate::merkle::leaf_hash(&bytes));
+        let line = seal_line(seq, &bytes, &probe.root(), &self.key);
+        let line = String::from_utf8(line)
+            .map_err(|_| AuditError::Refused("the record is not UTF-8".into()))?;
+        let leaf = check_line(&line, seq, &mut frontier, &self.key.public_key())
+            .map_err(|reason| AuditError::Refused(format!("would not verify: {reason}")))?;
+        state.frontier = frontier;
         state.leaves.push(leaf);
-        let root = state.frontier.root();
         tracing::info!(
             target: "sovereign_audit",
             seq,
@@ -166,7 +184,6 @@ impl AuditLog {
             details = %body.event.details,
             "audit record"
         );
-        let line = StoredRecord::seal(body, &root, &self.key).to_line();
         state.pending.extend_from_slice(line.as_bytes());
         state.pending.push(b'\n');
         drop(self.wait_durable(state, seq + 1)?);

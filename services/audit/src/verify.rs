@@ -10,8 +10,8 @@ use sovereign_signing::PublicKey;
 use crate::checkpoint::Checkpoint;
 use crate::error::AuditError;
 use crate::log::{read_checkpoints, NODE, PUBLIC, RECORDS};
-use crate::merkle::{leaf_hash, root, Frontier, Hash};
-use crate::record::StoredRecord;
+use crate::merkle::{root, Frontier, Hash};
+use crate::record::{RawRecord, RecordBody};
 
 /// Checks records in order and returns their leaf hashes; names the first bad one.
 pub fn verify_records<'a>(
@@ -22,25 +22,40 @@ pub fn verify_records<'a>(
     let mut leaves = Vec::new();
     for (index, line) in lines.enumerate() {
         let seq = index as u64;
-        let bad = |reason: String| AuditError::BadRecord { seq, reason };
-        let stored: StoredRecord =
-            serde_json::from_str(line).map_err(|e| bad(format!("not a valid record ({e})")))?;
-        if stored.record.seq != seq {
-            return Err(bad(format!(
-                "holds sequence number {} (records deleted, inserted or reordered)",
-                stored.record.seq
-            )));
-        }
-        let leaf = leaf_hash(&stored.record.leaf_bytes());
-        frontier.push(leaf);
-        if !stored.signature_ok(&leaf, &frontier.root(), key) {
-            return Err(bad(
-                "content, tree head or signature does not match (edited or forged)".into(),
-            ));
-        }
+        let leaf = check_line(line, seq, &mut frontier, key)
+            .map_err(|reason| AuditError::BadRecord { seq, reason })?;
         leaves.push(leaf);
     }
     Ok(leaves)
+}
+
+/// Checks one stored line as record `seq` of the tree `frontier` holds so far:
+/// its body is a record at that position, and its signature covers the
+/// body's exact bytes and the tree head after it. Pushes the leaf on success.
+pub(crate) fn check_line(
+    line: &str,
+    seq: u64,
+    frontier: &mut Frontier,
+    key: &PublicKey,
+) -> Result<Hash, String> {
+    let stored: RawRecord =
+        serde_json::from_str(line).map_err(|e| format!("not a valid record ({e})"))?;
+    let body: RecordBody = serde_json::from_str(stored.record.get())
+        .map_err(|e| format!("not a valid record ({e})"))?;
+    if body.seq != seq {
+        return Err(format!(
+            "holds sequence number {} (records deleted, inserted or reordered)",
+            body.seq
+        ));
+    }
+    let leaf = stored.leaf();
+    let mut next = frontier.clone();
+    next.push(leaf);
+    if !stored.signature_ok(seq, &leaf, &next.root(), key) {
+        return Err("content, tree head or signature does not match (edited or forged)".into());
+    }
+    *frontier = next;
+    Ok(leaf)
 }
 
 /// A self-contained export of a node's audit log.
