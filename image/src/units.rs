@@ -19,6 +19,21 @@ pub const STICK_DIR: &str = "/run/sovereign/stick";
 /// (instance: the block device name, `sda1`).
 pub const STICK_UNIT: &str = "sovereign-stick@.service";
 
+/// Who may record what over the audit socket: each service user of `spec`
+/// only its own service name and event kinds (root: the firewall counters;
+/// any listed user may ask for the courier checkpoint).
+fn audit_allow(spec: &ImageSpec) -> String {
+    let mut rules = String::from(" --allow root=firewall:drop-counters");
+    for service in &spec.services {
+        rules.push_str(match service {
+            Service::Audit => "",
+            Service::Import => " --allow sovereign-import=import:import,trust-rotation",
+            Service::Api => " --allow sovereign-api=api:api-request,model-loaded",
+        });
+    }
+    rules
+}
+
 /// The unit file name of a service.
 pub fn unit_name(service: Service) -> &'static str {
     match service {
@@ -71,11 +86,14 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
             format!(
                 "Type=simple\nUser=sovereign-audit\nGroup=sovereign-audit\nStateDirectory=sovereign/audit\nStateDirectoryMode=0700\n\
                  RuntimeDirectory=sovereign-audit\nRuntimeDirectoryMode=0750\n\
-                 ExecStart=/usr/bin/sovereign-audit --log /var/lib/sovereign/audit --socket {AUDIT_SOCKET} --node %H --boot\n\
-                 Restart=always\nPrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n"
+                 ExecStart=/usr/bin/sovereign-audit --log /var/lib/sovereign/audit --socket {AUDIT_SOCKET} --node %H --boot{allow}\n\
+                 Restart=always\nPrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n",
+                allow = audit_allow(spec)
             ),
-            // The boot record reads the verity root hash from /proc/cmdline.
-            "ProcSubset=all\n".to_owned(),
+            // The boot record reads the verity root hash from /proc/cmdline;
+            // the daemon must see its clients' real user ids (SO_PEERCRED),
+            // which a private user namespace would map to nobody.
+            "ProcSubset=all\nPrivateUsers=no\n".to_owned(),
         ),
         Service::Import => (
             "Sovereign import from the stick %I",

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use crate::courier::{courier_package, CourierPackage};
 use crate::error::AuditError;
 use crate::log::AuditLog;
+use crate::policy::Gate;
 use crate::record::Event;
 
 /// Longest request line accepted.
@@ -70,14 +71,17 @@ impl AuditClient {
     }
 }
 
-/// Serves the socket protocol for `log` until the listener fails; one thread per connection.
-pub fn serve(listener: UnixListener, log: Arc<AuditLog>) {
+/// Serves the socket protocol for `log` until the listener fails; one thread
+/// per connection. Every request passes `gate` (who may record what, and how
+/// much); every record is stamped with its sender's credentials.
+pub fn serve(listener: UnixListener, log: Arc<AuditLog>, gate: Arc<Gate>) {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
                 let log = Arc::clone(&log);
+                let gate = Arc::clone(&gate);
                 std::thread::spawn(move || {
-                    if let Err(e) = handle(stream, &log) {
+                    if let Err(e) = handle(stream, &log, &gate) {
                         tracing::warn!(error = %e, "audit client connection ended");
                     }
                 });
@@ -101,7 +105,8 @@ struct CourierRequest {
     previous: Option<String>,
 }
 
-fn handle(stream: UnixStream, log: &AuditLog) -> std::io::Result<()> {
+fn handle(stream: UnixStream, log: &AuditLog, gate: &Gate) -> std::io::Result<()> {
+    let peer = Gate::peer(&stream)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -116,15 +121,24 @@ fn handle(stream: UnixStream, log: &AuditLog) -> std::io::Result<()> {
             return Ok(());
         }
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Courier { courier }) => {
-                match courier_package(log, courier.previous.as_deref()) {
-                    Ok(package) => serde_json::json!({ "courier": package }),
-                    Err(e) => serde_json::json!({ "error": e.to_string() }),
-                }
-            }
-            Ok(Request::Event(event)) => match log.record(event) {
-                Ok(seq) => serde_json::json!({ "seq": seq }),
+            Ok(Request::Courier { courier }) => match gate
+                .admit_courier(&peer)
+                .map_err(AuditError::Refused)
+                .and_then(|()| courier_package(log, courier.previous.as_deref()))
+            {
+                Ok(package) => serde_json::json!({ "courier": package }),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
+            Ok(Request::Event(event)) => match gate
+                .admit(&peer, &event)
+                .map_err(AuditError::Refused)
+                .and_then(|()| log.record_from(event, Some(peer.clone())))
+            {
+                Ok(seq) => serde_json::json!({ "seq": seq }),
+                Err(e) => {
+                    tracing::warn!(uid = peer.uid, pid = peer.pid, error = %e, "audit event refused");
+                    serde_json::json!({ "error": e.to_string() })
+                }
             },
             Err(e) => serde_json::json!({ "error": format!("not an event: {e}") }),
         };

@@ -21,6 +21,7 @@ mod error;
 mod firewall;
 mod log;
 pub mod merkle;
+mod policy;
 mod record;
 mod verify;
 
@@ -33,6 +34,7 @@ pub use courier::{
 pub use error::AuditError;
 pub use firewall::drop_counters_event;
 pub use log::AuditLog;
+pub use policy::{Gate, Policy, Rule};
 pub use record::{
     Event, Peer, RawRecord, RecordBody, StoredRecord, MAX_DETAILS_DEPTH, MAX_EVENT_BYTES,
 };

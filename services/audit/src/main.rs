@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use sovereign_audit::{serve, AuditLog, Event};
+use sovereign_audit::{serve, AuditLog, Event, Gate, Policy, Rule};
 use tracing_subscriber::prelude::*;
 
 /// The audit daemon.
@@ -32,6 +32,21 @@ struct Args {
     /// Seconds between checkpoints (when there are new records).
     #[arg(long, default_value_t = 60)]
     checkpoint_every: u64,
+    /// Who may record what: `USER=SERVICE:KIND[,KIND...]` (repeatable). Each
+    /// user's events must carry that service name and one of those kinds.
+    /// Without any, only the daemon's own user may record (a dev host).
+    #[arg(long = "allow", value_name = "USER=SERVICE:KINDS")]
+    allow: Vec<Rule>,
+    /// Bytes of events one user may send in a burst.
+    #[arg(long, default_value_t = Policy::default().burst_bytes)]
+    quota_burst_bytes: u64,
+    /// Bytes per second one user's quota refills.
+    #[arg(long, default_value_t = Policy::default().bytes_per_sec)]
+    quota_bytes_per_sec: u64,
+    /// MiB the log's filesystem keeps free: below it, events from the socket
+    /// are refused (the store on the same filesystem keeps room).
+    #[arg(long, default_value_t = Policy::default().min_free_bytes >> 20)]
+    min_free_mb: u64,
     /// Record a boot event: the image's version (os-release) and the verity
     /// root hash the kernel was booted with (a node's unit passes this).
     #[arg(long)]
@@ -102,7 +117,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("sovereign-audit: ready on {}", args.socket.display());
     {
         let log = Arc::clone(&log);
-        std::thread::spawn(move || serve(listener, log));
+        let gate = Arc::new(Gate::new(
+            Policy {
+                rules: args.allow.clone(),
+                burst_bytes: args.quota_burst_bytes,
+                bytes_per_sec: args.quota_bytes_per_sec,
+                min_free_bytes: args.min_free_mb << 20,
+            },
+            &args.log,
+        ));
+        std::thread::spawn(move || serve(listener, log, gate));
     }
     {
         let log = Arc::clone(&log);

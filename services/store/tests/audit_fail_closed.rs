@@ -91,7 +91,11 @@ fn the_import_service_records_through_the_audit_socket() {
     let listener = UnixListener::bind(&socket).unwrap();
     {
         let log = log.clone();
-        std::thread::spawn(move || sovereign_audit::serve(listener, log));
+        let gate = std::sync::Arc::new(sovereign_audit::Gate::new(
+            sovereign_audit::Policy::default(),
+            &tmp.path().join("audit"),
+        ));
+        std::thread::spawn(move || sovereign_audit::serve(listener, log, gate));
     }
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_sovereign-import"))
         .arg("--store")
