@@ -34,6 +34,8 @@ enum Command {
     Import(commands::import::ImportArgs),
     /// Answer a prompt with a model from the store, streaming the text.
     Generate(commands::generate::GenerateArgs),
+    /// A model's perplexity on a text file, computed like llama.cpp's llama-perplexity.
+    Perplexity(commands::perplexity::PerplexityArgs),
     /// Serve the OpenAI-compatible API (chat, completions, models, health, metrics).
     Serve(sovereign_api::ServeArgs),
     /// Export, verify and show the compliance audit log.
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Command::Import(args) => commands::import::run(args),
         Command::Audit(command) => commands::audit::run(command),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Perplexity(args) => commands::perplexity::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Models(args) => commands::models::run(args),
         Command::Image(command) => commands::image::run(command),

@@ -31,6 +31,15 @@ fn generate_answers_from_an_imported_bundle_and_audits_it() {
         .find(|l| l.starts_with("stats: prompt "))
         .expect("stats line");
     assert!(stats.contains(" tok/s; decode "), "{stats}");
+    // The demo model: 210 Q4_1 matrices and the Q8_0 head, all on the SIMD kernels.
+    assert!(
+        answer
+            .stderr
+            .lines()
+            .any(|l| l == "matrices: Q4_1 kernel 210, Q8_0 kernel 1"),
+        "{}",
+        answer.stderr
+    );
     assert_eq!(
         lab.run(&args).ok().stdout,
         answer.stdout,

@@ -134,6 +134,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             generation.decode_seconds,
             rate(decoded, generation.decode_seconds)
         );
+        let paths: Vec<String> = engine
+            .matrix_paths()
+            .into_iter()
+            .map(|(path, count)| format!("{path} {count}"))
+            .collect();
+        eprintln!("matrices: {}", paths.join(", "));
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod image;
 pub mod import;
 pub mod key;
 pub mod models;
+pub mod perplexity;
 pub mod serve;
 pub mod trust;
 

@@ -16,7 +16,22 @@ pub struct ChatMessage {
 /// A model's chat template.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
 }
+
+/// Gemma's turn format, for Gemma files that carry no template of their own
+/// (llama.cpp recognises the architecture the same way): the system text
+/// opens the first user turn.
+pub(crate) const GEMMA_TEMPLATE: &str = "{{ bos_token }}\
+{%- set ns = namespace(system='') -%}\
+{%- for m in messages -%}\
+{%- if m.role == 'system' -%}{%- set ns.system = m.content ~ '\n\n' -%}\
+{%- else -%}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n\
+{%- if m.role == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif -%}\
+{{ m.content | trim }}<end_of_turn>\n{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt %}<start_of_turn>model\n{% endif -%}";
 
 impl ChatTemplate {
     /// Compiles a Jinja chat template (as shipped in `tokenizer.chat_template`).
@@ -35,7 +50,18 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| InferenceError::Template(e.to_string()))?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            bos: String::new(),
+            eos: String::new(),
+        })
+    }
+
+    /// The texts the template gets as `bos_token` and `eos_token` (empty by default).
+    pub fn with_tokens(mut self, bos: &str, eos: &str) -> Self {
+        self.bos = bos.to_owned();
+        self.eos = eos.to_owned();
+        self
     }
 
     /// Renders `messages` with the generation prompt for the assistant appended.
@@ -48,8 +74,8 @@ impl ChatTemplate {
             .render(minijinja::context! {
                 messages => messages,
                 add_generation_prompt => true,
-                bos_token => "",
-                eos_token => "",
+                bos_token => self.bos,
+                eos_token => self.eos,
             })
             .map_err(|e| InferenceError::Template(e.to_string()))
     }

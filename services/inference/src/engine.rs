@@ -6,9 +6,11 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use tokenizers::Tokenizer;
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatTemplate, GEMMA_TEMPLATE};
+use crate::config::Arch;
+use crate::config::ModelConfig;
 use crate::error::InferenceError;
-use crate::model::{ModelConfig, Stage};
+use crate::model::Stage;
 use crate::sampling::Sampler;
 use crate::tokenizer::{encode, load_tokenizer};
 
@@ -67,6 +69,8 @@ pub struct Engine {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     eos: Vec<u32>,
+    /// The token that starts every sequence, if the model asks for one.
+    bos: Option<u32>,
 }
 
 impl Engine {
@@ -74,23 +78,25 @@ impl Engine {
     /// template from its metadata) or a safetensors directory (from
     /// `tokenizer.json` and `tokenizer_config.json`).
     pub fn load(path: &Path) -> Result<Self, InferenceError> {
-        let (tokenizer, template, mut eos) = if path.is_dir() {
+        let (_, config, _) = crate::weights::Weights::open(path)?;
+        let parts = if path.is_dir() {
             hf_tokenizer(path)?
         } else {
-            gguf_tokenizer(path)?
+            gguf_tokenizer(path, config.arch)?
         };
-        for end in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+        let (tokenizer, template, mut eos, bos) = parts;
+        for end in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
             if let Some(id) = tokenizer.token_to_id(end) {
                 eos.push(id);
             }
         }
-        let (_, config, _) = crate::weights::Weights::open(path)?;
         let stage = Stage::load(path, 0..config.layers)?;
         Ok(Self {
             stage,
             tokenizer,
             template,
             eos,
+            bos,
         })
     }
 
@@ -129,9 +135,32 @@ impl Engine {
         &self.tokenizer
     }
 
-    /// Token ids of `text` (special tokens recognised, no BOS).
+    /// Token ids of `text` (special tokens recognised), starting with the
+    /// BOS token when the model's file asks for one (`add_bos_token`) and
+    /// the text does not already begin with it.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
-        encode(&self.tokenizer, text)
+        let mut tokens = encode(&self.tokenizer, text)?;
+        if let Some(bos) = self.bos {
+            if tokens.first() != Some(&bos) {
+                tokens.insert(0, bos);
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// The BOS token, if the model starts every sequence with one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// The stage holding every layer.
+    pub(crate) fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    /// How many matrices each code path multiplies (`"Q4_K kernel"`, ...).
+    pub fn matrix_paths(&self) -> std::collections::BTreeMap<String, usize> {
+        self.stage.matrix_paths()
     }
 
     /// The prompt text for a conversation, from the model's chat template.
@@ -231,9 +260,9 @@ impl Engine {
     }
 }
 
-type TokenizerParts = (Tokenizer, Option<ChatTemplate>, Vec<u32>);
+type TokenizerParts = (Tokenizer, Option<ChatTemplate>, Vec<u32>, Option<u32>);
 
-fn gguf_tokenizer(path: &Path) -> Result<TokenizerParts, InferenceError> {
+fn gguf_tokenizer(path: &Path, arch: Arch) -> Result<TokenizerParts, InferenceError> {
     let mut file = std::fs::File::open(path).map_err(|e| InferenceError::Io {
         path: path.to_owned(),
         source: e,
@@ -241,17 +270,35 @@ fn gguf_tokenizer(path: &Path) -> Result<TokenizerParts, InferenceError> {
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
     let tokenizer = load_tokenizer(&content)?;
-    let template = match content.metadata.get("tokenizer.chat_template") {
-        Some(v) => Some(ChatTemplate::new(v.to_string()?)?),
+    let id = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+    let text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let eos_id = id("tokenizer.ggml.eos_token_id");
+    let bos_id = id("tokenizer.ggml.bos_token_id");
+    // llama.cpp's default: SentencePiece vocabularies start with BOS, BPE ones do not.
+    let add_bos = content
+        .metadata
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or_else(|| {
+            content
+                .metadata
+                .get("tokenizer.ggml.model")
+                .and_then(|v| v.to_string().ok())
+                .is_some_and(|m| m == "llama")
+        });
+    let source = match content.metadata.get("tokenizer.chat_template") {
+        Some(v) => Some(v.to_string()?.as_str()),
+        None if arch == Arch::Gemma3 => Some(GEMMA_TEMPLATE),
         None => None,
     };
-    let eos = content
-        .metadata
-        .get("tokenizer.ggml.eos_token_id")
-        .and_then(|v| v.to_u32().ok())
-        .into_iter()
-        .collect();
-    Ok((tokenizer, template, eos))
+    let template = source
+        .map(|s| ChatTemplate::new(s).map(|t| t.with_tokens(&text(bos_id), &text(eos_id))))
+        .transpose()?;
+    let bos = if add_bos { bos_id } else { None };
+    Ok((tokenizer, template, eos_id.into_iter().collect(), bos))
 }
 
 fn hf_tokenizer(dir: &Path) -> Result<TokenizerParts, InferenceError> {
@@ -271,5 +318,5 @@ fn hf_tokenizer(dir: &Path) -> Result<TokenizerParts, InferenceError> {
         .and_then(|t| tokenizer.token_to_id(t))
         .into_iter()
         .collect();
-    Ok((tokenizer, template, eos))
+    Ok((tokenizer, template, eos, None))
 }

@@ -1,5 +1,5 @@
 /*!
-Sovereign's inference engine: Llama-family models from GGUF files, run by
+Sovereign's inference engine: Llama, Qwen 2/3 and Gemma 3 models from GGUF files, run by
 contiguous layer ranges so that a ring of nodes can split one model.
 
 The three stages the ring needs are on [`Stage`]: [`Stage::embed`] (tokens to
@@ -16,17 +16,21 @@ The engine only reads model files; it opens no socket and never writes the store
 #![deny(missing_docs)]
 
 mod chat;
+mod config;
 mod engine;
 mod error;
 mod linear;
 mod model;
+mod perplexity;
 mod sampling;
 mod tokenizer;
 mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, FinishReason, GenerateParams, Generation};
 pub use error::InferenceError;
-pub use model::{KvCache, ModelConfig, Stage};
+pub use model::{KvCache, Stage};
+pub use perplexity::Perplexity;
 pub use sampling::Sampler;
 pub use tokenizer::load_tokenizer;

@@ -1,105 +1,36 @@
 //! The transformer, by layer range: embedding, decoder layers, head.
+//! One code path for every supported architecture; what differs (biases,
+//! q/k norms, extra norms, activation, windows, RoPE) comes from [`Arch`]
+//! and the tensors the file holds.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::{Arch, ModelConfig};
 use crate::error::InferenceError;
 use crate::linear::{Fused, Linear};
 use crate::weights::{Name, Weights};
-
-/// The architecture numbers of a Llama-family model.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ModelConfig {
-    /// Decoder layers.
-    pub layers: usize,
-    /// Attention heads.
-    pub heads: usize,
-    /// Key/value heads (grouped-query attention).
-    pub kv_heads: usize,
-    /// Hidden size.
-    pub hidden: usize,
-    /// RMSNorm epsilon.
-    pub eps: f32,
-    /// RoPE base frequency.
-    pub rope_base: f32,
-    /// Longest sequence the model was trained for.
-    pub context: usize,
-    /// Vocabulary size.
-    pub vocab: usize,
-}
-
-impl ModelConfig {
-    /// Reads the configuration from GGUF metadata.
-    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, InferenceError> {
-        let arch = match content.metadata.get("general.architecture") {
-            Some(v) => v.to_string().map_err(InferenceError::Tensor)?.clone(),
-            None => return Err(InferenceError::Model("no general.architecture".into())),
-        };
-        if arch != "llama" {
-            return Err(InferenceError::Model(format!(
-                "architecture {arch:?} is not llama"
-            )));
-        }
-        let int = |key: &str| -> Result<usize, InferenceError> {
-            content
-                .metadata
-                .get(key)
-                .and_then(|v| {
-                    v.to_u32()
-                        .ok()
-                        .or_else(|| v.to_u64().ok().map(|x| x as u32))
-                })
-                .map(|v| v as usize)
-                .ok_or_else(|| InferenceError::Model(format!("missing or bad {key}")))
-        };
-        let float = |key: &str, default: f32| {
-            content
-                .metadata
-                .get(key)
-                .and_then(|v| v.to_f32().ok())
-                .unwrap_or(default)
-        };
-        let heads = int("llama.attention.head_count")?;
-        let hidden = int("llama.embedding_length")?;
-        let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(InferenceError::Model(format!(
-                "inconsistent shape: hidden {hidden}, heads {heads}, kv heads {kv_heads}"
-            )));
-        }
-        let vocab = match content.metadata.get("tokenizer.ggml.tokens") {
-            Some(gguf_file::Value::Array(tokens)) => tokens.len(),
-            _ => return Err(InferenceError::Model("no tokenizer.ggml.tokens".into())),
-        };
-        Ok(Self {
-            layers: int("llama.block_count")?,
-            heads,
-            kv_heads,
-            hidden,
-            eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
-            rope_base: float("llama.rope.freq_base", 10_000.0),
-            context: int("llama.context_length").unwrap_or(2048),
-            vocab,
-        })
-    }
-
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
-    }
-}
 
 struct Layer {
     attn_norm: Tensor,
     ffn_norm: Tensor,
     /// q, k and v.
     qkv: Fused,
+    /// Biases of q, k and v (Qwen 2).
+    qkv_bias: Option<[Tensor; 3]>,
+    /// RMSNorm weights over each head of q and k (Qwen 3, Gemma 3).
+    qk_norm: Option<(Tensor, Tensor)>,
     o: Linear,
+    /// Norms of the attention and MLP outputs (Gemma 3).
+    post_norms: Option<(Tensor, Tensor)>,
     /// gate and up.
     gate_up: Fused,
     down: Linear,
+    /// The attention window of this layer, if it slides.
+    window: Option<usize>,
 }
 
 /// The key/value cache of one request for one stage's layers.
@@ -141,9 +72,11 @@ pub struct Stage {
     layers: Vec<Layer>,
     norm: Option<Tensor>,
     head: Option<Linear>,
-    cos: Tensor,
-    sin: Tensor,
-    /// RoPE on adjacent pairs (GGUF) rather than on halves (Hugging Face).
+    /// RoPE cos/sin tables of the global layers.
+    rope_global: (Tensor, Tensor),
+    /// RoPE cos/sin tables of the sliding-window layers.
+    rope_local: (Tensor, Tensor),
+    /// RoPE on adjacent pairs (GGUF Llama) rather than on halves.
     interleaved: bool,
 }
 
@@ -160,6 +93,28 @@ impl Stage {
         }
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
+            let qkv_bias = match config.arch {
+                Arch::Qwen2 => Some([
+                    weights.tensor(Name::QBias(i))?,
+                    weights.tensor(Name::KBias(i))?,
+                    weights.tensor(Name::VBias(i))?,
+                ]),
+                _ => None,
+            };
+            let qk_norm = match config.arch {
+                Arch::Qwen3 | Arch::Gemma3 => Some((
+                    weights.tensor(Name::QNorm(i))?,
+                    weights.tensor(Name::KNorm(i))?,
+                )),
+                _ => None,
+            };
+            let post_norms = match config.arch {
+                Arch::Gemma3 => Some((
+                    weights.tensor(Name::PostAttnNorm(i))?,
+                    weights.tensor(Name::PostFfnNorm(i))?,
+                )),
+                _ => None,
+            };
             layers.push(Layer {
                 attn_norm: weights.tensor(Name::AttnNorm(i))?,
                 ffn_norm: weights.tensor(Name::FfnNorm(i))?,
@@ -168,12 +123,16 @@ impl Stage {
                     weights.linear(Name::K(i))?,
                     weights.linear(Name::V(i))?,
                 ]),
+                qkv_bias,
+                qk_norm,
                 o: weights.linear(Name::O(i))?,
+                post_norms,
                 gate_up: Fused::new(vec![
                     weights.linear(Name::Gate(i))?,
                     weights.linear(Name::Up(i))?,
                 ]),
                 down: weights.linear(Name::Down(i))?,
+                window: config.window(i),
             });
         }
         let embed = if range.start == 0 {
@@ -192,7 +151,21 @@ impl Stage {
         } else {
             (None, None)
         };
-        let (cos, sin) = rope_tables(&config, &Device::Cpu)?;
+        let freqs = weights.optional(Name::RopeFreqs)?;
+        let freqs = freqs.map(|f| f.to_vec1::<f32>()).transpose()?;
+        let rope_global = rope_tables(
+            &config,
+            config.rope_base,
+            config.rope_scale,
+            freqs.as_deref(),
+        )?;
+        let rope_local = if config.sliding_window.is_some()
+            && (config.rope_base_local != config.rope_base || config.rope_scale != 1.0)
+        {
+            rope_tables(&config, config.rope_base_local, 1.0, freqs.as_deref())?
+        } else {
+            rope_global.clone()
+        };
         Ok(Self {
             config,
             range,
@@ -200,8 +173,8 @@ impl Stage {
             layers,
             norm,
             head,
-            cos,
-            sin,
+            rope_global,
+            rope_local,
             interleaved,
         })
     }
@@ -214,6 +187,23 @@ impl Stage {
     /// The layers this stage runs.
     pub fn range(&self) -> Range<usize> {
         self.range.clone()
+    }
+
+    /// How many of this stage's matrices each code path multiplies
+    /// (`"Q4_K kernel"`, `"Q5_0 candle"`, ...).
+    pub fn matrix_paths(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        let mut add = |p: String| *out.entry(p).or_insert(0) += 1;
+        for layer in &self.layers {
+            layer.qkv.paths().into_iter().for_each(&mut add);
+            add(layer.o.path());
+            layer.gate_up.paths().into_iter().for_each(&mut add);
+            add(layer.down.path());
+        }
+        if let Some(head) = &self.head {
+            add(head.path());
+        }
+        out
     }
 
     /// An empty cache for this stage's layers.
@@ -234,7 +224,11 @@ impl Stage {
             )));
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        Ok(embed.index_select(&ids, 0)?)
+        let x = embed.index_select(&ids, 0)?;
+        if self.config.arch == Arch::Gemma3 {
+            return Ok((x * (self.config.hidden as f64).sqrt())?);
+        }
+        Ok(x)
     }
 
     /// Runs this stage's layers on `hidden` (`[tokens, hidden]`) at the
@@ -262,6 +256,13 @@ impl Stage {
 
     /// Final norm and output projection of the last position: logits `[vocab]` (last stage only).
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor, InferenceError> {
+        let seq = hidden.dim(0)?;
+        Ok(self.head_rows(&hidden.narrow(0, seq - 1, 1)?)?.squeeze(0)?)
+    }
+
+    /// Final norm and output projection of every position of `hidden`
+    /// (`[tokens, hidden]`): logits `[tokens, vocab]` (last stage only).
+    pub fn head_rows(&self, hidden: &Tensor) -> Result<Tensor, InferenceError> {
         let (norm, head) = match (&self.norm, &self.head) {
             (Some(n), Some(h)) => (n, h),
             _ => {
@@ -270,9 +271,8 @@ impl Stage {
                 ))
             }
         };
-        let seq = hidden.dim(0)?;
-        let last = candle_nn::ops::rms_norm(&hidden.narrow(0, seq - 1, 1)?, norm, self.config.eps)?;
-        Ok(head.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?)
+        let x = candle_nn::ops::rms_norm(&hidden.contiguous()?, norm, self.config.eps)?;
+        Ok(head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     fn layer(
@@ -283,7 +283,7 @@ impl Stage {
         pos: usize,
     ) -> Result<Tensor, InferenceError> {
         let c = &self.config;
-        let (seq, hd, nh, nkv) = (x.dim(0)?, c.head_dim(), c.heads, c.kv_heads);
+        let (seq, hd, nh, nkv) = (x.dim(0)?, c.head_dim, c.heads, c.kv_heads);
         let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps)?;
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()
@@ -293,9 +293,24 @@ impl Stage {
             qkv.next()
                 .ok_or_else(|| InferenceError::Model("q/k/v projection missing".into()))
         };
-        let (q, k, v) = (next()?, next()?, next()?);
-        let q = self.rope(&heads(q.contiguous()?, nh)?, pos)?;
-        let k = self.rope(&heads(k.contiguous()?, nkv)?, pos)?;
+        let (mut q, mut k, mut v) = (next()?, next()?, next()?);
+        if let Some([qb, kb, vb]) = &layer.qkv_bias {
+            q = q.broadcast_add(qb)?;
+            k = k.broadcast_add(kb)?;
+            v = v.broadcast_add(vb)?;
+        }
+        let (mut q, mut k) = (heads(q.contiguous()?, nh)?, heads(k.contiguous()?, nkv)?);
+        if let Some((qn, kn)) = &layer.qk_norm {
+            q = candle_nn::ops::rms_norm(&q, qn, c.eps)?;
+            k = candle_nn::ops::rms_norm(&k, kn, c.eps)?;
+        }
+        let rope = if layer.window.is_some() {
+            &self.rope_local
+        } else {
+            &self.rope_global
+        };
+        let q = self.rope(&q, pos, rope)?;
+        let k = self.rope(&k, pos, rope)?;
         let v = heads(v.contiguous()?, nkv)?;
         let (k, v) = match slot.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
@@ -311,32 +326,57 @@ impl Stage {
         };
         let (k, v) = (expand(k)?, expand(v)?);
         let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        if seq > 1 {
+        // Causal, and inside the window: query at p sees keys in (p - w, p].
+        let window = layer.window.unwrap_or(usize::MAX);
+        if seq > 1 || total > window {
             let mask: Vec<f32> = (0..seq)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                    let p = pos + i;
+                    (0..total).map(move |j| {
+                        if j > p || p - j >= window {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
                 .collect();
             att = att.broadcast_add(&Tensor::from_vec(mask, (1, seq, total), &Device::Cpu)?)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let o = att.matmul(&v)?.transpose(0, 1)?.reshape((seq, nh * hd))?;
-        let x = (x + layer.o.forward(&o)?)?;
+        let mut o = layer.o.forward(&o)?;
+        if let Some((post_attn, _)) = &layer.post_norms {
+            o = candle_nn::ops::rms_norm(&o, post_attn, c.eps)?;
+        }
+        let x = (x + o)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps)?;
         let gate_up = layer.gate_up.forward(&h)?;
         let (gate, up) = match gate_up.as_slice() {
             [gate, up] => (gate, up),
             _ => return Err(InferenceError::Model("gate/up projection missing".into())),
         };
-        let m = (gate.silu()? * up)?;
-        Ok((x + layer.down.forward(&m)?)?)
+        let act = match c.arch {
+            Arch::Gemma3 => gate.gelu()?,
+            _ => gate.silu()?,
+        };
+        let mut m = layer.down.forward(&(act * up)?)?;
+        if let Some((_, post_ffn)) = &layer.post_norms {
+            m = candle_nn::ops::rms_norm(&m, post_ffn, c.eps)?;
+        }
+        Ok((x + m)?)
     }
 
-    /// RoPE, `x`: `[heads, seq, head_dim]`.
-    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor, InferenceError> {
+    /// RoPE, `x`: `[heads, seq, head_dim]`, with the tables `rope`.
+    fn rope(
+        &self,
+        x: &Tensor,
+        pos: usize,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor, InferenceError> {
         let seq = x.dim(1)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
+        let cos = rope.0.narrow(0, pos, seq)?;
+        let sin = rope.1.narrow(0, pos, seq)?;
         let x = x.unsqueeze(0)?;
         let rotated = if self.interleaved {
             candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
@@ -347,22 +387,38 @@ impl Stage {
     }
 }
 
-fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor), InferenceError> {
-    let half = config.head_dim() / 2;
+/// cos/sin of `p / scale * base^(-2i / head_dim) / freqs[i]` for every
+/// position `p` of the context and `i < head_dim / 2`.
+fn rope_tables(
+    config: &ModelConfig,
+    base: f32,
+    scale: f32,
+    freqs: Option<&[f32]>,
+) -> Result<(Tensor, Tensor), InferenceError> {
+    let half = config.head_dim / 2;
+    if freqs.is_some_and(|f| f.len() != half) {
+        return Err(InferenceError::Model(format!(
+            "rope_freqs has the wrong length for head size {}",
+            config.head_dim
+        )));
+    }
+    let inv: Vec<f32> = (0..half)
+        .map(|i| {
+            let f = base.powf(-2.0 * i as f32 / config.head_dim as f32) / scale;
+            f / freqs.map_or(1.0, |fr| fr[i])
+        })
+        .collect();
     let mut cos = Vec::with_capacity(config.context * half);
     let mut sin = Vec::with_capacity(config.context * half);
     for p in 0..config.context {
-        for i in 0..half {
-            let theta = p as f32
-                * config
-                    .rope_base
-                    .powf(-2.0 * i as f32 / config.head_dim() as f32);
+        for &f in &inv {
+            let theta = p as f32 * f;
             cos.push(theta.cos());
             sin.push(theta.sin());
         }
     }
     Ok((
-        Tensor::from_vec(cos, (config.context, half), device)?,
-        Tensor::from_vec(sin, (config.context, half), device)?,
+        Tensor::from_vec(cos, (config.context, half), &Device::Cpu)?,
+        Tensor::from_vec(sin, (config.context, half), &Device::Cpu)?,
     ))
 }

@@ -11,22 +11,31 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::config::{Arch, ModelConfig};
 use crate::error::InferenceError;
 use crate::linear::Linear;
-use crate::model::ModelConfig;
 
-/// A tensor of the Llama architecture, by role.
+/// A tensor of a supported architecture, by role.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Name {
     Embed,
     Norm,
     Output,
+    /// RoPE frequency divisors (Llama 3.1+ files).
+    RopeFreqs,
     AttnNorm(usize),
     FfnNorm(usize),
     Q(usize),
     K(usize),
     V(usize),
+    QBias(usize),
+    KBias(usize),
+    VBias(usize),
+    QNorm(usize),
+    KNorm(usize),
     O(usize),
+    PostAttnNorm(usize),
+    PostFfnNorm(usize),
     Gate(usize),
     Up(usize),
     Down(usize),
@@ -38,11 +47,19 @@ impl Name {
             Name::Embed => "token_embd.weight".into(),
             Name::Norm => "output_norm.weight".into(),
             Name::Output => "output.weight".into(),
+            Name::RopeFreqs => "rope_freqs.weight".into(),
             Name::AttnNorm(i) => format!("blk.{i}.attn_norm.weight"),
             Name::FfnNorm(i) => format!("blk.{i}.ffn_norm.weight"),
             Name::Q(i) => format!("blk.{i}.attn_q.weight"),
             Name::K(i) => format!("blk.{i}.attn_k.weight"),
             Name::V(i) => format!("blk.{i}.attn_v.weight"),
+            Name::QBias(i) => format!("blk.{i}.attn_q.bias"),
+            Name::KBias(i) => format!("blk.{i}.attn_k.bias"),
+            Name::VBias(i) => format!("blk.{i}.attn_v.bias"),
+            Name::QNorm(i) => format!("blk.{i}.attn_q_norm.weight"),
+            Name::KNorm(i) => format!("blk.{i}.attn_k_norm.weight"),
+            Name::PostAttnNorm(i) => format!("blk.{i}.post_attention_norm.weight"),
+            Name::PostFfnNorm(i) => format!("blk.{i}.post_ffw_norm.weight"),
             Name::O(i) => format!("blk.{i}.attn_output.weight"),
             Name::Gate(i) => format!("blk.{i}.ffn_gate.weight"),
             Name::Up(i) => format!("blk.{i}.ffn_up.weight"),
@@ -55,11 +72,19 @@ impl Name {
             Name::Embed => "model.embed_tokens.weight".into(),
             Name::Norm => "model.norm.weight".into(),
             Name::Output => "lm_head.weight".into(),
+            Name::RopeFreqs => "rope_freqs.weight".into(),
             Name::AttnNorm(i) => format!("model.layers.{i}.input_layernorm.weight"),
             Name::FfnNorm(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
             Name::Q(i) => format!("model.layers.{i}.self_attn.q_proj.weight"),
             Name::K(i) => format!("model.layers.{i}.self_attn.k_proj.weight"),
             Name::V(i) => format!("model.layers.{i}.self_attn.v_proj.weight"),
+            Name::QBias(i) => format!("model.layers.{i}.self_attn.q_proj.bias"),
+            Name::KBias(i) => format!("model.layers.{i}.self_attn.k_proj.bias"),
+            Name::VBias(i) => format!("model.layers.{i}.self_attn.v_proj.bias"),
+            Name::QNorm(i) => format!("model.layers.{i}.self_attn.q_norm.weight"),
+            Name::KNorm(i) => format!("model.layers.{i}.self_attn.k_norm.weight"),
+            Name::PostAttnNorm(i) => format!("model.layers.{i}.post_attention_norm.weight"),
+            Name::PostFfnNorm(i) => format!("model.layers.{i}.post_feedforward_layernorm.weight"),
             Name::O(i) => format!("model.layers.{i}.self_attn.o_proj.weight"),
             Name::Gate(i) => format!("model.layers.{i}.mlp.gate_proj.weight"),
             Name::Up(i) => format!("model.layers.{i}.mlp.up_proj.weight"),
@@ -121,7 +146,10 @@ impl Weights {
             InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display()))
         })?;
         let config = ModelConfig::from_gguf(&content)?;
-        Ok((Self::Gguf { file, content }, config, true))
+        // llama.cpp's converter permutes Llama's q/k rows for pairwise RoPE;
+        // the other architectures keep Hugging Face's halves.
+        let interleaved = config.arch == Arch::Llama;
+        Ok((Self::Gguf { file, content }, config, interleaved))
     }
 
     fn open_safetensors(dir: &Path) -> Result<(Self, ModelConfig, bool), InferenceError> {
@@ -140,13 +168,20 @@ impl Weights {
                 "config.json: inconsistent head counts".into(),
             ));
         }
+        let rope_base = hf.rope_theta.unwrap_or(10_000.0);
         let config = ModelConfig {
+            arch: Arch::Llama,
             layers: hf.num_hidden_layers,
             heads,
             kv_heads,
             hidden: hf.hidden_size,
+            head_dim: hf.hidden_size / heads,
             eps: hf.rms_norm_eps.unwrap_or(1e-5),
-            rope_base: hf.rope_theta.unwrap_or(10_000.0),
+            rope_base,
+            rope_base_local: rope_base,
+            rope_scale: 1.0,
+            sliding_window: None,
+            swa_pattern: 1,
             context: hf.max_position_embeddings.unwrap_or(2048).min(1 << 16),
             vocab: hf.vocab_size,
         };
@@ -239,6 +274,15 @@ impl Weights {
         match self {
             Weights::Gguf { content, .. } => content.tensor_infos.contains_key(&name.gguf()),
             Weights::Safetensors { entries, .. } => entries.contains_key(&name.hf()),
+        }
+    }
+
+    /// A tensor as f32 if the model has it.
+    pub fn optional(&mut self, name: Name) -> Result<Option<Tensor>, InferenceError> {
+        if self.has(name) {
+            self.tensor(name).map(Some)
+        } else {
+            Ok(None)
         }
     }
 

@@ -25,20 +25,30 @@ Use in an engine: where `QMatMul::from_qtensor` would take a Q4_1 tensor,
 `Q41MatMul::from_qtensor(&qtensor)` (then `forward` as with `QMatMul`); for
 projections that share an input, `Q41MatMul::stack_rows(&[&q, &k, &v])` and
 split the output with `Tensor::narrow`; for the Q8_0 output head
-[`Q80MatMul`]. All are `Send + Sync` and hold their own copy of the weights,
+[`Q80MatMul`]; for the k-quants (Q4_K, Q5_K, Q6_K) [`KQuantMatMul`], with
+activations quantized to Q8_K ([`Q8KRows`]); for Q5_0/Q5_1 [`Q5MatMul`]; for F16/BF16 weights
+[`HalfMatMul`]. All are `Send + Sync` and hold their own copy of the weights,
 so the `QTensor` can be dropped afterwards.
 */
 #![allow(unsafe_code)]
 
+mod half_mm;
+mod kquant;
+mod q5;
 mod q8;
 mod q80;
+mod q8k;
 mod simd;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Storage, Tensor};
 
+pub use half_mm::{Half, HalfMatMul};
+pub use kquant::{KQuant, KQuantMatMul};
+pub use q5::{Q5MatMul, Q5_0_BLOCK_BYTES, Q5_1_BLOCK_BYTES};
 pub use q8::Q8Rows;
 pub use q80::Q80MatMul;
+pub use q8k::{Q8KRows, QK_K};
 
 /// Bytes of one GGUF Q4_1 block: `d` (f16), `m` (f16), 16 bytes holding 32 nibbles.
 pub const Q4_1_BLOCK_BYTES: usize = 20;
@@ -236,7 +246,7 @@ impl Q41MatMul {
         assert_eq!(out.len(), q.rows() * self.n, "output length");
         let nb = self.k / QK;
         let isa = self.isa;
-        par_rows(self.n, self.k, q, out, |j, r| {
+        par_rows(self.n, self.k, q.rows(), out, |j, r| {
             let w = simd::WRow {
                 qs: &self.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
                 d: &self.d[j * nb..(j + 1) * nb],
@@ -259,6 +269,17 @@ pub(crate) fn quantize_input(
     x: &Tensor,
     k: usize,
 ) -> candle_core::Result<(Q8Rows, Vec<usize>)> {
+    let (xs, m, outer) = input_rows(what, x, k)?;
+    Ok((Q8Rows::quantize(&xs, m, k), outer))
+}
+
+/// Checks `x` (`[.., k]`, f32, CPU) and copies its values out; returns them,
+/// the number of rows and the outer dimensions.
+pub(crate) fn input_rows(
+    what: &str,
+    x: &Tensor,
+    k: usize,
+) -> candle_core::Result<(Vec<f32>, usize, Vec<usize>)> {
     let dims = x.dims();
     let Some((&last, outer)) = dims.split_last() else {
         candle_core::bail!("{what} matmul: input is a scalar, expected [.., {k}]");
@@ -285,20 +306,19 @@ pub(crate) fn quantize_input(
     let Some(xs) = all.get(start..start + m * k) else {
         candle_core::bail!("{what} matmul: input storage is shorter than its layout");
     };
-    Ok((Q8Rows::quantize(xs, m, k), outer.to_vec()))
+    Ok((xs.to_vec(), m, outer.to_vec()))
 }
 
 /// `out[r * n + j] = dot(j, r)` for every weight row `j < n` and activation
-/// row `r`, weight rows spread over candle's worker pool (each weight row is
+/// row `r < m`, weight rows spread over candle's worker pool (each weight row is
 /// read once while it is hot, for all activation rows).
 fn par_rows<F: Fn(usize, usize) -> f32 + Sync>(
     n: usize,
     k: usize,
-    q: &Q8Rows,
+    m: usize,
     out: &mut [f32],
     dot: F,
 ) {
-    let m = q.rows();
     assert_eq!(out.len(), m * n, "output length");
     let dst = SharedOut(out.as_mut_ptr());
     let work = |rows: std::ops::Range<usize>| {

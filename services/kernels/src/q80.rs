@@ -123,7 +123,7 @@ impl Q80MatMul {
     pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
         let (k, nb, isa) = (self.k, self.k / QK, self.isa);
-        par_rows(self.n, k, q, out, |j, r| {
+        par_rows(self.n, k, q.rows(), out, |j, r| {
             let w = WRow {
                 u: &self.u[j * k..(j + 1) * k],
                 d: &self.d[j * nb..(j + 1) * nb],

@@ -1,0 +1,587 @@
+/*!
+GGUF k-quant weights (Q4_K, Q5_K, Q6_K: super-blocks of 256 values) times
+f32 activations quantized to Q8_K ([`Q8KRows`]), ggml's
+`ggml_vec_dot_q{4,5,6}_K_q8_K`: per super-block the exact integer sum of the
+sub-blocks' `scale * sum(q_w * q_x)` and, for Q4_K/Q5_K, of `min *
+sum(q_x)`, then `d_x * (d_w * sumi - dmin_w * summ)`.
+
+The weights are kept as the file's blocks, byte for byte (no repacking: a
+row is `k / 256` blocks of 144, 176 or 210 bytes). Q4_K and Q6_K together
+make up the common `Q4_K_M` files, Q5_K and Q6_K the `Q5_K_M` ones.
+
+The AVX2 kernels serve [`Isa::Avx2`] and [`Isa::Avx512`] alike (every
+AVX-512 CPU has AVX2; there is no separate 512-bit k-quant kernel yet).
+*/
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+
+use crate::q8k::{Q8KRows, QK_K};
+use crate::{input_rows, par_rows, Isa};
+
+/// A k-quant weight format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KQuant {
+    /// 4-bit quants, 6-bit scales and mins per 32 (4.5 bits per weight).
+    Q4K,
+    /// 5-bit quants, 6-bit scales and mins per 32 (5.5 bits per weight).
+    Q5K,
+    /// 6-bit quants, 8-bit scales per 16 (6.5625 bits per weight).
+    Q6K,
+}
+
+impl KQuant {
+    /// Bytes of one super-block of 256 values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            KQuant::Q4K => 144,
+            KQuant::Q5K => 176,
+            KQuant::Q6K => 210,
+        }
+    }
+
+    /// The GGML name (`Q4_K`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            KQuant::Q4K => "Q4_K",
+            KQuant::Q5K => "Q5_K",
+            KQuant::Q6K => "Q6_K",
+        }
+    }
+
+    /// The format of a candle dtype, if it is one of these.
+    pub fn from_dtype(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4K => Some(KQuant::Q4K),
+            GgmlDType::Q5K => Some(KQuant::Q5K),
+            GgmlDType::Q6K => Some(KQuant::Q6K),
+            _ => None,
+        }
+    }
+}
+
+/// A k-quant weight matrix `[n, k]` ready to multiply activations `[.., k]` into `[.., n]`.
+#[derive(Clone)]
+pub struct KQuantMatMul {
+    kind: KQuant,
+    n: usize,
+    k: usize,
+    /// The file's blocks, row-major.
+    blocks: Vec<u8>,
+    isa: Isa,
+}
+
+impl std::fmt::Debug for KQuantMatMul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KQuantMatMul")
+            .field("kind", &self.kind)
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("isa", &self.isa)
+            .finish()
+    }
+}
+
+impl KQuantMatMul {
+    /// Takes the weights of a 2-D Q4_K/Q5_K/Q6_K `QTensor` of shape `[n, k]`.
+    /// `None` for another dtype or shape, or if its bytes cannot be read.
+    pub fn from_qtensor(t: &QTensor) -> Option<Self> {
+        let kind = KQuant::from_dtype(t.dtype())?;
+        let (n, k) = t.shape().dims2().ok()?;
+        let data = t.data().ok()?;
+        Self::from_blocks(kind, n, k, &data)
+    }
+
+    /// Builds from raw GGUF blocks of `kind` for a `[n, k]` matrix. `None` if
+    /// `k` is not a positive multiple of 256 or the byte count does not match.
+    pub fn from_blocks(kind: KQuant, n: usize, k: usize, blocks: impl AsRef<[u8]>) -> Option<Self> {
+        let blocks = blocks.as_ref();
+        if k == 0 || !k.is_multiple_of(QK_K) || blocks.len() != n * (k / QK_K) * kind.block_bytes()
+        {
+            return None;
+        }
+        let isa = Isa::detect();
+        tracing::trace!(n, k, ?isa, kind = kind.name(), "k-quant matmul");
+        Some(Self {
+            kind,
+            n,
+            k,
+            blocks: blocks.to_vec(),
+            isa,
+        })
+    }
+
+    /// One matrix with the rows of `parts` one after another (same format and
+    /// `k`), for projections that read the same input. `None` if `parts` is
+    /// empty or they differ in format or `k`.
+    pub fn stack_rows(parts: &[&KQuantMatMul]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.k != first.k || p.kind != first.kind) {
+            return None;
+        }
+        let mut out = Self {
+            kind: first.kind,
+            n: 0,
+            k: first.k,
+            blocks: Vec::new(),
+            isa: first.isa,
+        };
+        for p in parts {
+            out.n += p.n;
+            out.blocks.extend_from_slice(&p.blocks);
+        }
+        Some(out)
+    }
+
+    /// The same weights with the kernels of `isa`; `None` if this CPU lacks it.
+    pub fn with_isa(mut self, isa: Isa) -> Option<Self> {
+        if !isa.available() {
+            return None;
+        }
+        self.isa = isa;
+        Some(self)
+    }
+
+    /// The instruction set in use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The weight format.
+    pub fn kind(&self) -> KQuant {
+        self.kind
+    }
+
+    /// Output features (rows of the weight matrix).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns of the weight matrix).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `x @ w^T` for f32 `x` of shape `[.., k]` on the CPU, giving `[.., n]`;
+    /// the semantics of `candle_core::quantized::QMatMul::forward`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (xs, m, mut out_dims) = input_rows(self.kind.name(), x, self.k)?;
+        let q = Q8KRows::quantize(&xs, m, self.k);
+        let mut out = vec![0f32; m * self.n];
+        self.matmul_q8k(&q, &mut out);
+        out_dims.push(self.n);
+        Tensor::from_vec(out, out_dims, &Device::Cpu)
+    }
+
+    /// `out[r * n + j] = dot(activation row r, weight row j)` for already
+    /// quantized activations, spread over the worker pool. Each output is
+    /// computed on its own, so a row's result does not depend on the others.
+    ///
+    /// # Panics
+    /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
+    pub fn matmul_q8k(&self, q: &Q8KRows, out: &mut [f32]) {
+        assert_eq!(q.k(), self.k, "activations quantized for another k");
+        let row_bytes = self.k / QK_K * self.kind.block_bytes();
+        let (kind, isa) = (self.kind, self.isa);
+        par_rows(self.n, self.k, q.rows(), out, |j, r| {
+            let w = &self.blocks[j * row_bytes..(j + 1) * row_bytes];
+            let x = XRow {
+                qs: q.row_qs(r),
+                d: q.row_d(r),
+                bsums: q.row_bsums(r),
+            };
+            dot(kind, isa, w, &x)
+        });
+    }
+}
+
+/// One Q8_K activation row.
+pub(crate) struct XRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub bsums: &'a [i16],
+}
+
+/// The dot product of one weight row (`w`, whole blocks of `kind`) with `x`.
+///
+/// # Panics
+/// If the rows do not hold the same number of blocks, or `isa` is not available.
+fn dot(kind: KQuant, isa: Isa, w: &[u8], x: &XRow<'_>) -> f32 {
+    let nb = x.d.len();
+    assert!(
+        w.len() == nb * kind.block_bytes()
+            && x.qs.len() == nb * QK_K
+            && x.bsums.len() == nb * QK_K / 16,
+        "block counts"
+    );
+    match isa {
+        Isa::Scalar => match kind {
+            KQuant::Q4K => dot_q4k(w, x),
+            KQuant::Q5K => dot_q5k(w, x),
+            KQuant::Q6K => dot_q6k(w, x),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            assert!(
+                Isa::Avx2.available(),
+                "AVX2 kernel on a CPU without AVX2/FMA/F16C"
+            );
+            // SAFETY: the CPU supports avx2, fma and f16c (checked above), and
+            // every slice holds `nb` blocks (asserted above).
+            unsafe {
+                match kind {
+                    KQuant::Q4K => x86::dot_q4k(w, x),
+                    KQuant::Q5K => x86::dot_q5k(w, x),
+                    KQuant::Q6K => x86::dot_q6k(w, x),
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => dot(kind, Isa::Scalar, w, x),
+    }
+}
+
+/// The f32 value of the f16 at `b[at..at + 2]`.
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The 8 six-bit scales and 8 six-bit mins of a Q4_K/Q5_K block's 12 scale bytes.
+#[inline]
+pub(crate) fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+    (sc, mn)
+}
+
+/// `sum over the 8 sub-blocks of min * sum(q_x)` for one block.
+#[inline]
+fn mins_sum(mn: &[u8; 8], bsums: &[i16]) -> i32 {
+    (0..8)
+        .map(|s| i32::from(mn[s]) * (i32::from(bsums[2 * s]) + i32::from(bsums[2 * s + 1])))
+        .sum()
+}
+
+/// Q4_K block (144 bytes): `d`, `dmin` (f16), 12 scale bytes, 128 nibble
+/// bytes; 64 values per 32 bytes, low nibbles first.
+fn dot_q4k(w: &[u8], x: &XRow<'_>) -> f32 {
+    let mut sum = 0f32;
+    for (b, blk) in w.chunks_exact(144).enumerate() {
+        let (sc, mn) = scales_mins(&blk[4..16]);
+        let qs = &blk[16..144];
+        let xq = &x.qs[b * QK_K..(b + 1) * QK_K];
+        let mut sumi = 0i32;
+        for j in 0..4 {
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                let byte = qs[32 * j + l];
+                lo += i32::from(byte & 0x0F) * i32::from(xq[64 * j + l]);
+                hi += i32::from(byte >> 4) * i32::from(xq[64 * j + 32 + l]);
+            }
+            sumi += i32::from(sc[2 * j]) * lo + i32::from(sc[2 * j + 1]) * hi;
+        }
+        let summ = mins_sum(&mn, &x.bsums[b * 16..(b + 1) * 16]);
+        sum += x.d[b] * (f16_at(blk, 0) * sumi as f32 - f16_at(blk, 2) * summ as f32);
+    }
+    sum
+}
+
+/// Q5_K block (176 bytes): `d`, `dmin`, 12 scale bytes, 32 bytes of fifth
+/// bits (bit `2j` / `2j + 1` for the low / high nibbles of 64-chunk `j`),
+/// 128 nibble bytes.
+fn dot_q5k(w: &[u8], x: &XRow<'_>) -> f32 {
+    let mut sum = 0f32;
+    for (b, blk) in w.chunks_exact(176).enumerate() {
+        let (sc, mn) = scales_mins(&blk[4..16]);
+        let qh = &blk[16..48];
+        let qs = &blk[48..176];
+        let xq = &x.qs[b * QK_K..(b + 1) * QK_K];
+        let mut sumi = 0i32;
+        for j in 0..4 {
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                let byte = qs[32 * j + l];
+                let vl = (byte & 0x0F) | (((qh[l] >> (2 * j)) & 1) << 4);
+                let vh = (byte >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
+                lo += i32::from(vl) * i32::from(xq[64 * j + l]);
+                hi += i32::from(vh) * i32::from(xq[64 * j + 32 + l]);
+            }
+            sumi += i32::from(sc[2 * j]) * lo + i32::from(sc[2 * j + 1]) * hi;
+        }
+        let summ = mins_sum(&mn, &x.bsums[b * 16..(b + 1) * 16]);
+        sum += x.d[b] * (f16_at(blk, 0) * sumi as f32 - f16_at(blk, 2) * summ as f32);
+    }
+    sum
+}
+
+/// Q6_K block (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit
+/// pairs, 16 signed scales (one per 16 values), `d`; a weight is
+/// `d * scale * (q - 32)`.
+fn dot_q6k(w: &[u8], x: &XRow<'_>) -> f32 {
+    let mut sum = 0f32;
+    for (b, blk) in w.chunks_exact(210).enumerate() {
+        let xq = &x.qs[b * QK_K..(b + 1) * QK_K];
+        let sc = |s: usize| i32::from(blk[192 + s] as i8);
+        let mut sumi = 0i32;
+        for h in 0..2 {
+            let ql = &blk[64 * h..64 * h + 64];
+            let qh = &blk[128 + 32 * h..128 + 32 * h + 32];
+            let y = &xq[128 * h..128 * h + 128];
+            for l in 0..32 {
+                let is = 8 * h + l / 16;
+                let q1 = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+                let q2 = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+                let q3 = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                let q4 = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                sumi += sc(is) * i32::from(q1) * i32::from(y[l])
+                    + sc(is + 2) * i32::from(q2) * i32::from(y[l + 32])
+                    + sc(is + 4) * i32::from(q3) * i32::from(y[l + 64])
+                    + sc(is + 6) * i32::from(q4) * i32::from(y[l + 96]);
+            }
+        }
+        let bs = &x.bsums[b * 16..(b + 1) * 16];
+        let offset: i32 = (0..16).map(|s| sc(s) * i32::from(bs[s])).sum();
+        sum += x.d[b] * f16_at(blk, 208) * (sumi - 32 * offset) as f32;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{f16_at, scales_mins, XRow};
+    use crate::q8k::QK_K;
+
+    /// Sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `sum(min_s * (bsum_2s + bsum_2s+1))` in 8 i32 lanes: each min is
+    /// repeated for its two 16-sums and `madd` adds the pair.
+    ///
+    /// Safety: `bsums` holds at least 16 values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mins_lanes(mn: &[u8; 8], bsums: &[i16]) -> __m256i {
+        // SAFETY: 8 bytes of `mn`; 16 i16s of `bsums` (caller); unaligned loads.
+        let (m8, bs) = unsafe {
+            (
+                _mm_loadl_epi64(mn.as_ptr() as *const __m128i),
+                _mm256_loadu_si256(bsums.as_ptr() as *const __m256i),
+            )
+        };
+        let dup = _mm_shuffle_epi8(
+            m8,
+            _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+        );
+        _mm256_madd_epi16(_mm256_cvtepu8_epi16(dup), bs)
+    }
+
+    /// Q4_K: per 64 values one 32-byte load of nibbles; low and high
+    /// nibbles meet their 32 activation bytes in `maddubs` (u8 x i8 pairs,
+    /// at most 2 * 15 * 127), then `madd` with the sub-block's scale widens
+    /// to i32. Exact integer sums per block, one f32 FMA per block.
+    ///
+    /// Safety: avx2, fma, f16c available; `w` holds `x.d.len()` blocks and
+    /// `x` their quants and sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4k(w: &[u8], x: &XRow<'_>) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut accm = _mm256_setzero_ps();
+        for (b, blk) in w.chunks_exact(144).enumerate() {
+            let (sc, mn) = scales_mins(&blk[4..16]);
+            let dx = x.d[b];
+            // SAFETY: the block's 16 sums exist (caller).
+            let pm = unsafe { mins_lanes(&mn, &x.bsums[b * 16..]) };
+            accm = _mm256_fmadd_ps(
+                _mm256_set1_ps(dx * f16_at(blk, 2)),
+                _mm256_cvtepi32_ps(pm),
+                accm,
+            );
+            let qs = blk[16..].as_ptr();
+            let xq = x.qs[b * QK_K..].as_ptr();
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                // SAFETY: 32 nibble bytes at 32j < 128 of the block; 64 quants at
+                // 64j < 256 of the block's activations; unaligned loads.
+                let (q4, xl, xh) = unsafe {
+                    (
+                        _mm256_loadu_si256(qs.add(32 * j) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(64 * j) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(64 * j + 32) as *const __m256i),
+                    )
+                };
+                let lo = _mm256_and_si256(q4, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                let pl = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, xl),
+                    _mm256_set1_epi16(i16::from(sc[2 * j])),
+                );
+                let ph = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, xh),
+                    _mm256_set1_epi16(i16::from(sc[2 * j + 1])),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(dx * f16_at(blk, 0)),
+                _mm256_cvtepi32_ps(sumi),
+                acc,
+            );
+        }
+        hsum(acc) - hsum(accm)
+    }
+
+    /// Q5_K: as Q4_K, with each value's fifth bit taken from the block's 32
+    /// `qh` bytes (shifted right by 2 per 64 values) and or-ed in as 16.
+    ///
+    /// Safety: as [`dot_q4k`], with 176-byte blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q5k(w: &[u8], x: &XRow<'_>) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut accm = _mm256_setzero_ps();
+        for (b, blk) in w.chunks_exact(176).enumerate() {
+            let (sc, mn) = scales_mins(&blk[4..16]);
+            let dx = x.d[b];
+            // SAFETY: the block's 16 sums exist (caller).
+            let pm = unsafe { mins_lanes(&mn, &x.bsums[b * 16..]) };
+            accm = _mm256_fmadd_ps(
+                _mm256_set1_ps(dx * f16_at(blk, 2)),
+                _mm256_cvtepi32_ps(pm),
+                accm,
+            );
+            let qs = blk[48..].as_ptr();
+            let xq = x.qs[b * QK_K..].as_ptr();
+            // SAFETY: the block's 32 `qh` bytes at 16..48; unaligned load.
+            let mut qh = unsafe { _mm256_loadu_si256(blk[16..].as_ptr() as *const __m256i) };
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                // SAFETY: as in `dot_q4k`.
+                let (q4, xl, xh) = unsafe {
+                    (
+                        _mm256_loadu_si256(qs.add(32 * j) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(64 * j) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(64 * j + 32) as *const __m256i),
+                    )
+                };
+                let hl = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
+                let hh = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
+                qh = _mm256_srli_epi16(qh, 2);
+                let lo = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), hh);
+                let pl = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, xl),
+                    _mm256_set1_epi16(i16::from(sc[2 * j])),
+                );
+                let ph = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, xh),
+                    _mm256_set1_epi16(i16::from(sc[2 * j + 1])),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(dx * f16_at(blk, 0)),
+                _mm256_cvtepi32_ps(sumi),
+                acc,
+            );
+        }
+        hsum(acc) - hsum(accm)
+    }
+
+    /// Q6_K: per 128 values, two loads of low nibbles and one of high bit
+    /// pairs rebuild four vectors of 6-bit quants (0..=63); `maddubs` with
+    /// the activations (at most 2 * 63 * 127), `madd` with the two 16-value
+    /// sub-blocks' scales; the `- 32` is taken back once per block as
+    /// `32 * sum(scale * bsum)`.
+    ///
+    /// Safety: as [`dot_q4k`], with 210-byte blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q6k(w: &[u8], x: &XRow<'_>) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        // Byte shuffles putting scale 2k in bytes 0..8 and 2k + 1 in 8..16.
+        let mut picks = [_mm_setzero_si128(); 8];
+        for (k, pick) in picks.iter_mut().enumerate() {
+            let (a, b) = (2 * k as i8, 2 * k as i8 + 1);
+            *pick = _mm_setr_epi8(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+        }
+        let mut acc = _mm256_setzero_ps();
+        for (b, blk) in w.chunks_exact(210).enumerate() {
+            let p = blk.as_ptr();
+            let xq = x.qs[b * QK_K..].as_ptr();
+            // SAFETY: 16 scale bytes at 192..208 of the block; the block's 16 sums.
+            let (scales, bs) = unsafe {
+                (
+                    _mm_loadu_si128(p.add(192) as *const __m128i),
+                    _mm256_loadu_si256(x.bsums[b * 16..].as_ptr() as *const __m256i),
+                )
+            };
+            let offset = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), bs);
+            let mut sumi = _mm256_setzero_si256();
+            for h in 0..2 {
+                // SAFETY: 64 bytes at 64h < 128 (low nibbles), 32 bytes at
+                // 128 + 32h < 192 (high bits), 128 activations at 128h < 256.
+                let (ql0, ql1, qh, y) = unsafe {
+                    (
+                        _mm256_loadu_si256(p.add(64 * h) as *const __m256i),
+                        _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i),
+                        _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i),
+                        [
+                            _mm256_loadu_si256(xq.add(128 * h) as *const __m256i),
+                            _mm256_loadu_si256(xq.add(128 * h + 32) as *const __m256i),
+                            _mm256_loadu_si256(xq.add(128 * h + 64) as *const __m256i),
+                            _mm256_loadu_si256(xq.add(128 * h + 96) as *const __m256i),
+                        ],
+                    )
+                };
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
+                    ),
+                ];
+                for i in 0..4 {
+                    let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, picks[4 * h + i]));
+                    let p16 = _mm256_maddubs_epi16(q[i], y[i]);
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, sc));
+                }
+            }
+            let total = _mm256_sub_epi32(sumi, _mm256_slli_epi32(offset, 5));
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(x.d[b] * f16_at(blk, 208)),
+                _mm256_cvtepi32_ps(total),
+                acc,
+            );
+        }
+        hsum(acc)
+    }
+}
