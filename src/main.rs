@@ -48,6 +48,12 @@ enum Command {
     Image(commands::image::ImageCommand),
     /// Write a node image to a disk (or a file), verify it, add the node's state partition.
     Flash(commands::flash::FlashArgs),
+    /// The cluster CA: make it, list enrolled nodes and their age recipients, revoke a node.
+    #[command(subcommand)]
+    Cluster(commands::cluster::ClusterCommand),
+    /// Enroll a node in the cluster (its key and CA-issued certificate).
+    #[command(subcommand)]
+    Node(commands::node::NodeCommand),
 }
 
 /// Whether `error` is a write to a closed pipe.
@@ -80,6 +86,8 @@ fn main() -> ExitCode {
         Command::Models(args) => commands::models::run(args),
         Command::Image(command) => commands::image::run(command),
         Command::Flash(args) => commands::flash::run(args),
+        Command::Cluster(command) => commands::cluster::run(command),
+        Command::Node(command) => commands::node::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

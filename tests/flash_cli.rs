@@ -41,16 +41,45 @@ fn one_error_line(output: &Output, needle: &str) {
     assert!(lines[0].contains(needle), "{stderr}");
 }
 
+/// A cluster under `dir` and an enrolled node `node-a`; returns the identity file.
+fn enroll(dir: &Path) -> std::path::PathBuf {
+    let cluster = dir.join("cluster");
+    let identity = dir.join("node-a.identity");
+    for args in [
+        vec![
+            "cluster",
+            "init",
+            "--name",
+            "test",
+            "--out",
+            cluster.to_str().expect("utf8"),
+        ],
+        vec![
+            "node",
+            "enroll",
+            "--cluster",
+            cluster.to_str().expect("utf8"),
+            "--name",
+            "node-a",
+            "--out",
+            identity.to_str().expect("utf8"),
+        ],
+    ] {
+        let out = sovereign(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    identity
+}
+
 #[test]
 fn flash_prints_the_verified_image_and_the_node_it_holds() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = make_image(dir.path());
-    let key = dir.path().join("node.key");
-    let generated = sovereign(&["key", "generate", "--out", key.to_str().expect("utf8")]);
-    assert!(generated.status.success());
-    let public = String::from_utf8_lossy(&generated.stdout)
-        .trim()
-        .to_string();
+    let key = enroll(dir.path());
     let disk = dir.path().join("disk");
     fs::File::create(&disk)
         .and_then(|f| f.set_len(64 << 20))
@@ -74,7 +103,7 @@ fn flash_prints_the_verified_image_and_the_node_it_holds() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("verified by read-back"), "{stdout}");
-    assert!(stdout.contains(&format!("holds node {public}")), "{stdout}");
+    assert!(stdout.contains("holds node node-a (ed25519:"), "{stdout}");
     assert!(stdout.contains("16 MiB"), "{stdout}");
 }
 
@@ -82,13 +111,8 @@ fn flash_prints_the_verified_image_and_the_node_it_holds() {
 fn flash_refusals_are_one_error_line_and_leave_the_device_untouched() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = make_image(dir.path());
-    let key = dir.path().join("node.key");
-    assert!(
-        sovereign(&["key", "generate", "--out", key.to_str().expect("utf8")])
-            .status
-            .success()
-    );
-    let key = key.to_str().expect("utf8");
+    let identity = enroll(dir.path());
+    let key = identity.to_str().expect("utf8");
     let small = dir.path().join("small");
     fs::write(&small, vec![3u8; 20 << 20]).expect("small disk");
     let small = small.to_str().expect("utf8");
@@ -118,6 +142,54 @@ fn flash_refusals_are_one_error_line_and_leave_the_device_untouched() {
         key,
     ]);
     one_error_line(&out, "/nonexistent-disk");
+
+    // A bare key (how nodes were flashed before enrollment) points to enrollment.
+    let bare = dir.path().join("node.key");
+    assert!(
+        sovereign(&["key", "generate", "--out", bare.to_str().expect("utf8")])
+            .status
+            .success()
+    );
+    let out = sovereign(&[
+        "flash",
+        "--image",
+        &image,
+        "--device",
+        small,
+        "--node",
+        bare.to_str().expect("utf8"),
+    ]);
+    one_error_line(&out, "enroll the node with `sovereign node enroll");
+    // A tampered identity file.
+    let text = fs::read_to_string(&identity).expect("identity");
+    let blocks = pem::parse_many(&text).expect("pem");
+    let mut cert = blocks[1].contents().to_vec();
+    let last = cert.len() - 1;
+    cert[last] ^= 1;
+    let tampered = dir.path().join("tampered.identity");
+    fs::write(
+        &tampered,
+        pem::encode_many(&[
+            blocks[0].clone(),
+            pem::Pem::new("CERTIFICATE", cert),
+            blocks[2].clone(),
+        ]),
+    )
+    .expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tampered, fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let out = sovereign(&[
+        "flash",
+        "--image",
+        &image,
+        "--device",
+        small,
+        "--node",
+        tampered.to_str().expect("utf8"),
+    ]);
+    one_error_line(&out, "does not verify against the CA of cluster test");
 
     assert_eq!(fs::read(small).expect("small"), vec![3u8; 20 << 20]);
 }

@@ -1,13 +1,21 @@
 """The official OpenAI Python client against `sovereign serve`, unchanged.
 
-Usage: openai_client.py BASE_URL API_KEY MODEL   (run by tests/serve.rs)
+Usage: openai_client.py BASE_URL API_KEY MODEL [CA_FILE]   (run by tests/serve.rs
+and vm-tests/tests/node_image.rs). With CA_FILE (the cluster CA certificate),
+TLS trusts that certificate alone.
 """
+import ssl
 import sys
 
+import httpx
 from openai import OpenAI
 
 base_url, api_key, model = sys.argv[1:4]
-client = OpenAI(base_url=base_url, api_key=api_key)
+if len(sys.argv) > 4:
+    only_the_ca = ssl.create_default_context(cafile=sys.argv[4])
+    client = OpenAI(base_url=base_url, api_key=api_key, http_client=httpx.Client(verify=only_the_ca))
+else:
+    client = OpenAI(base_url=base_url, api_key=api_key)
 
 models = [m.id for m in client.models.list()]
 assert models == [model], models

@@ -47,6 +47,96 @@ fn python_with_openai() -> std::path::PathBuf {
 }
 
 #[test]
+fn the_openai_client_trusting_only_the_cluster_ca_reaches_an_enrolled_node() {
+    let lab = Lab::new();
+    lab.import_demo_model();
+    std::fs::write(
+        lab.path("keys"),
+        "tester blake3:".to_owned() + &blake3::hash(b"sk-local-test").to_hex() + "\n",
+    )
+    .unwrap();
+    lab.run(&["cluster", "init", "--name", "office", "--out", "cluster"])
+        .ok();
+    lab.run(&[
+        "node",
+        "enroll",
+        "--cluster",
+        "cluster",
+        "--name",
+        "node-a",
+        "--lan-ip",
+        "127.0.0.1",
+        "--out",
+        "node-a.identity",
+    ])
+    .ok();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sovereign"))
+        .args(["serve", "--store", "store", "--listen", "127.0.0.1:0"])
+        .args(["--keys", "keys", "--identity", "node-a.identity"])
+        .current_dir(lab.dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _server = Server(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(url) = line.split("on https://").nth(1) {
+            break url.trim().to_owned();
+        }
+    };
+    let port = address.rsplit(':').next().unwrap();
+    // curl, trusting only the CA, reaches the node by its enrolled name.
+    let health = Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--tlsv1.3",
+            "--cacert",
+            "cluster/ca.pem",
+        ])
+        .args(["--resolve", &format!("node-a:{port}:127.0.0.1")])
+        .arg(format!("https://node-a:{port}/health"))
+        .current_dir(lab.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    // Another cluster's CA is not enough.
+    lab.run(&["cluster", "init", "--name", "other", "--out", "other"])
+        .ok();
+    let foreign = Command::new("curl")
+        .args(["--silent", "--cacert", "other/ca.pem"])
+        .arg(format!("https://{address}/health"))
+        .current_dir(lab.dir.path())
+        .output()
+        .unwrap();
+    assert!(!foreign.status.success(), "a foreign CA was trusted");
+    let output = Command::new(python_with_openai())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_client.py"
+        ))
+        .args([&format!("https://{address}/v1"), "sk-local-test", "smollm2"])
+        .arg(lab.path("cluster/ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
 fn the_openai_python_client_works_unchanged() {
     let lab = Lab::new();
     lab.import_demo_model();

@@ -38,6 +38,8 @@ pub struct BuildRequest<'a> {
     pub spec_dir: &'a Path,
     /// A bundle trust file that replaces the spec's.
     pub bundle_trust: Option<&'a Path>,
+    /// A cluster CA certificate that replaces the spec's `trust.cluster_ca`.
+    pub cluster_ca: Option<&'a Path>,
     /// A lock file: install exactly its versions.
     pub lock: Option<&'a Path>,
     /// A mirror that replaces the spec's (and the host's sources).
@@ -111,6 +113,21 @@ fn step<T>(
     Ok(value)
 }
 
+/// Checks that `bytes` is one PEM CA certificate (`sovereign cluster init`
+/// makes `DIR/ca.pem`); nodes check identities against it.
+fn check_ca_certificate(bytes: &[u8]) -> Result<(), String> {
+    const HINT: &str = "not a PEM CA certificate (`sovereign cluster init` writes DIR/ca.pem)";
+    let (rest, pem) = x509_parser::pem::parse_x509_pem(bytes).map_err(|_| HINT.to_string())?;
+    if !String::from_utf8_lossy(rest).trim().is_empty() {
+        return Err("holds more than the CA certificate".into());
+    }
+    let cert = pem.parse_x509().map_err(|_| HINT.to_string())?;
+    if !cert.is_ca() {
+        return Err("the certificate is not a CA certificate".into());
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
@@ -122,7 +139,15 @@ pub fn build(
     request: &BuildRequest,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<BuildReport, BuildError> {
-    let spec = request.spec;
+    let mut with_ca;
+    let spec = match request.cluster_ca {
+        Some(path) => {
+            with_ca = request.spec.clone();
+            with_ca.trust.cluster_ca = path.display().to_string();
+            &with_ca
+        }
+        None => request.spec,
+    };
     let epoch = spec.source_date_epoch;
     if !is_root() {
         return Err(BuildError::NotRoot);
@@ -144,10 +169,16 @@ pub fn build(
     })?;
     let cluster_ca = match spec.trust.cluster_ca.as_str() {
         "" => None,
-        path => Some(read_input(
-            "trust.cluster_ca",
-            &request.spec_dir.join(path),
-        )?),
+        path => {
+            let path = request.spec_dir.join(path);
+            let bytes = read_input("trust.cluster_ca", &path)?;
+            check_ca_certificate(&bytes).map_err(|reason| BuildError::Trust {
+                field: "trust.cluster_ca",
+                path,
+                reason,
+            })?;
+            Some(bytes)
+        }
     };
     let mut binaries = Vec::new();
     for name in spec.services.iter().flat_map(|s| binary_names(*s)) {

@@ -42,7 +42,7 @@ pub use spec::{ImageSpec, LanAddress, Network, Profile, Service, SpecError, Trus
 pub use tree::{listing, MASKED_ALWAYS, PRODUCTION_REMOVED};
 pub use units::{
     firewall_audit_timer, firewall_audit_unit, stick_unit, unit_file, unit_name, AUDIT_SOCKET,
-    FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, STICK_DIR, STICK_UNIT,
+    CLUSTER_CA, FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, STICK_DIR, STICK_UNIT,
 };
 
 /// The default spec (`image/node.toml`).

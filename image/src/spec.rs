@@ -123,7 +123,8 @@ impl Network {
 pub struct Trust {
     /// The initial bundle trust file.
     pub bundle_trust: String,
-    /// The cluster CA public key; empty until the cluster has one.
+    /// The cluster CA certificate (PEM, `sovereign cluster init`'s DIR/ca.pem);
+    /// empty until the cluster has one. Nodes refuse identities it did not issue.
     #[serde(default)]
     pub cluster_ca: String,
 }

@@ -17,7 +17,7 @@ use crate::firewall::nftables_ruleset;
 use crate::spec::{ImageSpec, Profile, Service};
 use crate::tool;
 use crate::units::{
-    firewall_audit_timer, firewall_audit_unit, stick_unit, unit_file, unit_name,
+    firewall_audit_timer, firewall_audit_unit, stick_unit, unit_file, unit_name, CLUSTER_CA,
     FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, STICK_UNIT,
 };
 
@@ -259,7 +259,7 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
         0o644,
     )?;
     if let Some(ca) = inputs.cluster_ca {
-        put(&root, "etc/sovereign/cluster-ca.pub", ca, 0o644)?;
+        put(&root, CLUSTER_CA.trim_start_matches('/'), ca, 0o644)?;
     }
     put(
         &root,

@@ -12,6 +12,9 @@ pub const AUDIT_SOCKET: &str = "/run/sovereign-audit/audit.sock";
 /// Where the node's identity and credentials live (on the state partition).
 pub const NODE_DIR: &str = "/var/lib/sovereign/node";
 
+/// The cluster CA certificate in the verified root (when the spec has one).
+pub const CLUSTER_CA: &str = "/etc/sovereign/cluster-ca.pem";
+
 /// Where sticks are mounted, one directory per block device.
 pub const STICK_DIR: &str = "/run/sovereign/stick";
 
@@ -86,9 +89,17 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
             format!(
                 "Type=simple\nUser=sovereign-audit\nGroup=sovereign-audit\nStateDirectory=sovereign/audit\nStateDirectoryMode=0700\n\
                  RuntimeDirectory=sovereign-audit\nRuntimeDirectoryMode=0750\n\
-                 ExecStart=/usr/bin/sovereign-audit --log /var/lib/sovereign/audit --socket {AUDIT_SOCKET} --node %H --boot{allow}\n\
+                 LoadCredential=identity.pem:{NODE_DIR}/identity.pem\n\
+                 ExecStart=/usr/bin/sovereign-audit --log /var/lib/sovereign/audit --socket {AUDIT_SOCKET} --node %H --boot \
+                 --identity %d/identity.pem{ca}{allow}\n\
                  Restart=always\nPrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n",
-                allow = audit_allow(spec)
+                allow = audit_allow(spec),
+                // The enrolled key signs the log; an identity from another CA is refused.
+                ca = if spec.trust.cluster_ca.is_empty() {
+                    String::new()
+                } else {
+                    format!(" --cluster-ca {CLUSTER_CA}")
+                }
             ),
             // The boot record reads the verity root hash from /proc/cmdline;
             // the daemon must see its clients' real user ids (SO_PEERCRED),
@@ -102,8 +113,14 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                  StateDirectory=sovereign/store\nReadOnlyPaths={STICK_DIR}/%i\n\
                  LoadCredential=node.age:{NODE_DIR}/node.age\n\
                  ExecStart=/usr/bin/sovereign-import --store /var/lib/sovereign/store --trust /etc/sovereign/node.trust \
-                 --identity %d/node.age --audit-socket {AUDIT_SOCKET} {STICK_DIR}/%i\n\
-                 PrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n"
+                 --identity %d/node.age --audit-socket {AUDIT_SOCKET}{ca} {STICK_DIR}/%i\n\
+                 PrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n",
+                // Revocation lists on a stick are checked against the image's CA.
+                ca = if spec.trust.cluster_ca.is_empty() {
+                    String::new()
+                } else {
+                    format!(" --cluster-ca {CLUSTER_CA}")
+                }
             ),
             // The API's user reads the models this service writes.
             "UMask=0022\n".to_owned(),

@@ -66,6 +66,7 @@ fn request<'a>(
         spec: &f.spec,
         spec_dir: &f.root,
         bundle_trust: None,
+        cluster_ca: None,
         lock,
         mirror: None,
         binaries: &f.binaries,

@@ -43,9 +43,12 @@ pub enum FlashError {
         /// Everything needed.
         needed: u64,
     },
-    /// The node identity could not be read.
+    /// A key file could not be read or written.
     #[error("node identity: {0}")]
     NodeKey(#[from] sovereign_signing::KeyError),
+    /// The node identity file is not an enrolled identity, or is damaged.
+    #[error("node identity: {0}")]
+    Identity(#[from] sovereign_identity::IdentityError),
     /// An external tool failed.
     #[error("{tool} failed ({status}): {stderr}")]
     Tool {

@@ -24,6 +24,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sovereign_identity::NodeIdentity;
+
 use crate::error::FlashError;
 use crate::gpt::{self, Guid, Partition, SECTOR};
 use crate::state::{self, run_tool, MIN_STATE_SIZE, STATE_LABEL, VAR_PARTITION_TYPE};
@@ -47,13 +49,14 @@ pub struct FlashOptions {
     pub image: PathBuf,
     /// The target disk, or a regular file standing in for one.
     pub device: PathBuf,
-    /// The node identity: an ed25519 secret key file (`sovereign key generate`).
-    pub node_key: PathBuf,
+    /// The node identity file (`sovereign node enroll`).
+    pub identity: PathBuf,
     /// Size of the state partition in bytes (a multiple of 1 MiB, at least 16 MiB).
     pub state_size: u64,
     /// More files for the node's identity directory (credentials: `node.age`,
-    /// `api-keys`, `cert.pem`, `key.pem`). Without a `node.age`, flash makes
-    /// the node a fresh age identity.
+    /// `api-keys`, `cert.pem`, `key.pem`). `cert.pem`/`key.pem` default to the
+    /// identity's certificate chain and key, `node.age` to its age identity
+    /// (or a fresh one when it has none).
     pub node_files: Vec<NodeFile>,
 }
 
@@ -77,6 +80,8 @@ pub struct FlashReport {
     pub image_blake3: String,
     /// The state partition as it now stands in the target's GPT.
     pub state_partition: Partition,
+    /// The node's name (its certificate's subject).
+    pub node_name: String,
     /// The node's public key (`ed25519:...`).
     pub node_public_key: String,
     /// The node's age recipient (`age1...`): bundles encrypted to it can be imported.
@@ -357,12 +362,30 @@ fn invalidate(target: &Target) {
     }
 }
 
+/// Reads the node identity file, refusing one that others can read and a
+/// bare key (the node must be enrolled).
+fn read_identity(path: &Path) -> Result<(NodeIdentity, String), FlashError> {
+    let metadata = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
+    let mode = metadata.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(FlashError::NodeKey(
+            sovereign_signing::KeyError::LoosePermissions {
+                path: path.to_owned(),
+                mode,
+            },
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
+    let identity = NodeIdentity::parse(&path.display().to_string(), &text)?;
+    Ok((identity, text))
+}
+
 /// Flashes `options.image` to `options.device` with the node identity; see the module docs.
 pub fn flash(options: &FlashOptions, progress: &dyn Progress) -> Result<FlashReport, FlashError> {
-    let key = sovereign_signing::read_signing_key(&options.node_key)?;
-    let key_text = std::fs::read_to_string(&options.node_key)
-        .map_err(io(format!("reading {}", options.node_key.display())))?;
-    let public = key.public_key();
+    let (identity, identity_text) = read_identity(&options.identity)?;
+    let public = sovereign_signing::PublicKey::from_bytes(
+        &identity.signing_key().verifying_key().to_bytes(),
+    )?;
     let plan = plan(options, &public.to_bytes())?;
     let work = tempfile::Builder::new()
         .prefix("sovereign-flash-")
@@ -371,8 +394,8 @@ pub fn flash(options: &FlashOptions, progress: &dyn Progress) -> Result<FlashRep
     let state_size = (plan.state_last_lba + 1 - plan.state_first_lba) * SECTOR;
     let (state_fs, age_recipient) = state::build(
         work.path(),
-        &key,
-        &key_text,
+        &identity,
+        &identity_text,
         &options.node_files,
         state_size,
         &plan.fs_uuid.to_string(),
@@ -380,6 +403,7 @@ pub fn flash(options: &FlashOptions, progress: &dyn Progress) -> Result<FlashRep
     tracing::info!(device = %options.device.display(), "all checks passed; writing");
     match write_all(options, &plan, &state_fs, progress) {
         Ok(report) => Ok(FlashReport {
+            node_name: identity.name().to_owned(),
             node_public_key: public.to_string(),
             age_recipient,
             ..report
@@ -494,6 +518,7 @@ fn write_all(
         image_size: plan.image_size,
         image_blake3: written.to_hex().to_string(),
         state_partition,
+        node_name: String::new(),
         node_public_key: String::new(),
         age_recipient: String::new(),
     })

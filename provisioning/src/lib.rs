@@ -1,5 +1,11 @@
 /*!
-`sovereign-provisioning`: putting a Sovereign node on its disk.
+`sovereign-provisioning`: the operator's side of a cluster, and putting a
+Sovereign node on its disk.
+
+- [`cluster`]: the cluster CA directory (`sovereign cluster init`), node
+  enrollment (`sovereign node enroll`), the register of issued
+  certificates and revocation (`sovereign cluster revoke`). What a node
+  needs at run time lives in `sovereign-identity`, which services use.
 
 - [`flash()`] writes a node image to a disk (or a file standing in for one),
   verifies it by reading it back, and creates the state partition holding the
@@ -10,11 +16,9 @@
 
 **Architecture Invariant:** nothing is written to a target before every check
 has passed and the state filesystem has been built.
-
-Cluster CA and enrollment (`sovereign cluster init`, `sovereign node enroll`)
-will live here too.
 */
 
+pub mod cluster;
 pub mod error;
 pub mod flash;
 pub mod gpt;

@@ -7,6 +7,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sovereign_identity::NodeIdentity;
+use sovereign_provisioning::cluster::{Cluster, EnrollRequest};
 use sovereign_provisioning::gpt::{self, Guid, SECTOR};
 use sovereign_provisioning::state::{STATE_LABEL, VAR_PARTITION_TYPE};
 use sovereign_provisioning::{flash, FlashError, FlashOptions, NoProgress, NodeFile};
@@ -48,10 +50,17 @@ fn make_image(dir: &Path) -> PathBuf {
     image
 }
 
+/// An enrolled node identity file (a fresh cluster under `dir`).
 fn make_key(dir: &Path) -> PathBuf {
-    let key = dir.join("node.key");
-    sovereign_signing::generate_signing_key(&key).expect("generate key");
-    key
+    let mut cluster = Cluster::init(&dir.join("cluster"), "test", None).expect("cluster init");
+    let identity = dir.join("node-a.identity");
+    let request = EnrollRequest {
+        name: "node-a".into(),
+        days: 30,
+        ..EnrollRequest::default()
+    };
+    cluster.enroll(&request, &identity).expect("enroll");
+    identity
 }
 
 fn sparse_file(path: &Path, size: u64) {
@@ -76,7 +85,7 @@ fn options(image: &Path, device: &Path, key: &Path) -> FlashOptions {
     FlashOptions {
         image: image.to_owned(),
         device: device.to_owned(),
-        node_key: key.to_owned(),
+        identity: key.to_owned(),
         state_size: 32 << 20,
         node_files: Vec::new(),
     }
@@ -126,19 +135,35 @@ fn check_flashed(image: &Path, disk: &Path, key: &Path, disk_size: u64) {
     let public = run(Command::new("debugfs")
         .args(["-R", "cat /lib/sovereign/node/node.pub"])
         .arg(&fs_image));
-    let expected = sovereign_signing::read_signing_key(key)
-        .expect("key")
-        .public_key();
+    let identity = NodeIdentity::load(key).expect("identity");
+    let expected = sovereign_signing::PublicKey::from_bytes(
+        &identity.signing_key().verifying_key().to_bytes(),
+    )
+    .expect("key");
     assert_eq!(public.trim(), expected.to_string());
     let secret = run(Command::new("debugfs")
-        .args(["-R", "cat /lib/sovereign/node/node.key"])
+        .args(["-R", "cat /lib/sovereign/node/identity.pem"])
         .arg(&fs_image));
-    assert_eq!(secret, fs::read_to_string(key).expect("key text"));
-    let stat = run(Command::new("debugfs")
-        .args(["-R", "stat /lib/sovereign/node/node.key"])
+    assert_eq!(secret, fs::read_to_string(key).expect("identity text"));
+    let chain = run(Command::new("debugfs")
+        .args(["-R", "cat /lib/sovereign/node/cert.pem"])
         .arg(&fs_image));
-    assert!(stat.contains("Mode:  0600"), "{stat}");
-    assert!(stat.contains("User:     0"), "{stat}");
+    assert_eq!(
+        chain,
+        identity.chain_pem(),
+        "the LAN API serves the node certificate"
+    );
+    for (file, mode) in [
+        ("identity.pem", "0600"),
+        ("key.pem", "0600"),
+        ("node.age", "0600"),
+    ] {
+        let stat = run(Command::new("debugfs")
+            .args(["-R", &format!("stat /lib/sovereign/node/{file}")])
+            .arg(&fs_image));
+        assert!(stat.contains(&format!("Mode:  {mode}")), "{file}: {stat}");
+        assert!(stat.contains("User:     0"), "{stat}");
+    }
 }
 
 #[test]
@@ -189,6 +214,22 @@ fn a_missing_node_key_is_refused_and_the_disk_is_untouched() {
     assert_refused(
         flash(&options(&image, &disk, &missing), &NoProgress),
         "nope.key",
+    );
+    assert_eq!(digest(&disk), before);
+}
+
+#[test]
+fn a_bare_key_is_refused_with_a_pointer_to_enrollment() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = make_image(dir.path());
+    let key = dir.path().join("node.key");
+    sovereign_signing::generate_signing_key(&key).expect("generate key");
+    let disk = dir.path().join("disk");
+    sparse_file(&disk, 100 << 20);
+    let before = digest(&disk);
+    assert_refused(
+        flash(&options(&image, &disk, &key), &NoProgress),
+        "sovereign node enroll",
     );
     assert_eq!(digest(&disk), before);
 }
@@ -448,11 +489,20 @@ fn node_credentials_land_on_the_state_partition_with_their_modes() {
         assert!(stat.contains(&format!("Mode:  {mode}")), "{file}: {stat}");
     }
 
-    // Without one, flash gives the node a fresh age identity and names its recipient.
+    // Without one, the node's age identity is the one enrolled in its identity file.
     let other = dir.path().join("other");
     sparse_file(&other, 128 << 20);
-    let fresh = flash(&options(&image, &other, &key), &NoProgress).expect("flash");
-    assert!(fresh.age_recipient.starts_with("age1") && fresh.age_recipient != recipient);
+    let enrolled = flash(&options(&image, &other, &key), &NoProgress).expect("flash");
+    let identity = NodeIdentity::load(&key).expect("identity");
+    assert_eq!(
+        enrolled.age_recipient,
+        identity
+            .age_identity()
+            .expect("age")
+            .to_public()
+            .to_string()
+    );
+    assert_ne!(enrolled.age_recipient, recipient);
     let bad = FlashOptions {
         node_files: vec![NodeFile {
             name: "../escape".into(),

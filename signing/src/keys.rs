@@ -98,7 +98,8 @@ impl SigningKey {
         Self(ed25519_dalek::SigningKey::from_bytes(seed))
     }
 
-    fn to_text(&self) -> String {
+    /// The text of a secret key file (keep it 0600).
+    pub fn to_text(&self) -> String {
         format!("{SECRET_PREFIX}{}\n", B64.encode(self.0.to_bytes()))
     }
 }

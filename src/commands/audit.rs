@@ -2,11 +2,21 @@
 
 use std::borrow::Cow;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::Subcommand;
-use sovereign_audit::{verify, verify_courier, Export, StoredRecord};
+use sovereign_audit::{
+    verify, verify_courier, verify_courier_with_ca, verify_with_ca, Export, StoredRecord,
+};
+use sovereign_identity::{ClusterCa, RevocationList};
+
+/// Reads a checkpoint the auditor holds.
+fn read_held(path: Option<&Path>) -> anyhow::Result<Option<String>> {
+    path.map(|p| std::fs::read_to_string(p).with_context(|| p.display().to_string()))
+        .transpose()
+}
 
 /// Audit commands.
 #[derive(Subcommand)]
@@ -26,10 +36,17 @@ pub enum AuditCommand {
         /// A checkpoint the auditor already holds: the log must extend it.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
-        /// The node's public key (`ed25519:...` or a .pub file); without it the
-        /// export's own key is used, which proves integrity but not origin.
-        #[arg(long)]
+        /// The node's public key (`ed25519:...` or a .pub file); without it (or
+        /// --cluster-ca) the export's own key is used, which proves integrity but not origin.
+        #[arg(long, conflicts_with = "cluster_ca")]
         key: Option<String>,
+        /// The cluster CA certificate: the log's node certificate must be issued
+        /// by it and its key must sign the log (all an auditor needs).
+        #[arg(long)]
+        cluster_ca: Option<PathBuf>,
+        /// A revocation list of the cluster (with --cluster-ca): a revoked node's log is refused.
+        #[arg(long, requires = "cluster_ca")]
+        revocations: Option<PathBuf>,
         /// An export file, a log directory, or a courier folder.
         path: PathBuf,
     },
@@ -83,7 +100,45 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Verify {
             checkpoint,
+            key: _,
+            cluster_ca: Some(ca),
+            revocations,
+            path,
+        } => {
+            let ca = ClusterCa::load(&ca)?;
+            let list = match revocations {
+                Some(p) => RevocationList::load(&p, &ca)?,
+                None => RevocationList::empty(&ca),
+            };
+            let now = SystemTime::now();
+            if path.join("consistency-proof.json").exists() {
+                let (checkpoint, peer) = verify_courier_with_ca(&path, &ca, &list, now)?;
+                println!(
+                    "ok: courier checkpoint at size {} of node {} (serial {}, cluster {}) extends the previous one on this stick",
+                    checkpoint.size, peer.name, peer.serial, ca.name()
+                );
+                return Ok(());
+            }
+            let held = read_held(checkpoint.as_deref())?;
+            let export = Export::load(&path)?;
+            let (verified, peer) = verify_with_ca(&export, &ca, &list, now, held.as_deref())?;
+            println!(
+                "ok: {} records and {} checkpoints of node {} verify (newest checkpoint covers {}); signed by node {} (serial {}) of cluster {}{}",
+                verified.records,
+                verified.checkpoints,
+                export.node,
+                verified.checkpointed,
+                peer.name,
+                peer.serial,
+                ca.name(),
+                if held.is_some() { "; extends the held checkpoint" } else { "" },
+            );
+        }
+        AuditCommand::Verify {
+            checkpoint,
             key,
+            cluster_ca: None,
+            revocations: _,
             path,
         } => {
             let key = key
@@ -99,10 +154,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let held = checkpoint
-                .as_deref()
-                .map(|p| std::fs::read_to_string(p).with_context(|| p.display().to_string()))
-                .transpose()?;
+            let held = read_held(checkpoint.as_deref())?;
             let export = Export::load(&path)?;
             let verified = verify(&export, key.as_ref(), held.as_deref())?;
             println!(
@@ -112,7 +164,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                 export.node,
                 verified.checkpointed,
                 if held.is_some() { "; extends the held checkpoint" } else { "" },
-                if key.is_none() { "; key not pinned (use --key)" } else { "" }
+                if key.is_none() { "; key not pinned (use --key or --cluster-ca)" } else { "" }
             );
         }
         AuditCommand::Show { log, json } => {

@@ -17,19 +17,20 @@ pub struct FlashArgs {
     /// Refused when mounted, in use, or the running system's disk.
     #[arg(long)]
     device: PathBuf,
-    /// The node identity: an ed25519 secret key file (`sovereign key generate --out PATH`).
+    /// The node identity file made by `sovereign node enroll` (key, CA-issued
+    /// certificate, CA certificate, age identity). A bare key is refused.
     #[arg(long)]
     node: PathBuf,
     /// Size of the state partition in MiB; the node grows it to the whole disk on first boot.
     #[arg(long, default_value_t = DEFAULT_STATE_SIZE >> 20, value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
     state_mib: u64,
-    /// The node's age identity (`sovereign key generate --age`); default: a fresh one.
+    /// The node's age identity (`sovereign key generate --age`); default: the identity file's.
     #[arg(long)]
     age_identity: Option<PathBuf>,
     /// The node's API keys file (`NAME blake3:<hex>` lines), for its API service.
     #[arg(long)]
     api_keys: Option<PathBuf>,
-    /// The node's TLS certificate (PEM) for the LAN API.
+    /// The LAN API's TLS certificate (PEM), overriding the node certificate from the identity.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The private key (PEM) of `--tls-cert`.
@@ -61,7 +62,7 @@ pub fn run(args: FlashArgs) -> anyhow::Result<()> {
     let options = FlashOptions {
         image: args.image,
         device: args.device,
-        node_key: args.node,
+        identity: args.node,
         state_size: args.state_mib << 20,
         node_files,
     };
@@ -73,11 +74,12 @@ pub fn run(args: FlashArgs) -> anyhow::Result<()> {
         report.image_blake3
     );
     println!(
-        "state partition {} ({}, {} MiB at offset {}) holds node {}",
+        "state partition {} ({}, {} MiB at offset {}) holds node {} ({})",
         report.state_partition.number,
         report.state_partition.unique_guid,
         report.state_partition.len() >> 20,
         report.state_partition.offset(),
+        report.node_name,
         report.node_public_key
     );
     println!(

@@ -39,6 +39,10 @@ pub struct BuildArgs {
     /// The bundle trust file to install, instead of the spec's `trust.bundle_trust`.
     #[arg(long)]
     bundle_trust: Option<PathBuf>,
+    /// The cluster CA certificate (`sovereign cluster init`'s DIR/ca.pem), instead of the
+    /// spec's `trust.cluster_ca`: the node refuses an identity it did not issue.
+    #[arg(long)]
+    cluster_ca: Option<PathBuf>,
     /// Install exactly the package versions of this lock file (refused when the mirror lacks one).
     #[arg(long)]
     lock: Option<PathBuf>,
@@ -128,6 +132,7 @@ fn build(args: BuildArgs) -> anyhow::Result<()> {
         spec: &spec,
         spec_dir: &spec_dir,
         bundle_trust: args.bundle_trust.as_deref(),
+        cluster_ca: args.cluster_ca.as_deref(),
         lock: args.lock.as_deref(),
         mirror: args.mirror.as_deref(),
         binaries: &binaries,

@@ -31,6 +31,10 @@ pub struct ImportArgs {
     /// The node name recorded in a new audit log.
     #[arg(long, default_value = "dev")]
     node: String,
+    /// The cluster CA certificate: revocation lists (`*.crl`) on the stick are
+    /// checked against it and the store keeps the newest.
+    #[arg(long)]
+    cluster_ca: Option<PathBuf>,
     /// A bundle, or a directory of bundles as on a mounted USB stick.
     path: PathBuf,
 }
@@ -48,6 +52,11 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         .map(|dir| sovereign_audit::AuditLog::open(dir, &args.node).map(Arc::new))
         .transpose()?;
     let auditor = log.clone().map(sovereign_audit::Auditor::Local);
+    let cluster_ca = args
+        .cluster_ca
+        .as_deref()
+        .map(sovereign_identity::ClusterCa::load)
+        .transpose()?;
     let store = Store::open(&args.store)?;
     let options = ImportOptions {
         trust: args.trust.as_deref(),
@@ -56,6 +65,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         audit: auditor
             .as_ref()
             .map(|a| a as &dyn sovereign_store::ImportAudit),
+        cluster_ca: cluster_ca.as_ref(),
     };
     let report = store.import_path(&args.path, &options)?;
     if let Some(log) = &log {
@@ -86,6 +96,9 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             Outcome::AlreadyPresent(id) => println!("{id} is already installed"),
             Outcome::TrustInstalled(sequence) => {
                 println!("installed trust file sequence {sequence} from {file}")
+            }
+            Outcome::RevocationsInstalled(sequence) => {
+                println!("installed revocation list {sequence} from {file}")
             }
             Outcome::Skipped(reason) => println!("skipped {file}: {reason}"),
             Outcome::Rejected(reason) => {

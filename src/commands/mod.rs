@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod bundle;
+pub mod cluster;
 pub mod flash;
 pub mod generate;
 pub mod image;
@@ -9,6 +10,7 @@ pub mod import;
 pub mod key;
 pub mod models;
 pub mod perplexity;
+pub mod node;
 pub mod serve;
 pub mod trust;
 

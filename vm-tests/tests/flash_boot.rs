@@ -90,9 +90,15 @@ fn a_disk_flashed_with_sovereign_flash_boots_under_uefi_and_holds_the_node_ident
     let dir = tempfile::tempdir().expect("temp dir");
     let image = stand_in_image(dir.path());
     let sovereign = workspace_binary("sovereign").expect("the sovereign binary");
-    let key = dir.path().join("node.key");
-    let public = run(Command::new(&sovereign)
-        .args(["key", "generate", "--out"])
+    let cluster = dir.path().join("cluster");
+    let key = dir.path().join("node-a.identity");
+    run(Command::new(&sovereign)
+        .args(["cluster", "init", "--name", "test", "--out"])
+        .arg(&cluster));
+    run(Command::new(&sovereign)
+        .args(["node", "enroll", "--name", "node-a", "--cluster"])
+        .arg(&cluster)
+        .arg("--out")
         .arg(&key));
     let disk = dir.path().join("disk.img");
     fs::File::create(&disk)
@@ -107,6 +113,11 @@ fn a_disk_flashed_with_sovereign_flash_boots_under_uefi_and_holds_the_node_ident
         .arg("--node")
         .arg(&key));
     assert!(flashed.contains("verified by read-back"), "{flashed}");
+    let public = flashed
+        .split_whitespace()
+        .find(|w| w.starts_with("(ed25519:"))
+        .map(|w| w.trim_matches(|c| c == '(' || c == ')').to_owned())
+        .expect("the node's key in flash's summary");
 
     let mut node = Machine::new(MachineConfig::new(
         "node",
@@ -145,7 +156,7 @@ fn a_disk_flashed_with_sovereign_flash_boots_under_uefi_and_holds_the_node_ident
     assert_eq!(name.trim(), "PARTNAME=sovereign-state");
     let node_pub = node
         .succeed(
-            "mkdir -p /mnt && mount -t ext4 -o ro /dev/vda3 /mnt && cat /mnt/lib/sovereign/node/node.pub && stat -c %a /mnt/lib/sovereign/node/node.key",
+            "mkdir -p /mnt && mount -t ext4 -o ro /dev/vda3 /mnt && cat /mnt/lib/sovereign/node/node.pub && stat -c %a /mnt/lib/sovereign/node/identity.pem",
             Duration::from_secs(60),
         )
         .expect("identity on the state partition");

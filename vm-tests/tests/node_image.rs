@@ -4,9 +4,11 @@
 //! boots under UEFI (OVMF, TCG, no network to the host) from its dm-verity
 //! root to ready services; a USB stick carrying the signed demo model is
 //! imported and a tampered one refused, each stick leaving the auditor's
-//! courier; a client on the LAN stand-in asks the node's HTTPS API a
-//! question; the audit log holds the boot, the imports, the request and the
-//! firewall's counters.
+//! courier (verified with only the cluster CA); a client on the LAN
+//! stand-in trusting only the cluster CA (curl, and the official OpenAI
+//! client) asks the node's HTTPS API a question; the audit log, signed by the
+//! enrolled key since its key-change record, holds the boot, the imports, the
+//! request and the firewall's counters.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,14 @@ fn stick(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
     image
 }
 
+/// A Python with the pinned `openai` client, in a venv under `dir`.
+fn python_with_openai(dir: &Path) -> PathBuf {
+    let venv = dir.join("openai-venv");
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "openai==1.99.9"]));
+    venv.join("bin/python")
+}
+
 #[test]
 fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -48,7 +58,20 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     // The operator: a signer, the node's trust, a build key, the image.
     sov(&["key", "generate", "--out", "signer"]);
     sov(&["key", "generate", "--out", "build.key"]);
-    sov(&["key", "generate", "--out", "node.key"]);
+    sov(&["cluster", "init", "--name", "test", "--out", "cluster"]);
+    // The LAN stand-in is this host's loopback: the node answers on 127.0.0.1 too.
+    sov(&[
+        "node",
+        "enroll",
+        "--cluster",
+        "cluster",
+        "--name",
+        "node-a",
+        "--lan-ip",
+        "127.0.0.1",
+        "--out",
+        "node-a.identity",
+    ]);
     sov(&[
         "trust",
         "init",
@@ -67,6 +90,8 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         "test",
         "--bundle-trust",
         "node.trust",
+        "--cluster-ca",
+        "cluster/ca.pem",
         "--key",
         "build.key",
         "--out",
@@ -122,7 +147,7 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let good_stick = stick(d, "good.img", &[&d.join("good/smollm2-1.0.0.sovb")]);
     let bad_stick = stick(d, "bad.img", &[&bad]);
 
-    // The node's API credentials: a key for the operator, a TLS certificate.
+    // The node's API key for the operator (its TLS certificate is the enrolled one).
     fs::write(
         d.join("api-keys"),
         format!(
@@ -131,26 +156,6 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         ),
     )
     .expect("api keys");
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=node",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .args(["-keyout", "key.pem", "-out", "cert.pem"])
-        .current_dir(d));
     let disk = d.join("disk.img");
     fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 30))
@@ -162,13 +167,9 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         "--device",
         disk.to_str().expect("utf8"),
         "--node",
-        "node.key",
+        "node-a.identity",
         "--api-keys",
         "api-keys",
-        "--tls-cert",
-        "cert.pem",
-        "--tls-key",
-        "key.pem",
     ]);
     assert!(flashed.contains("verified by read-back"), "{flashed}");
 
@@ -289,11 +290,8 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     assert_eq!(mounts.trim(), "", "sticks are unmounted after the import");
 
     // Every stick became the auditor's courier; on its second visit the good
-    // stick also gets the proof that the log only grew since the first.
-    let audit_key = node
-        .succeed("cat /var/lib/sovereign/audit/node.pub", wait)
-        .expect("the audit log's key");
-    fs::write(d.join("audit.pub"), audit_key.trim()).expect("key");
+    // stick also gets the proof that the log only grew since the first. The
+    // auditor holds only the cluster CA: the folder carries the node certificate.
     node.detach_stick(&good_id).expect("unplug");
     node.detach_stick(&bad_id).expect("unplug");
     let again = node
@@ -329,11 +327,14 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         let verified = sov(&[
             "audit",
             "verify",
-            "--key",
-            "audit.pub",
+            "--cluster-ca",
+            "cluster/ca.pem",
             folder.to_str().expect("utf8"),
         ]);
-        assert!(verified.contains("ok: courier checkpoint"), "{verified}");
+        assert!(
+            verified.contains("ok: courier checkpoint") && verified.contains("of node node-a"),
+            "{verified}"
+        );
         let proof: serde_json::Value = serde_json::from_slice(
             &fs::read(folder.join("consistency-proof.json")).expect("proof"),
         )
@@ -349,13 +350,22 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         }
     }
 
-    // The imported model went live, so the API came up on the LAN over TLS:
-    // a client on the LAN asks it a question.
-    let api = format!("https://127.0.0.1:{lan_port}");
+    // The imported model went live, so the API came up on the LAN over TLS
+    // with the CA-issued certificate: a client that trusts only the cluster
+    // CA asks node-a a question.
+    let api = format!("https://node-a:{lan_port}");
+    let resolve = format!("node-a:{lan_port}:127.0.0.1");
     let curl = |args: &[&str]| {
         Command::new("curl")
-            .args(["--silent", "--show-error", "--cacert"])
-            .arg(d.join("cert.pem"))
+            .args([
+                "--silent",
+                "--show-error",
+                "--tlsv1.3",
+                "--resolve",
+                &resolve,
+                "--cacert",
+            ])
+            .arg(d.join("cluster/ca.pem"))
             .args(["-H", "Authorization: Bearer sk-node-test"])
             .args(args)
             .output()
@@ -386,9 +396,11 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
             "/dev/null",
             "--write-out",
             "%{http_code}",
+            "--resolve",
+            &resolve,
             "--cacert",
         ])
-        .arg(d.join("cert.pem"))
+        .arg(d.join("cluster/ca.pem"))
         .arg(format!("{api}/v1/models"))
         .output()
         .expect("curl");
@@ -422,6 +434,21 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         answer["usage"]["completion_tokens"].as_u64() >= Some(1),
         "{answer}"
     );
+
+    // The official OpenAI client, configured with the cluster CA alone, lists
+    // the node's models (generation under TCG is what curl measured above).
+    const LIST_MODELS: &str = "import ssl, sys, httpx, openai\n\
+        ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+        c = openai.OpenAI(base_url=sys.argv[1], api_key='sk-node-test', http_client=httpx.Client(verify=ctx))\n\
+        print([m.id for m in c.models.list()])\n";
+    let listed = run(Command::new(python_with_openai(d))
+        .args([
+            "-c",
+            LIST_MODELS,
+            &format!("https://127.0.0.1:{lan_port}/v1"),
+        ])
+        .arg(d.join("cluster/ca.pem")));
+    assert!(listed.contains("smollm2"), "{listed}");
 
     // The LAN has its DHCP address by now, and still no route beyond it.
     let routes = node.succeed("cat /proc/net/route", wait).expect("routes");
@@ -458,6 +485,10 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     );
     assert!(records.contains("\"outcome\":\"imported\""), "{records}");
     assert!(records.contains("\"outcome\":\"rejected\""), "{records}");
+    assert!(
+        records.contains("\"key-change\""),
+        "the raw key hands the log to the enrolled key: {records}"
+    );
     assert!(
         records.contains("\"api-request\""),
         "the API request is audited: {records}"

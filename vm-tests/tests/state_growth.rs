@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use sovereign_identity::NodeIdentity;
+use sovereign_provisioning::cluster::{Cluster, EnrollRequest};
 use sovereign_provisioning::gpt::{self, SECTOR};
 use sovereign_provisioning::{flash, FlashOptions, NoProgress};
 use sovereign_vm_tests::{host_tool, Boot, Machine, MachineConfig};
@@ -52,8 +54,23 @@ fn small_image(dir: &Path) -> PathBuf {
 fn first_boot_grows_the_state_partition_and_its_filesystem_to_the_disk() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = small_image(dir.path());
-    let key = dir.path().join("node.key");
-    let public = sovereign_signing::generate_signing_key(&key).expect("key");
+    let mut cluster =
+        Cluster::init(&dir.path().join("cluster"), "test", None).expect("cluster init");
+    let key = dir.path().join("node-a.identity");
+    let request = EnrollRequest {
+        name: "node-a".into(),
+        days: 30,
+        ..EnrollRequest::default()
+    };
+    cluster.enroll(&request, &key).expect("enroll");
+    let public = sovereign_signing::PublicKey::from_bytes(
+        &NodeIdentity::load(&key)
+            .expect("identity")
+            .signing_key()
+            .verifying_key()
+            .to_bytes(),
+    )
+    .expect("key");
     let disk = dir.path().join("disk.img");
     let disk_size: u64 = 512 << 20;
     fs::File::create(&disk)
@@ -63,7 +80,7 @@ fn first_boot_grows_the_state_partition_and_its_filesystem_to_the_disk() {
         &FlashOptions {
             image,
             device: disk.clone(),
-            node_key: key,
+            identity: key,
             state_size: 32 << 20,
             node_files: Vec::new(),
         },

@@ -35,7 +35,11 @@ pub struct ServeArgs {
     /// The API keys file (`NAME blake3:<hex>` per line); required off loopback.
     #[arg(long)]
     pub keys: Option<PathBuf>,
-    /// Serve HTTPS with this PEM certificate chain (the node's, from the cluster CA).
+    /// Serve HTTPS with the CA-issued certificate and key of this node identity
+    /// file (`sovereign node enroll`): clients trust the cluster CA once.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub identity: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain instead (an override).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of `--tls-cert`.
@@ -153,9 +157,20 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
                 _ = term.recv() => {},
             }
         };
-        match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => {
-                let listener = TlsListener::new(listener, cert, key).map_err(ServeError::Setup)?;
+        let tls = match (&args.identity, &args.tls_cert, &args.tls_key) {
+            (Some(path), _, _) => {
+                let identity = sovereign_identity::NodeIdentity::load(path)
+                    .map_err(|e| ServeError::Setup(e.to_string()))?;
+                Some(sovereign_identity::tls::lan_server_config(&identity))
+            }
+            (None, Some(cert), Some(key)) => {
+                Some(tls::pem_server_config(cert, key).map_err(ServeError::Setup)?)
+            }
+            _ => None,
+        };
+        match tls {
+            Some(config) => {
+                let listener = TlsListener::with_config(listener, config);
                 eprintln!("serving {} on https://{address}", state.model_id);
                 serve_tls(listener, state, shutdown)
                     .await

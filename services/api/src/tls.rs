@@ -39,28 +39,41 @@ pub struct TlsListener {
     acceptor: TlsAcceptor,
 }
 
+/// A TLS 1.3 server config from a certificate chain and key in PEM files.
+pub fn pem_server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{} holds no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    Ok(Arc::new(config))
+}
+
 impl TlsListener {
     /// Wraps `tcp` with the certificate chain and key in PEM files.
     pub fn new(tcp: TcpListener, cert: &Path, key: &Path) -> Result<Self, String> {
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .and_then(|certs| certs.collect::<Result<_, _>>())
-            .map_err(|e| format!("{}: {e}", cert.display()))?;
-        if chain.is_empty() {
-            return Err(format!("{} holds no certificate", cert.display()));
-        }
-        let key =
-            PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| format!("certificate and key do not match: {e}"))?;
-        Ok(Self {
+        Ok(Self::with_config(tcp, pem_server_config(cert, key)?))
+    }
+
+    /// Wraps `tcp` with a ready server config (a node identity's, from
+    /// `sovereign_identity::tls::lan_server_config`).
+    pub fn with_config(tcp: TcpListener, config: Arc<tokio_rustls::rustls::ServerConfig>) -> Self {
+        Self {
             tcp,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-        })
+            acceptor: TlsAcceptor::from(config),
+        }
     }
 }
 

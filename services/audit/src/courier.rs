@@ -6,12 +6,18 @@
 //! STICK/sovereign-audit/NODE/checkpoint            newest checkpoint note
 //! STICK/sovereign-audit/NODE/previous-checkpoint   the one written here before (if any)
 //! STICK/sovereign-audit/NODE/consistency-proof.json {old_size, new_size, proof: [hex]}
+//! STICK/sovereign-audit/NODE/certificate.pem      the node certificate (once enrolled)
 //! ```
+//!
+//! With the certificate, an auditor who holds only the cluster CA checks a
+//! courier folder ([`verify_courier_with_ca`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use sovereign_identity::{ClusterCa, PeerInfo, RevocationList};
 use sovereign_signing::PublicKey;
 
 use crate::checkpoint::Checkpoint;
@@ -19,6 +25,7 @@ use crate::error::AuditError;
 use crate::log::{write_synced, AuditLog};
 use crate::merkle::{verify_consistency, Hash};
 use crate::record::hex;
+use crate::verify::certified_key;
 
 /// A consistency proof as written to the stick.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +50,9 @@ pub struct CourierPackage {
     pub previous: Option<String>,
     /// The proof from `previous` to `checkpoint`.
     pub proof: CourierProof,
+    /// The CA-issued certificate (PEM) of the key that signed `checkpoint`.
+    #[serde(default)]
+    pub certificate: Option<String>,
 }
 
 /// The courier folder of `node` on `stick`.
@@ -74,6 +84,7 @@ pub fn courier_package(
             new_size: checkpoint.size,
             proof: proof.iter().map(hex).collect(),
         },
+        certificate: log.certificate().map(str::to_owned),
     })
 }
 
@@ -100,6 +111,9 @@ pub fn write_package(package: &CourierPackage, stick: &Path) -> Result<PathBuf, 
     let text = serde_json::to_string_pretty(&package.proof)
         .map_err(|e| AuditError::Format(e.to_string()))?;
     write_synced(&dir.join("consistency-proof.json"), text.as_bytes())?;
+    if let Some(certificate) = &package.certificate {
+        write_synced(&dir.join("certificate.pem"), certificate.as_bytes())?;
+    }
     write_synced(&dir.join("checkpoint"), package.checkpoint.as_bytes())?;
     Ok(dir)
 }
@@ -145,6 +159,20 @@ pub fn verify_courier(dir: &Path, key: &PublicKey) -> Result<Checkpoint, AuditEr
         )));
     }
     Ok(new)
+}
+
+/// [`verify_courier`] with the key of the folder's node certificate, which
+/// must be issued by `ca`, valid at `now` and not revoked.
+pub fn verify_courier_with_ca(
+    dir: &Path,
+    ca: &ClusterCa,
+    revocations: &RevocationList,
+    now: SystemTime,
+) -> Result<(Checkpoint, PeerInfo), AuditError> {
+    let certificate = fs::read_to_string(dir.join("certificate.pem")).ok();
+    let peer = certified_key(certificate.as_deref(), ca, revocations, now)?;
+    let key = PublicKey::from_bytes(&peer.public_key.to_bytes())?;
+    Ok((verify_courier(dir, &key)?, peer))
 }
 
 fn parse_hex(text: &str) -> Option<Hash> {

@@ -40,6 +40,9 @@ pub enum AuditError {
     /// A file is not an audit export or log.
     #[error("{0}")]
     Format(String),
+    /// A node certificate or identity was refused.
+    #[error(transparent)]
+    Identity(#[from] sovereign_identity::IdentityError),
 }
 
 impl AuditError {

@@ -19,6 +19,7 @@ mod client;
 mod courier;
 mod error;
 mod firewall;
+pub mod keychange;
 mod log;
 pub mod merkle;
 mod policy;
@@ -28,8 +29,8 @@ mod verify;
 pub use checkpoint::Checkpoint;
 pub use client::{serve, AuditClient, Auditor};
 pub use courier::{
-    courier_package, previous_checkpoint, verify_courier, write_courier, write_package,
-    CourierPackage, CourierProof,
+    courier_package, previous_checkpoint, verify_courier, verify_courier_with_ca, write_courier,
+    write_package, CourierPackage, CourierProof,
 };
 pub use error::AuditError;
 pub use firewall::drop_counters_event;
@@ -38,4 +39,4 @@ pub use policy::{Gate, Policy, Rule};
 pub use record::{
     Event, Peer, RawRecord, RecordBody, StoredRecord, MAX_DETAILS_DEPTH, MAX_EVENT_BYTES,
 };
-pub use verify::{verify, verify_records, Export, Verified};
+pub use verify::{verify, verify_chain, verify_records, verify_with_ca, Chain, Export, Verified};

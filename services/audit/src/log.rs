@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! DIR/node               the node's name
-//! DIR/node.key, .pub     the node's ed25519 key (made on first open when absent)
+//! DIR/node.key           the key that signs now (0600; made on first open when absent,
+//!                        replaced by the enrolled key at a key change)
+//! DIR/node.pub           the key the log started with (never changes)
 //! DIR/records.jsonl      one signed record per line, fsynced before `record` returns
 //! DIR/checkpoints.jsonl  one signed checkpoint note per line
 //! ```
@@ -21,9 +23,11 @@ use sovereign_signing::{PublicKey, SigningKey};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::AuditError;
+use crate::keychange;
 use crate::merkle::{consistency_proof, Frontier, Hash};
 use crate::record::{seal_line, Event, Peer, RecordBody};
-use crate::verify::{check_line, verify_records};
+use crate::verify::{check_line, verify_chain};
+use sovereign_identity::NodeIdentity;
 
 pub(crate) const RECORDS: &str = "records.jsonl";
 pub(crate) const CHECKPOINTS: &str = "checkpoints.jsonl";
@@ -47,6 +51,7 @@ pub struct AuditLog {
     dir: PathBuf,
     node: String,
     key: SigningKey,
+    certificate: Option<String>,
     state: Mutex<State>,
     flushed: Condvar,
 }
@@ -56,6 +61,26 @@ impl AuditLog {
     /// last line from a crash is cut off; any other damage refuses to open,
     /// naming the first bad record.
     pub fn open(dir: &Path, node: &str) -> Result<Self, AuditError> {
+        Self::open_with(dir, node, None)
+    }
+
+    /// Opens the log and makes it sign with the enrolled node key: if the
+    /// log is signed by another key, appends the key-change record (signed
+    /// by the key in force, carrying the certificate and the new key's
+    /// link signature), then signs with the identity's key from then on.
+    pub fn open_enrolled(
+        dir: &Path,
+        node: &str,
+        identity: &NodeIdentity,
+    ) -> Result<Self, AuditError> {
+        Self::open_with(dir, node, Some(identity))
+    }
+
+    fn open_with(
+        dir: &Path,
+        node: &str,
+        identity: Option<&NodeIdentity>,
+    ) -> Result<Self, AuditError> {
         fs::create_dir_all(dir).map_err(|e| AuditError::io(dir, e))?;
         let key_path = dir.join(KEY);
         if !key_path.exists() {
@@ -63,7 +88,8 @@ impl AuditLog {
             fs::rename(dir.join(format!("{KEY}.pub")), dir.join(PUBLIC))
                 .map_err(|e| AuditError::io(dir, e))?;
         }
-        let key = sovereign_signing::read_signing_key(&key_path)?;
+        let held = sovereign_signing::read_signing_key(&key_path)?;
+        let initial = sovereign_signing::read_public_key(&dir.join(PUBLIC).display().to_string())?;
         let node_path = dir.join(NODE);
         let node = match fs::read_to_string(&node_path) {
             Ok(name) => name.trim().to_owned(),
@@ -94,7 +120,23 @@ impl AuditLog {
         }
         let text = String::from_utf8(text[..complete].to_vec())
             .map_err(|_| AuditError::Format(format!("{} is not UTF-8", path.display())))?;
-        let leaves = verify_records(text.lines(), &key.public_key())?;
+        let chain = verify_chain(text.lines(), &initial)?;
+        let enrolled = identity.map(|id| SigningKey::from_seed(&id.signing_key().to_bytes()));
+        // The key in force: the log's current key, which we must hold.
+        let key = match &enrolled {
+            Some(new) if new.public_key() == chain.current_key => SigningKey::from_seed(&new.seed()),
+            _ if held.public_key() == chain.current_key => held,
+            _ => {
+                return Err(AuditError::Format(format!(
+                    "{}: the log is signed by {} now, and neither {} nor the given identity holds that key",
+                    dir.display(),
+                    chain.current_key,
+                    key_path.display()
+                )))
+            }
+        };
+        let certificate = chain.certificate;
+        let leaves = chain.leaves;
         let mut frontier = Frontier::default();
         leaves.iter().for_each(|l| frontier.push(*l));
         let checkpointed = read_checkpoints(dir)?
@@ -102,10 +144,11 @@ impl AuditLog {
             .and_then(|note| Checkpoint::verify(note, &key.public_key()).ok())
             .map_or(0, |cp| cp.size);
         let durable = leaves.len() as u64;
-        Ok(Self {
+        let mut log = Self {
             dir: dir.to_owned(),
             node,
             key,
+            certificate,
             state: Mutex::new(State {
                 file: Arc::new(file),
                 frontier,
@@ -117,7 +160,36 @@ impl AuditLog {
                 checkpointed,
             }),
             flushed: Condvar::new(),
-        })
+        };
+        if let (Some(identity), Some(new)) = (identity, enrolled) {
+            log.hand_over(identity, new)?;
+        }
+        Ok(log)
+    }
+
+    /// Moves the log to the enrolled key (no-op when it already signs with
+    /// it): the key-change record first, durable, then `node.key`.
+    fn hand_over(&mut self, identity: &NodeIdentity, new: SigningKey) -> Result<(), AuditError> {
+        if self.key.public_key() != new.public_key() {
+            let event = keychange::event(
+                &self.key.public_key(),
+                &new,
+                &identity.certificate_pem(),
+                identity.serial(),
+            );
+            self.record(event)?;
+            self.key = SigningKey::from_seed(&new.seed());
+            self.certificate = Some(identity.certificate_pem());
+        }
+        let key_path = self.dir.join(KEY);
+        let held = sovereign_signing::read_signing_key(&key_path)?;
+        if held.public_key() != new.public_key() {
+            let temp = self.dir.join(format!("{KEY}.new"));
+            let _ = fs::remove_file(&temp);
+            sovereign_signing::write_secret_file(&temp, new.to_text().as_bytes())?;
+            fs::rename(&temp, &key_path).map_err(|e| AuditError::io(&key_path, e))?;
+        }
+        Ok(())
     }
 
     /// The node's name.
@@ -130,7 +202,12 @@ impl AuditLog {
         &self.dir
     }
 
-    /// The key that signs records and checkpoints.
+    /// The CA-issued certificate (PEM) of the key that signs now, once enrolled.
+    pub fn certificate(&self) -> Option<&str> {
+        self.certificate.as_deref()
+    }
+
+    /// The key that signs records and checkpoints now.
     pub fn public_key(&self) -> PublicKey {
         self.key.public_key()
     }
@@ -151,7 +228,17 @@ impl AuditLog {
     /// its sequence number once it is on disk. An event that breaks
     /// [`Event::check`] is refused; the stored line is checked exactly as a
     /// verifier will read it before anyone is told it is recorded.
+    /// Key changes are the log's own: an event posing as one is refused.
     pub fn record_from(&self, event: Event, peer: Option<Peer>) -> Result<u64, AuditError> {
+        if event.service == keychange::SERVICE && event.kind == keychange::KIND {
+            return Err(AuditError::Refused(
+                "key-change records are written by the log itself at enrollment".into(),
+            ));
+        }
+        self.append(event, peer)
+    }
+
+    fn append(&self, event: Event, peer: Option<Peer>) -> Result<u64, AuditError> {
         event.check().map_err(AuditError::Refused)?;
         let mut state = self.lock()?;
         if let Some(reason) = &state.failed {

@@ -26,9 +26,17 @@ struct Args {
     /// The unix socket to listen on.
     #[arg(long)]
     socket: PathBuf,
-    /// This node's name.
+    /// This node's name (its host name; the courier folder on sticks).
     #[arg(long, default_value = "node")]
     node: String,
+    /// The node identity file (`sovereign node enroll`): records are signed
+    /// with its CA-certified key; a log begun with a raw key is handed over
+    /// by a key-change record.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// The cluster CA the image trusts: an identity not issued by it is refused.
+    #[arg(long, requires = "identity")]
+    cluster_ca: Option<PathBuf>,
     /// Seconds between checkpoints (when there are new records).
     #[arg(long, default_value_t = 60)]
     checkpoint_every: u64,
@@ -101,7 +109,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.thread_block()?;
 
-    let log = Arc::new(AuditLog::open(&args.log, &args.node)?);
+    let log = match &args.identity {
+        Some(path) => {
+            let identity = sovereign_identity::NodeIdentity::load(path)?;
+            if let Some(ca) = &args.cluster_ca {
+                identity.require_ca(&sovereign_identity::ClusterCa::load(ca)?)?;
+            }
+            AuditLog::open_enrolled(&args.log, &args.node, &identity)?
+        }
+        None => AuditLog::open(&args.log, &args.node)?,
+    };
+    let log = Arc::new(log);
     let _ = std::fs::remove_file(&args.socket);
     let listener = UnixListener::bind(&args.socket)?;
     // Services in the daemon's group connect; nobody else (the unit's umask is 0077).

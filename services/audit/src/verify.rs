@@ -4,11 +4,15 @@
 use std::fs;
 use std::path::Path;
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
+use sovereign_identity::{ClusterCa, PeerInfo, RevocationList};
 use sovereign_signing::PublicKey;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::AuditError;
+use crate::keychange;
 use crate::log::{read_checkpoints, NODE, PUBLIC, RECORDS};
 use crate::merkle::{root, Frontier, Hash};
 use crate::record::{RawRecord, RecordBody};
@@ -18,15 +22,73 @@ pub fn verify_records<'a>(
     lines: impl Iterator<Item = &'a str>,
     key: &PublicKey,
 ) -> Result<Vec<Hash>, AuditError> {
+    Ok(verify_chain(lines, key)?.leaves)
+}
+
+/// What [`verify_chain`] found: the leaves, and the keys in force.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    /// Every record's leaf hash.
+    pub leaves: Vec<Hash>,
+    /// `(size, key)`: from a tree of `size` records on, `key` signs (the
+    /// first entry is `(0, initial key)`).
+    pub keys: Vec<(u64, PublicKey)>,
+    /// The certificate of the last key change, if the log was enrolled.
+    pub certificate: Option<String>,
+    /// The key that signs records and checkpoints now.
+    pub current_key: PublicKey,
+}
+
+impl Chain {
+    /// The key that signs a checkpoint of `size` records.
+    pub fn key_at(&self, size: u64) -> PublicKey {
+        self.keys
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= size)
+            .map_or(self.current_key, |(_, k)| *k)
+    }
+}
+
+/// Checks records in order, starting with `key` and following key-change
+/// records; names the first bad one.
+pub fn verify_chain<'a>(
+    lines: impl Iterator<Item = &'a str>,
+    key: &PublicKey,
+) -> Result<Chain, AuditError> {
     let mut frontier = Frontier::default();
     let mut leaves = Vec::new();
+    let mut keys = vec![(0, *key)];
+    let mut certificate = None;
+    let mut key = *key;
     for (index, line) in lines.enumerate() {
         let seq = index as u64;
-        let leaf = check_line(line, seq, &mut frontier, key)
-            .map_err(|reason| AuditError::BadRecord { seq, reason })?;
+        let bad = |reason: String| AuditError::BadRecord { seq, reason };
+        let leaf = check_line(line, seq, &mut frontier, &key).map_err(bad)?;
         leaves.push(leaf);
+        let change = match line.contains(keychange::KIND) {
+            true => keychange::parse(&record_body(line).map_err(bad)?, &key).map_err(bad)?,
+            false => None,
+        };
+        if let Some(change) = change {
+            key = change.new_key;
+            keys.push((seq + 1, key));
+            certificate = Some(change.certificate);
+        }
     }
-    Ok(leaves)
+    Ok(Chain {
+        leaves,
+        keys,
+        certificate,
+        current_key: key,
+    })
+}
+
+/// The body of a stored line.
+fn record_body(line: &str) -> Result<RecordBody, String> {
+    let stored: RawRecord =
+        serde_json::from_str(line).map_err(|e| format!("not a valid record ({e})"))?;
+    serde_json::from_str(stored.record.get()).map_err(|e| format!("not a valid record ({e})"))
 }
 
 /// Checks one stored line as record `seq` of the tree `frontier` holds so far:
@@ -66,9 +128,11 @@ pub struct Export {
     pub format: String,
     /// The node's name.
     pub node: String,
-    /// The node's public key (`ed25519:...`).
+    /// The key the log started with (`ed25519:...`); key-change records
+    /// hand it on to the enrolled key.
     pub public_key: String,
-    /// The node's certificate, once enrollment exists.
+    /// The certificate (PEM) of the key that signs the log now, issued by
+    /// the cluster CA; absent for a log that was never enrolled.
     pub certificate: Option<String>,
     /// The stored record lines, exactly.
     pub records: Vec<String>,
@@ -86,12 +150,18 @@ impl Export {
         };
         let records = read(RECORDS)?;
         let complete = records.rfind('\n').map_or(0, |i| i + 1);
+        let public_key = read(PUBLIC)?.trim().to_owned();
+        let records: Vec<String> = records[..complete].lines().map(str::to_owned).collect();
+        let initial: PublicKey = public_key
+            .parse()
+            .map_err(|e: sovereign_signing::KeyError| AuditError::Format(e.to_string()))?;
+        let certificate = verify_chain(records.iter().map(String::as_str), &initial)?.certificate;
         Ok(Self {
             format: EXPORT_FORMAT.into(),
             node: read(NODE)?.trim().to_owned(),
-            public_key: read(PUBLIC)?.trim().to_owned(),
-            certificate: None,
-            records: records[..complete].lines().map(str::to_owned).collect(),
+            public_key,
+            certificate,
+            records,
             checkpoints: read_checkpoints(dir)?,
         })
     }
@@ -131,13 +201,19 @@ pub struct Verified {
     pub checkpoints: usize,
     /// The newest checkpoint's size (records after it are signed but not yet checkpointed).
     pub checkpointed: u64,
-    /// The key everything was checked against.
+    /// The key that signs the log now (the enrolled key after a key change).
     pub key: PublicKey,
+    /// Key changes in the log (enrollment, renewals).
+    pub key_changes: usize,
+    /// The certificate of the current key (PEM), when the log was enrolled.
+    pub certificate: Option<String>,
 }
 
-/// Verifies an export: records, then every checkpoint against them, then the
-/// auditor's own `held` checkpoint if given. `key` pins the node's key; without
-/// it the export's own key is used (which proves integrity, not origin).
+/// Verifies an export: records (following key changes), then every
+/// checkpoint against them, then the auditor's own `held` checkpoint if
+/// given. `key` pins one of the node's keys (its raw key from before
+/// enrollment, or a later one); without it the export's own key is used,
+/// which proves integrity, not origin (see [`verify_with_ca`]).
 pub fn verify(
     export: &Export,
     key: Option<&PublicKey>,
@@ -147,31 +223,90 @@ pub fn verify(
         .public_key
         .parse()
         .map_err(|e: sovereign_signing::KeyError| AuditError::Format(e.to_string()))?;
+    let chain = verify_chain(export.records.iter().map(String::as_str), &embedded)?;
     if let Some(pinned) = key {
-        if *pinned != embedded {
+        if !chain.keys.iter().any(|(_, k)| k == pinned) {
             return Err(AuditError::Checkpoint(format!(
                 "the export is signed by {embedded}, not by the expected {pinned}"
             )));
         }
     }
-    let key = key.copied().unwrap_or(embedded);
-    let leaves = verify_records(export.records.iter().map(String::as_str), &key)?;
+    if let (Some(carried), Some(logged)) = (&export.certificate, &chain.certificate) {
+        if carried != logged {
+            return Err(AuditError::Format(
+                "the export's certificate is not the one its last key change records".into(),
+            ));
+        }
+    }
     let mut checkpointed = 0;
     for note in &export.checkpoints {
-        let checkpoint = Checkpoint::verify(note, &key)?;
-        check_against(&checkpoint, &leaves)?;
+        let checkpoint = verify_checkpoint(note, &chain)?;
+        check_against(&checkpoint, &chain.leaves)?;
         checkpointed = checkpointed.max(checkpoint.size);
     }
     if let Some(note) = held {
-        let checkpoint = Checkpoint::verify(note, &key)?;
-        check_against(&checkpoint, &leaves)?;
+        let checkpoint = verify_checkpoint(note, &chain)?;
+        check_against(&checkpoint, &chain.leaves)?;
     }
     Ok(Verified {
-        records: leaves.len() as u64,
+        records: chain.leaves.len() as u64,
         checkpoints: export.checkpoints.len(),
         checkpointed,
-        key,
+        key: chain.current_key,
+        key_changes: chain.keys.len() - 1,
+        certificate: chain.certificate,
     })
+}
+
+/// A checkpoint signed by one of the log's keys.
+fn verify_checkpoint(note: &str, chain: &Chain) -> Result<Checkpoint, AuditError> {
+    let mut first_error = None;
+    for (_, key) in chain.keys.iter().rev() {
+        match Checkpoint::verify(note, key) {
+            Ok(checkpoint) => return Ok(checkpoint),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| AuditError::Checkpoint("no key to check".into())))
+}
+
+/// [`verify`], then the log's origin: the certificate of the key that signs
+/// it now must be issued by `ca`, valid at `now` and not revoked. An
+/// auditor needs only the cluster's CA certificate.
+pub fn verify_with_ca(
+    export: &Export,
+    ca: &ClusterCa,
+    revocations: &RevocationList,
+    now: SystemTime,
+    held: Option<&str>,
+) -> Result<(Verified, PeerInfo), AuditError> {
+    let verified = verify(export, None, held)?;
+    let peer = certified_key(verified.certificate.as_deref(), ca, revocations, now)?;
+    if peer.public_key.to_bytes() != verified.key.to_bytes() {
+        return Err(AuditError::Format(format!(
+            "the certificate of {} certifies another key than {} that signs the log",
+            peer.name, verified.key
+        )));
+    }
+    Ok((verified, peer))
+}
+
+/// Checks a node certificate (PEM) against the CA.
+pub(crate) fn certified_key(
+    certificate: Option<&str>,
+    ca: &ClusterCa,
+    revocations: &RevocationList,
+    now: SystemTime,
+) -> Result<PeerInfo, AuditError> {
+    let pem = certificate.ok_or_else(|| {
+        AuditError::Format(
+            "the log carries no node certificate (it was never signed by an enrolled key): verify it with --key".into(),
+        )
+    })?;
+    let der = sovereign_identity::first_certificate("the log's node certificate", pem)?;
+    Ok(ca.verify_peer(&der, revocations, now)?)
 }
 
 fn check_against(checkpoint: &Checkpoint, leaves: &[Hash]) -> Result<(), AuditError> {

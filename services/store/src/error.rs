@@ -27,6 +27,9 @@ pub enum StoreError {
     /// A trust file was refused.
     #[error(transparent)]
     Trust(#[from] TrustError),
+    /// A revocation list was refused (not the cluster CA's, or older than the kept one).
+    #[error("{0}")]
+    Revocation(String),
     /// No trust policy is installed and none was given.
     #[error("no trust file is installed in the store; give --trust")]
     NoTrust,

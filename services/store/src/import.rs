@@ -12,6 +12,7 @@ use sovereign_signing::{
 use crate::error::{describe, StoreError};
 use crate::index::{HistoryRecord, VersionRecord};
 use crate::layout;
+use crate::revocation_state;
 use crate::store::Store;
 use crate::trust_state::{self, Offered};
 
@@ -46,7 +47,8 @@ pub struct ImportEvent<'a> {
     pub source: &'a Path,
     /// `NAME@VERSION`, when the manifest could be read.
     pub model: Option<String>,
-    /// `imported`, `already-present`, `rejected`, `skipped`, `trust-installed`.
+    /// `imported`, `already-present`, `rejected`, `skipped`, `trust-installed`,
+    /// `revocations-installed`.
     pub outcome: &'static str,
     /// Why, for refusals and skips.
     pub reason: Option<String>,
@@ -63,6 +65,9 @@ pub struct ImportOptions<'a> {
     pub allow_downgrade: bool,
     /// Where outcomes are recorded; `None` on a dev host without an audit log.
     pub audit: Option<&'a dyn ImportAudit>,
+    /// The cluster CA that signs revocation lists (`*.crl` on a stick);
+    /// without it such files are skipped.
+    pub cluster_ca: Option<&'a sovereign_identity::ClusterCa>,
 }
 
 /// A version that became live.
@@ -89,6 +94,8 @@ pub enum Outcome {
     AlreadyPresent(String),
     /// A newer trust file was installed.
     TrustInstalled(u64),
+    /// A newer revocation list was installed (its sequence).
+    RevocationsInstalled(u64),
     /// The file was refused; the store is unchanged.
     Rejected(String),
     /// Not a bundle or trust file; ignored.
@@ -140,8 +147,9 @@ impl Store {
     }
 
     /// Imports a bundle file, or every bundle in a directory as on a mounted
-    /// USB stick: newer trust files (`*.trust`) first, then bundles (`*.sovb`);
-    /// anything else is skipped and reported. Returns one entry per file.
+    /// USB stick: newer trust files (`*.trust`) and revocation lists (`*.crl`)
+    /// first, then bundles (`*.sovb`); anything else is skipped and reported.
+    /// Returns one entry per file.
     pub fn import_path(
         &self,
         path: &Path,
@@ -166,6 +174,28 @@ impl Store {
         let (trusts, rest): (Vec<_>, Vec<_>) = names
             .into_iter()
             .partition(|n| n.ends_with(".trust") && !n.starts_with('.'));
+        let (lists, rest): (Vec<_>, Vec<_>) = rest
+            .into_iter()
+            .partition(|n| n.ends_with(".crl") && !n.starts_with('.'));
+        for name in lists {
+            let file = path.join(&name);
+            let outcome = match options.cluster_ca {
+                None => Outcome::Skipped("no cluster CA to check a revocation list against".into()),
+                Some(ca) => match revocation_state::offer(&self.root, &file, ca) {
+                    Ok(Some(sequence)) => Outcome::RevocationsInstalled(sequence),
+                    Ok(None) => Outcome::Skipped("revocation list is already installed".into()),
+                    Err(e) => Outcome::Rejected(describe(&e)),
+                },
+            };
+            let (label, reason) = match &outcome {
+                Outcome::RevocationsInstalled(_) => ("revocations-installed", String::new()),
+                Outcome::Rejected(reason) => ("rejected", reason.clone()),
+                Outcome::Skipped(reason) => ("skipped", reason.clone()),
+                _ => ("skipped", String::new()),
+            };
+            self.note(&file, None, label, &reason, options, false)?;
+            report.push(ReportEntry { file, outcome });
+        }
         for name in trusts {
             let file = path.join(&name);
             let outcome = match self.rotate_trust(&file) {

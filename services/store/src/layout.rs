@@ -21,6 +21,10 @@ pub(crate) fn trust(root: &Path) -> PathBuf {
     root.join("trust")
 }
 
+pub(crate) fn revocations(root: &Path) -> PathBuf {
+    root.join("revoked.crl")
+}
+
 pub(crate) fn lock(root: &Path) -> PathBuf {
     root.join("lock")
 }

@@ -6,6 +6,7 @@ code that writes the store.
 STORE/
   lock                     held by the one process that writes the store
   trust                    the installed trust file (highest sequence accepted)
+  revoked.crl              the cluster's revocation list (highest sequence accepted)
   index/                   sled: versions, highest version per name, history
   staging/                 imports in progress (emptied on open)
   models/NAME/VERSION/     live: manifest.json (the signed bytes) + files/...
@@ -23,6 +24,7 @@ mod import;
 mod index;
 mod layout;
 mod live;
+mod revocation_state;
 mod store;
 mod trust_state;
 
@@ -30,4 +32,5 @@ pub use error::StoreError;
 pub use import::{ImportAudit, ImportEvent, ImportOptions, Imported, Outcome, ReportEntry};
 pub use index::{HistoryRecord, VersionRecord};
 pub use live::{live_model, live_models, LiveModel};
+pub use revocation_state::installed_revocations;
 pub use store::Store;

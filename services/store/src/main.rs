@@ -25,6 +25,9 @@ struct Args {
     /// The audit daemon's socket; every outcome is recorded there (fail closed).
     #[arg(long)]
     audit_socket: Option<PathBuf>,
+    /// The cluster CA certificate that signs revocation lists (`*.crl` on the stick).
+    #[arg(long)]
+    cluster_ca: Option<PathBuf>,
     /// The mounted stick (or one bundle file).
     path: PathBuf,
 }
@@ -57,10 +60,16 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             sovereign_audit::AuditClient::connect(socket).map(sovereign_audit::Auditor::Remote)
         })
         .transpose()?;
+    let cluster_ca = args
+        .cluster_ca
+        .as_deref()
+        .map(sovereign_identity::ClusterCa::load)
+        .transpose()?;
     let store = Store::open(&args.store)?;
     let options = ImportOptions {
         trust: args.trust.as_deref(),
         identity: identity.as_ref(),
+        cluster_ca: cluster_ca.as_ref(),
         audit: auditor
             .as_ref()
             .map(|a| a as &dyn sovereign_store::ImportAudit),

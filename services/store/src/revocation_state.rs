@@ -1,0 +1,45 @@
+//! The cluster's revocation list as the node keeps it: a CA-signed list
+//! from a stick (`*.crl`) is installed when newer than the one kept; an
+//! older one is refused, never installed.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use sovereign_identity::{ClusterCa, RevocationList};
+
+use crate::error::StoreError;
+use crate::layout;
+
+/// The revocation list kept in the store (the empty list when none was imported).
+pub fn installed_revocations(root: &Path, ca: &ClusterCa) -> Result<RevocationList, StoreError> {
+    let path = layout::revocations(root);
+    if !path.exists() {
+        return Ok(RevocationList::empty(ca));
+    }
+    RevocationList::load(&path, ca).map_err(|e| StoreError::Revocation(e.to_string()))
+}
+
+/// Offers the list in `file`: `Ok(Some(sequence))` when it became the kept
+/// list, `Ok(None)` when it is the kept one; refused when not signed by
+/// `ca`, or older than the kept one.
+pub(crate) fn offer(root: &Path, file: &Path, ca: &ClusterCa) -> Result<Option<u64>, StoreError> {
+    let offered =
+        RevocationList::load(file, ca).map_err(|e| StoreError::Revocation(e.to_string()))?;
+    let current = installed_revocations(root, ca)?;
+    if !offered
+        .supersedes(&current)
+        .map_err(|e| StoreError::Revocation(e.to_string()))?
+    {
+        return Ok(None);
+    }
+    let path = layout::revocations(root);
+    let temp = root.join("revoked.crl.new");
+    let mut out = fs::File::create(&temp).map_err(|e| StoreError::io(&temp, e))?;
+    out.write_all(offered.to_pem().unwrap_or_default().as_bytes())
+        .and_then(|_| out.sync_all())
+        .map_err(|e| StoreError::io(&temp, e))?;
+    fs::rename(&temp, &path).map_err(|e| StoreError::io(&path, e))?;
+    layout::sync_dir(root)?;
+    Ok(Some(offered.sequence()))
+}
