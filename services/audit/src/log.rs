@@ -177,7 +177,7 @@ impl AuditLog {
                 &identity.certificate_pem(),
                 identity.serial(),
             );
-            self.record(event)?;
+            self.append(event, None)?;
             self.key = SigningKey::from_seed(&new.seed());
             self.certificate = Some(identity.certificate_pem());
         }
