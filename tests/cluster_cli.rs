@@ -178,6 +178,7 @@ fn a_cluster_enrolls_verifies_revokes_and_renews_its_nodes() {
         .run(&["cluster", "revoke", "--cluster", "acme", "node-b"])
         .ok();
     assert!(out.stdout.contains("revocation list 1"), "{}", out.stdout);
+    fs::copy(lab.path("acme/revoked.crl"), lab.path("revoked-1.crl")).unwrap();
     lab.run(&[
         "node",
         "verify",
@@ -247,5 +248,48 @@ fn a_cluster_enrolls_verifies_revokes_and_renews_its_nodes() {
         2,
         "{}",
         nodes.stdout
+    );
+
+    // Revocation lists travel by stick: the store keeps the newest, audited,
+    // and refuses an older one.
+    fs::create_dir(lab.path("stick")).unwrap();
+    fs::copy(lab.path("acme/revoked.crl"), lab.path("stick/revoked.crl")).unwrap();
+    let import = |stick: &str| {
+        lab.run(&[
+            "import",
+            "--store",
+            "store",
+            "--cluster-ca",
+            "acme/ca.pem",
+            "--audit-log",
+            "audit",
+            stick,
+        ])
+    };
+    let out = import("stick").ok();
+    assert!(
+        out.stdout.contains("installed revocation list 2"),
+        "{}",
+        out.stdout
+    );
+    let out = import("stick").ok();
+    assert!(out.stdout.contains("already installed"), "{}", out.stdout);
+    fs::create_dir(lab.path("old-stick")).unwrap();
+    fs::copy(lab.path("revoked-1.crl"), lab.path("old-stick/revoked.crl")).unwrap();
+    import("old-stick").refused("revocation list 1 is older than revocation list 2");
+    fs::create_dir(lab.path("foreign-stick")).unwrap();
+    lab.run(&["cluster", "revoke", "--cluster", "other", "node-m"])
+        .ok();
+    fs::copy(
+        lab.path("other/revoked.crl"),
+        lab.path("foreign-stick/other.crl"),
+    )
+    .unwrap();
+    import("foreign-stick").refused("revocation list is not signed by the CA of cluster acme");
+    let shown = lab.run(&["audit", "show", "--log", "audit"]).ok();
+    assert!(
+        shown.stdout.contains("revocations-installed"),
+        "{}",
+        shown.stdout
     );
 }

@@ -24,8 +24,9 @@ pub fn installed_revocations(root: &Path, ca: &ClusterCa) -> Result<RevocationLi
 /// list, `Ok(None)` when it is the kept one; refused when not signed by
 /// `ca`, or older than the kept one.
 pub(crate) fn offer(root: &Path, file: &Path, ca: &ClusterCa) -> Result<Option<u64>, StoreError> {
-    let offered =
-        RevocationList::load(file, ca).map_err(|e| StoreError::Revocation(e.to_string()))?;
+    let bytes = fs::read(file).map_err(|e| StoreError::io(file, e))?;
+    let offered = RevocationList::parse("revocation list", &bytes, ca)
+        .map_err(|e| StoreError::Revocation(e.to_string()))?;
     let current = installed_revocations(root, ca)?;
     if !offered
         .supersedes(&current)
