@@ -18,6 +18,9 @@ impl Drop for Server {
 }
 
 fn python_with_openai() -> std::path::PathBuf {
+    // Two tests use the venv: one makes it while the other waits.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
     let python = venv.join("bin/python");
     let has_openai = |p: &std::path::Path| {
