@@ -9,8 +9,8 @@ pub mod image;
 pub mod import;
 pub mod key;
 pub mod models;
-pub mod perplexity;
 pub mod node;
+pub mod perplexity;
 pub mod serve;
 pub mod trust;
 
