@@ -155,6 +155,24 @@ fn identity_files_refuse_tampering_and_another_cluster() {
         Err(IdentityError::WrongCluster { .. })
     ));
 
+    // The PEM files flash derives for the LAN API load into rustls as they are.
+    {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let key = PrivateKeyDer::from_pem_slice(a.private_key_pem().as_bytes()).expect("key.pem");
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(a.chain_pem().as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("cert.pem");
+        assert_eq!(chain.len(), 2);
+        ServerConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("the LAN API's certificate and key match");
+    }
+
     // Round trip.
     let again = NodeIdentity::parse("copy", &a.to_pem()).expect("parse own output");
     assert_eq!(again.certificate_der(), a.certificate_der());
