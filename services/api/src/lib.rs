@@ -8,12 +8,14 @@ Request metadata (never prompt text) goes to the audit log.
 */
 #![deny(missing_docs)]
 
+mod backend;
 mod keys;
 mod metrics;
 mod openai;
 mod server;
 mod tls;
 
+pub use backend::Backend;
 pub use keys::ApiKeys;
 pub use metrics::Metrics;
 pub use server::{router, serve, serve_tls, AppState, Limits};

@@ -16,9 +16,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
-use sovereign_inference::{Engine, FinishReason, GenerateParams, Sampler};
+use sovereign_inference::{FinishReason, GenerateParams, Sampler};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::backend::Backend;
 use crate::keys::ApiKeys;
 use crate::metrics::Metrics;
 use crate::openai::{ChatRequest, CompletionRequest, Sampling, Usage};
@@ -52,8 +53,8 @@ impl Default for Limits {
 pub struct AppState {
     /// The served model's id.
     pub model_id: String,
-    /// The engine.
-    pub engine: Arc<Engine>,
+    /// What runs generations: the engine, or a ring.
+    pub engine: Arc<dyn Backend>,
     /// Accepted keys; `None` only on loopback (development).
     pub keys: Option<ApiKeys>,
     /// Limits.
@@ -71,7 +72,7 @@ impl AppState {
     /// Shared state for a server.
     pub fn new(
         model_id: String,
-        engine: Arc<Engine>,
+        engine: Arc<dyn Backend>,
         keys: Option<ApiKeys>,
         limits: Limits,
         audit: Option<sovereign_audit::Auditor>,
@@ -183,14 +184,22 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
         })
 }
 
-async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "status": "ok", "model": state.model_id }))
+async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<Value> {
+    // Without a key (when keys are configured) only the status.
+    let detailed = state.keys.is_none() || authorize(&state, &headers).is_ok();
+    let mut body = state.engine.health(detailed);
+    body.insert("status".into(), json!("ok"));
+    body.insert("model".into(), json!(state.model_id));
+    if !detailed {
+        body.retain(|k, _| k == "status");
+    }
+    Json(Value::Object(body))
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state.metrics.render() + &state.engine.metrics(),
     )
 }
 

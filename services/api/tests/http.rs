@@ -244,6 +244,10 @@ fn chat_streaming_and_not_agree_and_malformed_requests_get_json_errors() {
     );
     let (status, body) = request(addr, "GET", "/health", None, None);
     assert_eq!((status, body.contains("ok")), (200, true));
+    // Without a key only the status; with one, what the node serves.
+    assert!(!body.contains("smollm2"), "{body}");
+    let (_, body) = request(addr, "GET", "/health", key, None);
+    assert!(body.contains("\"model\":\"smollm2\""), "{body}");
     assert!(metric(addr, "sovereign_api_completion_tokens_total") > 0.0);
     let (_, text) = request(addr, "GET", "/metrics", None, None);
     assert!(

@@ -79,17 +79,7 @@ impl Engine {
     /// `tokenizer.json` and `tokenizer_config.json`).
     pub fn load(path: &Path) -> Result<Self, InferenceError> {
         let (_, config, _) = crate::weights::Weights::open(path)?;
-        let parts = if path.is_dir() {
-            hf_tokenizer(path)?
-        } else {
-            gguf_tokenizer(path, config.arch)?
-        };
-        let (tokenizer, template, mut eos, bos) = parts;
-        for end in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
-            if let Some(id) = tokenizer.token_to_id(end) {
-                eos.push(id);
-            }
-        }
+        let (tokenizer, template, eos, bos) = tokenizer_parts(path, &config)?;
         let stage = Stage::load(path, 0..config.layers)?;
         Ok(Self {
             stage,
@@ -260,7 +250,25 @@ impl Engine {
     }
 }
 
-type TokenizerParts = (Tokenizer, Option<ChatTemplate>, Vec<u32>, Option<u32>);
+pub(crate) type TokenizerParts = (Tokenizer, Option<ChatTemplate>, Vec<u32>, Option<u32>);
+
+/// The tokenizer, chat template, end tokens and BOS of the model at `path`.
+pub(crate) fn tokenizer_parts(
+    path: &Path,
+    config: &ModelConfig,
+) -> Result<TokenizerParts, InferenceError> {
+    let (tokenizer, template, mut eos, bos) = if path.is_dir() {
+        hf_tokenizer(path)?
+    } else {
+        gguf_tokenizer(path, config.arch)?
+    };
+    for end in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
+        if let Some(id) = tokenizer.token_to_id(end) {
+            eos.push(id);
+        }
+    }
+    Ok((tokenizer, template, eos, bos))
+}
 
 fn gguf_tokenizer(path: &Path, arch: Arch) -> Result<TokenizerParts, InferenceError> {
     let mut file = std::fs::File::open(path).map_err(|e| InferenceError::Io {

@@ -286,6 +286,27 @@ impl Weights {
         }
     }
 
+    /// Bytes the engine holds for this tensor once loaded: `f32` when it is
+    /// read with [`Weights::tensor`], as stored when with [`Weights::linear`]
+    /// (quantized GGUF data is kept as it is in the file). `None` if absent.
+    pub fn held_bytes(&self, name: Name, as_f32: bool) -> Option<u64> {
+        match self {
+            Weights::Gguf { content, .. } => {
+                let info = content.tensor_infos.get(&name.gguf())?;
+                let elems = info.shape.elem_count() as u64;
+                if as_f32 {
+                    return Some(elems * 4);
+                }
+                let dtype = info.ggml_dtype;
+                Some(elems / dtype.block_size() as u64 * dtype.type_size() as u64)
+            }
+            Weights::Safetensors { entries, .. } => {
+                let entry = entries.get(&name.hf())?;
+                Some(entry.shape.iter().product::<usize>() as u64 * 4)
+            }
+        }
+    }
+
     /// A tensor as f32.
     pub fn tensor(&mut self, name: Name) -> Result<Tensor, InferenceError> {
         match self {

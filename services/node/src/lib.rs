@@ -1,0 +1,23 @@
+/*!
+A Sovereign node: the ring's plan and distributed generation.
+
+[`plan`] computes, alike on every node from the same membership view, which
+nodes serve a model, in which order and which contiguous layers each holds.
+[`Core`] is a node's inference state: the plan in force and the thread that
+runs this node's layers ([`stage`]), fed by frames of the ring protocol
+([`protocol`]). [`RingExecutor`] is the entry node's side: it runs forward
+steps of its sequences through the stages, keeps each sequence's history and
+replays it when the plan changes, so a lost node costs time, not tokens.
+*/
+#![deny(missing_docs)]
+
+mod backend;
+mod core;
+mod executor;
+pub mod plan;
+pub mod protocol;
+pub mod stage;
+
+pub use crate::core::{Active, Core, Counters, Links, StageState};
+pub use backend::RingBackend;
+pub use executor::{RingExecutor, Work};
