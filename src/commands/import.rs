@@ -58,6 +58,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         .map(sovereign_identity::ClusterCa::load)
         .transpose()?;
     let store = Store::open(&args.store)?;
+    let outbox = store.outbox();
     let options = ImportOptions {
         trust: args.trust.as_deref(),
         identity: identity.as_ref(),
@@ -66,6 +67,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             .as_ref()
             .map(|a| a as &dyn sovereign_store::ImportAudit),
         cluster_ca: cluster_ca.as_ref(),
+        outbox: outbox.as_deref(),
     };
     let report = store.import_path(&args.path, &options)?;
     if let Some(log) = &log {

@@ -68,6 +68,9 @@ pub struct ImportOptions<'a> {
     /// The cluster CA that signs revocation lists (`*.crl` on a stick);
     /// without it such files are skipped.
     pub cluster_ca: Option<&'a sovereign_identity::ClusterCa>,
+    /// Where a copy of each newly imported bundle file (and its parts) is left
+    /// for the node's replication to pass on: [`Store::outbox`].
+    pub outbox: Option<&'a Path>,
 }
 
 /// A version that became live.
@@ -139,7 +142,12 @@ impl Store {
             result.is_err(),
         );
         let outcome = match result? {
-            Some(imported) => Outcome::Imported(imported),
+            Some(imported) => {
+                if let Some(outbox) = options.outbox {
+                    crate::outbox::keep(path, outbox, &imported.id);
+                }
+                Outcome::Imported(imported)
+            }
             None => Outcome::AlreadyPresent(model.unwrap_or_default()),
         };
         noted?;

@@ -9,6 +9,8 @@ STORE/
   revoked.crl              the cluster's revocation list (highest sequence accepted)
   index/                   sled: versions, highest version per name, history
   staging/                 imports in progress (emptied on open)
+  outbox/NAME@VERSION/     only on a node that replicates: the bundle files as
+                           imported, left for the ring to pass on
   models/NAME/VERSION/     live: manifest.json (the signed bytes) + files/...
 ```
 
@@ -25,6 +27,7 @@ mod index;
 mod layout;
 mod live;
 mod revocation_state;
+mod outbox;
 mod store;
 mod trust_state;
 
@@ -33,4 +36,6 @@ pub use import::{ImportAudit, ImportEvent, ImportOptions, Imported, Outcome, Rep
 pub use index::{HistoryRecord, VersionRecord};
 pub use live::{live_model, live_models, LiveModel};
 pub use revocation_state::installed_revocations;
+pub use outbox::OUTBOX;
 pub use store::Store;
+pub use trust_state::installed_trust;

@@ -66,6 +66,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .map(sovereign_identity::ClusterCa::load)
         .transpose()?;
     let store = Store::open(&args.store)?;
+    let outbox = store.outbox();
     let options = ImportOptions {
         trust: args.trust.as_deref(),
         identity: identity.as_ref(),
@@ -73,6 +74,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         audit: auditor
             .as_ref()
             .map(|a| a as &dyn sovereign_store::ImportAudit),
+        outbox: outbox.as_deref(),
         ..ImportOptions::default()
     };
     let mut ok = true;

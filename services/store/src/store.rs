@@ -48,6 +48,13 @@ impl Store {
         &self.root
     }
 
+    /// `STORE/outbox` when it exists: a node that replicates over the ring
+    /// makes it, and every import then leaves a copy of the bundle there.
+    pub fn outbox(&self) -> Option<PathBuf> {
+        let dir = self.root.join(crate::OUTBOX);
+        dir.is_dir().then_some(dir)
+    }
+
     fn clear_staging(&self) -> Result<(), StoreError> {
         let staging = layout::staging(&self.root);
         for entry in fs::read_dir(&staging).map_err(|e| StoreError::io(&staging, e))? {

@@ -22,6 +22,11 @@ pub(crate) fn read(path: &Path) -> Result<TrustFile, StoreError> {
     })
 }
 
+/// The trust file installed in the store at `root`, if any (read only, no lock).
+pub fn installed_trust(root: &Path) -> Result<Option<TrustFile>, StoreError> {
+    installed(root)
+}
+
 /// The installed trust file, if any.
 pub(crate) fn installed(root: &Path) -> Result<Option<TrustFile>, StoreError> {
     let path = layout::trust(root);

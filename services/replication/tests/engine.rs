@@ -1,0 +1,469 @@
+//! The replication engine between nodes in one process, wired by channels in
+//! place of the ring (whose own tests cover the links): real spools, real
+//! stores, the real import, real audit logs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sovereign_replication::{
+    run, Config, Incoming, ItemMeta, Kind, Message, Outgoing, Peers, Spool, Status, Verdict,
+};
+use sovereign_signing::{create_bundle, sign_bundle, BundleSpec, SigningKey, Trust, TrustFile};
+use sovereign_store::{live_models, ImportOptions, Store};
+use tokio::sync::{mpsc, watch};
+
+struct Keys {
+    key: SigningKey,
+    trust: PathBuf,
+}
+
+fn keys(dir: &Path) -> Keys {
+    let key = SigningKey::from_seed(&[7; 32]);
+    let trust = TrustFile::new(Trust::new(1, 1, vec![key.public_key()]).unwrap());
+    let path = dir.join("node.trust");
+    fs::write(&path, trust.to_text()).unwrap();
+    Keys { key, trust: path }
+}
+
+/// A signed bundle of `size` pseudo-random bytes in `dir/out/`.
+fn bundle(dir: &Path, keys: &Keys, name: &str, version: &str, size: usize) -> PathBuf {
+    let model = dir.join(format!("src-{name}-{version}"));
+    fs::create_dir_all(&model).unwrap();
+    let mut content = Vec::with_capacity(size);
+    let mut x = 0x2545_f491_4f6c_dd1du64 ^ size as u64;
+    while content.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        content.extend_from_slice(&x.to_le_bytes());
+    }
+    content.truncate(size);
+    fs::write(model.join("weights.bin"), &content).unwrap();
+    let out_dir = dir.join(format!("out-{name}-{version}"));
+    fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(format!("{name}-{version}.sovb"));
+    let spec = BundleSpec {
+        name: name.into(),
+        version: version.parse().unwrap(),
+        inputs: vec![model],
+        recipients: Vec::new(),
+        part_size: sovereign_signing::DEFAULT_PART_SIZE,
+        segment_size: sovereign_signing::DEFAULT_SEGMENT_SIZE,
+    };
+    create_bundle(&spec, &out).unwrap();
+    sign_bundle(&out, &keys.key).unwrap();
+    out
+}
+
+/// The store exists with the operator's trust before the node runs.
+fn install_trust(store: &Path, keys: &Keys) {
+    let empty = store.with_extension("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let options = ImportOptions {
+        trust: Some(&keys.trust),
+        ..ImportOptions::default()
+    };
+    Store::open(store)
+        .unwrap()
+        .import_path(&empty, &options)
+        .unwrap();
+}
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    store: PathBuf,
+    audit: Arc<sovereign_audit::AuditLog>,
+    status: watch::Receiver<Status>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    fn audit_text(&self) -> String {
+        let mut text = String::new();
+        for entry in fs::read_dir(self.audit.dir()).unwrap() {
+            if let Ok(t) = fs::read_to_string(entry.unwrap().path()) {
+                text.push_str(&t);
+            }
+        }
+        text
+    }
+
+    fn live(&self) -> Vec<String> {
+        live_models(&self.store)
+            .unwrap()
+            .into_iter()
+            .map(|m| format!("{}@{}", m.name, m.version))
+            .collect()
+    }
+
+    /// Imports as `sovereign import --store` does on a node that replicates.
+    fn import(&self, bundle: &Path, keys: &Keys, allow_downgrade: bool) {
+        let store = Store::open(&self.store).unwrap();
+        let outbox = store.outbox();
+        let options = ImportOptions {
+            trust: Some(&keys.trust),
+            allow_downgrade,
+            outbox: outbox.as_deref(),
+            ..ImportOptions::default()
+        };
+        store.import_bundle(bundle, &options).unwrap();
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+/// Which messages pass, and a log of the fetches that did.
+#[derive(Default)]
+struct Wire {
+    down: AtomicBool,
+    fetches: Mutex<Vec<(String, u64)>>,
+    chunk_bytes: Mutex<u64>,
+}
+
+/// The nodes' inbound senders, by name, and the wire between all of them.
+struct Ring {
+    inboxes: Arc<Mutex<BTreeMap<String, mpsc::Sender<Incoming>>>>,
+    wire: Arc<Wire>,
+    peers: watch::Sender<Peers>,
+}
+
+impl Ring {
+    fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        Self {
+            inboxes: Arc::default(),
+            wire: Arc::default(),
+            peers: watch::Sender::new(Peers::new()),
+        }
+    }
+
+    /// Starts a node's engine on `dir` (store `dir/store`, spool `dir/spool`).
+    fn start(&self, keys: &Keys, name: &str, dir: &Path, capacity: u64, window: usize) -> Node {
+        let store = dir.join("store");
+        install_trust(&store, keys);
+        let audit = Arc::new(sovereign_audit::AuditLog::open(&dir.join("audit"), name).unwrap());
+        let mut config = Config::new(name, &store, &dir.join("spool"), capacity);
+        config.audit = Some(Arc::new(sovereign_audit::Auditor::Local(audit.clone())));
+        config.chunk = 64 * 1024;
+        config.window = window;
+        config.stall = Duration::from_millis(300);
+        config.tick = Duration::from_millis(100);
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(64);
+        self.inboxes.lock().unwrap().insert(name.to_owned(), in_tx);
+        let inboxes = self.inboxes.clone();
+        let wire = self.wire.clone();
+        let from = name.to_owned();
+        tokio::spawn(async move {
+            while let Some(out) = out_rx.recv().await {
+                if wire.down.load(Ordering::SeqCst) {
+                    continue;
+                }
+                match Message::decode(&out.payload).unwrap() {
+                    Message::Fetch { offset, .. } => {
+                        wire.fetches.lock().unwrap().push((from.clone(), offset))
+                    }
+                    Message::Chunk { data, .. } => {
+                        *wire.chunk_bytes.lock().unwrap() += data.len() as u64
+                    }
+                    _ => {}
+                }
+                let inbox = inboxes.lock().unwrap().get(&out.to).cloned();
+                if let Some(inbox) = inbox {
+                    let _ = inbox
+                        .send(Incoming {
+                            from: from.clone(),
+                            payload: out.payload,
+                        })
+                        .await;
+                }
+            }
+        });
+        let (status_tx, status) = watch::channel(Status::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let peers = self.peers.subscribe();
+        let task = tokio::spawn(async move {
+            run(config, in_rx, out_tx, peers, status_tx, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        let node = Node {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            store,
+            audit,
+            status,
+            stop: Some(stop_tx),
+            task,
+        };
+        self.advertise(&[&node]);
+        node
+    }
+
+    /// Publishes what each node holds, as the ring's adverts would.
+    fn advertise(&self, nodes: &[&Node]) {
+        self.peers.send_modify(|peers| {
+            for node in nodes {
+                let models = sovereign_replication::held_models(&node.store);
+                peers.insert(node.name.clone(), models);
+            }
+        });
+    }
+}
+
+/// Polls `check` (advertising `nodes` meanwhile) until it holds, for at most 60 s.
+async fn until(ring: &Ring, nodes: &[&Node], what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if check() {
+            return;
+        }
+        ring.advertise(nodes);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_imported_on_one_node_goes_live_on_the_others_and_leaves_the_spools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let ring = Ring::new();
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 4);
+    let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 4);
+    let c = ring.start(&keys, "c", &tmp.path().join("c"), 1 << 30, 4);
+    let path = bundle(tmp.path(), &keys, "alpha", "1.0.0", 700_000);
+    a.import(&path, &keys, false);
+    let nodes = [&a, &b, &c];
+    until(&ring, &nodes, "alpha on b and c", || {
+        b.live() == ["alpha@1.0.0"] && c.live() == ["alpha@1.0.0"]
+    })
+    .await;
+    let source = fs::read(tmp.path().join("src-alpha-1.0.0/weights.bin")).unwrap();
+    for node in [&b, &c] {
+        let model = sovereign_store::live_model(&node.store, "alpha").unwrap();
+        assert_eq!(fs::read(model.dir.join("weights.bin")).unwrap(), source);
+        assert!(node.audit_text().contains("\"outcome\":\"imported\""));
+    }
+    // Once every node advertises it, no spool keeps it.
+    until(&ring, &nodes, "empty spools", || {
+        nodes.iter().all(|n| {
+            let spool = Spool::open(&n.dir.join("spool"), 1).unwrap();
+            spool
+                .complete()
+                .unwrap()
+                .iter()
+                .all(|m| m.kind == Kind::Trust)
+        })
+    })
+    .await;
+    for node in [a, b, c] {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_from_a_peer_is_refused_and_audited_by_the_receiver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let ring = Ring::new();
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 4);
+    let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 4);
+    let path = bundle(tmp.path(), &keys, "alpha", "1.0.0", 300_000);
+    // A's copy to pass on is corrupted after its own import verified it.
+    let mut bytes = fs::read(&path).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 1;
+    let outbox = a.store.join(sovereign_store::OUTBOX).join("alpha@1.0.0");
+    fs::create_dir_all(&outbox).unwrap();
+    fs::write(outbox.join("alpha-1.0.0.sovb"), &bytes).unwrap();
+    let nodes = [&a, &b];
+    until(&ring, &nodes, "b's refusal", || {
+        a.status.borrow().refusals.iter().any(|r| r.node == "b")
+    })
+    .await;
+    let refusal = a.status.borrow().refusals[0].clone();
+    assert!(refusal.reason.contains("weights.bin"), "{}", refusal.reason);
+    assert!(b.live().is_empty());
+    let audit = b.audit_text();
+    assert!(audit.contains("\"outcome\":\"rejected\""), "{audit}");
+    assert!(audit.contains("\"kind\":\"refused\""), "{audit}");
+    assert!(audit.contains("\"from\":\"a\""), "{audit}");
+    let spool = Spool::open(&b.dir.join("spool"), 1).unwrap();
+    assert!(spool
+        .complete()
+        .unwrap()
+        .iter()
+        .all(|m| m.kind == Kind::Trust));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_resumes_after_a_pulled_cable_and_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let ring = Ring::new();
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 1);
+    let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 1);
+    let size = 16 << 20;
+    let path = bundle(tmp.path(), &keys, "alpha", "1.0.0", size);
+    a.import(&path, &keys, false);
+    let nodes = [&a, &b];
+    let spool = Spool::open(&b.dir.join("spool"), 1).unwrap();
+    let received = || {
+        let meta = spool.partial().unwrap().first().cloned()?;
+        Some((spool.received(&meta).unwrap(), meta))
+    };
+    until(&ring, &nodes, "a started transfer", || {
+        received().is_some_and(|(r, _)| r > 1 << 20)
+    })
+    .await;
+    // Pull the cable: nothing passes for a while.
+    ring.wire.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (at_cut, meta) = received().unwrap();
+    assert!(at_cut < meta.total());
+    let fetches_before = ring.wire.fetches.lock().unwrap().len();
+    ring.wire.down.store(false, Ordering::SeqCst);
+    until(&ring, &nodes, "progress after the cable", || {
+        received().is_some_and(|(r, _)| r > at_cut + (256 << 10))
+    })
+    .await;
+    ring.wire.down.store(true, Ordering::SeqCst);
+    let resumed = ring.wire.fetches.lock().unwrap()[fetches_before].1;
+    assert_eq!(
+        resumed, at_cut,
+        "the first fetch after the cable asks from the spool's length"
+    );
+    // Reboot b mid-transfer: the new engine resumes from its spool.
+    let b_dir = b.dir.clone();
+    b.stop().await;
+    let (at_reboot, _) = received().unwrap();
+    assert!(at_reboot > at_cut && at_reboot < meta.total());
+    let fetches_before = ring.wire.fetches.lock().unwrap().len();
+    let b = ring.start(&keys, "b", &b_dir, 1 << 30, 1);
+    ring.wire.down.store(false, Ordering::SeqCst);
+    let nodes = [&a, &b];
+    until(&ring, &nodes, "alpha on b", || b.live() == ["alpha@1.0.0"]).await;
+    let fetches = ring.wire.fetches.lock().unwrap().clone();
+    let after: Vec<u64> = fetches[fetches_before..]
+        .iter()
+        .filter(|(from, _)| from == "b")
+        .map(|(_, offset)| *offset)
+        .collect();
+    assert_eq!(
+        after[0], at_reboot,
+        "resumed from the spool after a restart"
+    );
+    assert!(
+        *ring.wire.chunk_bytes.lock().unwrap() < meta.total() + (2 << 20),
+        "no restart from byte 0"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_version_and_a_bundle_without_room_are_refused_with_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let ring = Ring::new();
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 4);
+    let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 4);
+    let small = ring.start(&keys, "small", &tmp.path().join("small"), 100_000, 4);
+    let v2 = bundle(tmp.path(), &keys, "alpha", "2.0.0", 200_000);
+    b.import(&v2, &keys, false);
+    let v1 = bundle(tmp.path(), &keys, "alpha", "1.0.0", 200_000);
+    a.import(&v1, &keys, false);
+    let nodes = [&a, &b, &small];
+    until(&ring, &nodes, "refusals of alpha@1.0.0", || {
+        let refusals = &a.status.borrow().refusals;
+        refusals.iter().any(|r| r.node == "b") && refusals.iter().any(|r| r.node == "small")
+    })
+    .await;
+    let refusals = a.status.borrow().refusals.clone();
+    let by = |node: &str| {
+        refusals
+            .iter()
+            .find(|r| r.node == node)
+            .unwrap()
+            .reason
+            .clone()
+    };
+    assert!(by("b").contains("rollback refused"), "{}", by("b"));
+    assert!(by("small").starts_with("no room"), "{}", by("small"));
+    assert_eq!(b.live(), ["alpha@2.0.0"]);
+    assert!(small.live().is_empty() || small.live() == ["alpha@2.0.0"]);
+    assert!(b.audit_text().contains("rollback refused"));
+    assert!(small.audit_text().contains("\"kind\":\"no-room\""));
+    // The small node says so itself, for `sovereign ring status`.
+    let own = small.status.borrow().refusals.clone();
+    assert!(own
+        .iter()
+        .any(|r| r.node == "small" && r.reason.starts_with("no room")));
+    for node in [a, b, small] {
+        node.stop().await;
+    }
+}
+
+#[test]
+fn a_spool_item_survives_a_restart_and_imports_with_the_stores_own_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let path = bundle(tmp.path(), &keys, "beta", "0.1.0", 100_000);
+    let meta = ItemMeta::from_bundle(path.parent().unwrap(), "beta-0.1.0.sovb").unwrap();
+    let bytes = fs::read(&path).unwrap();
+    {
+        let spool = Spool::open(&tmp.path().join("spool"), 1 << 30).unwrap();
+        assert_eq!(spool.begin(&meta).unwrap(), 0);
+        spool.append(&meta, 0, &bytes[..40_000]).unwrap();
+        assert!(spool.append(&meta, 50_000, &bytes[50_000..60_000]).is_err());
+    }
+    let spool = Spool::open(&tmp.path().join("spool"), 1 << 30).unwrap();
+    assert_eq!(spool.partial().unwrap(), std::slice::from_ref(&meta));
+    assert_eq!(spool.begin(&meta).unwrap(), 40_000);
+    spool.append(&meta, 40_000, &bytes[40_000..]).unwrap();
+    let files = spool.finish(&meta).unwrap();
+    let store = tmp.path().join("store");
+    install_trust(&store, &keys);
+    let verdict = sovereign_replication::import_item(&store, &files, &meta, None, None);
+    assert_eq!(verdict, Verdict::Live);
+    assert_eq!(
+        sovereign_store::live_model(&store, "beta")
+            .unwrap()
+            .version
+            .to_string(),
+        "0.1.0"
+    );
+    // A truncated copy is refused by the same import.
+    let truncated = tmp.path().join("truncated");
+    fs::create_dir_all(&truncated).unwrap();
+    fs::write(
+        truncated.join("beta-0.1.0.sovb"),
+        &bytes[..bytes.len() - 10],
+    )
+    .unwrap();
+    let mut meta2 = meta.clone();
+    meta2.version = "0.2.0".into();
+    match sovereign_replication::import_item(&store, &truncated, &meta2, None, None) {
+        Verdict::Refused(reason) => assert!(
+            reason.contains("size") || reason.contains("short") || reason.contains("trunc"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
