@@ -305,6 +305,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn module_pruning_spares_thunderbolt_networking() {
+        // Where Debian's kernels keep the Thunderbolt bus and its network
+        // driver (6.1: drivers/net/thunderbolt.ko, later drivers/net/thunderbolt/).
+        let kept = [
+            "drivers/thunderbolt/thunderbolt.ko",
+            "drivers/net/thunderbolt.ko",
+            "drivers/net/thunderbolt/thunderbolt_net.ko",
+            "drivers/net/thunderbolt/thunderbolt-net.ko",
+        ];
+        for line in PRUNE_MODULES.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            for module in kept {
+                assert!(
+                    !module.starts_with(&format!("{}/", line.trim_end_matches('/'))),
+                    "prune-modules entry {line} removes {module}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn apt_names_each_missing_version() {
         let stderr = "I: something\nE: Version '1.0-gone' for 'systemd' was not found\n\
                       E: Version '2:9' for 'udev' was not found\nE: Version '1.0-gone' for 'systemd' was not found\n";

@@ -31,10 +31,13 @@ pub use base::BASE_PACKAGES;
 pub use build::{
     build, BuildReport, BuildRequest, Progress, IMAGE_FILE, LISTING_FILE, LOCK_FILE, MANIFEST_FILE,
 };
-pub use config::{fstab, lan_network, ring_network, sysusers, usb_rule, KERNEL_HARDENING, SYSCTL};
+pub use config::{
+    fstab, lan_network, ring_network, sysusers, thunderbolt_rule, usb_rule, KERNEL_HARDENING,
+    SYSCTL,
+};
 pub use disk::{kernel_cmdline, root_partition_uuids};
 pub use error::{BuildError, VerifyError};
-pub use firewall::nftables_ruleset;
+pub use firewall::{nftables_ruleset, RING_GROUP};
 pub use lock::{Lock, Package};
 pub use manifest::{signature_path, verify, Manifest};
 pub use sources::{from_host, AptSource};

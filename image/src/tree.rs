@@ -241,6 +241,12 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
     }
     put(
         &root,
+        "usr/lib/udev/rules.d/91-sovereign-thunderbolt.rules",
+        config::thunderbolt_rule().as_bytes(),
+        0o644,
+    )?;
+    put(
+        &root,
         "usr/lib/sysusers.d/sovereign.conf",
         config::sysusers(spec).as_bytes(),
         0o644,

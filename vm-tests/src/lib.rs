@@ -32,9 +32,11 @@ pub mod cache;
 pub mod error;
 pub mod host;
 pub mod machine;
+pub mod netns;
 pub mod qmp;
 
 pub use cache::cached_build;
 pub use error::VmError;
 pub use host::{host_tool, workspace_binary};
 pub use machine::{probe_kvm, Accel, Boot, LanForward, Link, LinkEnd, Machine, MachineConfig};
+pub use netns::{enter_namespace, Cabling, NetNode, NsProcess, RingNet};
