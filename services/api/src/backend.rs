@@ -59,4 +59,15 @@ impl Backend for Engine {
     ) -> Result<Generation, InferenceError> {
         Engine::generate(self, prompt, params, on_text)
     }
+
+    /// The model's matrices by the code that multiplies them.
+    fn metrics(&self) -> String {
+        let mut text = String::from("# HELP sovereign_model_matrices Weight matrices of the served model by the code that multiplies them.\n# TYPE sovereign_model_matrices gauge\n");
+        for (path, count) in self.matrix_paths() {
+            text.push_str(&format!(
+                "sovereign_model_matrices{{path=\"{path}\"}} {count}\n"
+            ));
+        }
+        text
+    }
 }

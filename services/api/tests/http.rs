@@ -249,6 +249,15 @@ fn chat_streaming_and_not_agree_and_malformed_requests_get_json_errors() {
     let (_, body) = request(addr, "GET", "/health", key, None);
     assert!(body.contains("\"model\":\"smollm2\""), "{body}");
     assert!(metric(addr, "sovereign_api_completion_tokens_total") > 0.0);
+    // The demo model's 210 Q4_1 matrices and Q8_0 head run on the SIMD kernels.
+    assert_eq!(
+        metric(addr, "sovereign_model_matrices{path=\"Q4_1 kernel\"}"),
+        210.0
+    );
+    assert_eq!(
+        metric(addr, "sovereign_model_matrices{path=\"Q8_0 kernel\"}"),
+        1.0
+    );
     let (_, text) = request(addr, "GET", "/metrics", None, None);
     assert!(
         text.contains(
