@@ -139,6 +139,7 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                      ExecStart=/usr/bin/sovereign-api --store /var/lib/sovereign/store --listen [::]:{port} \
                      --keys %d/api-keys --tls-cert %d/cert.pem --tls-key %d/key.pem --audit-socket {AUDIT_SOCKET} --node %H\n\
                      Restart=on-failure\nRestartSec=5\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n\
+                     LimitNOFILE=4096\n\
                      IPAddressAllow=localhost link-local {lan}\n",
                     port = spec.network.api_port
                 ),

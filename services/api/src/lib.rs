@@ -9,6 +9,7 @@ Request metadata (never prompt text) goes to the audit log.
 #![deny(missing_docs)]
 
 mod backend;
+mod conn;
 mod keys;
 mod metrics;
 mod openai;
@@ -16,9 +17,10 @@ mod server;
 mod tls;
 
 pub use backend::Backend;
+pub use conn::ConnLimits;
 pub use keys::ApiKeys;
 pub use metrics::Metrics;
-pub use server::{router, serve, serve_tls, AppState, Limits};
+pub use server::{router, serve, serve_tls, serve_tls_with, serve_with, AppState, Limits};
 pub use tls::{ClientAddr, TlsListener};
 
 use std::net::SocketAddr;

@@ -20,6 +20,7 @@ use sovereign_inference::{FinishReason, GenerateParams, Sampler};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::backend::Backend;
+use crate::conn::ConnLimits;
 use crate::keys::ApiKeys;
 use crate::metrics::Metrics;
 use crate::openai::{ChatRequest, CompletionRequest, Sampling, Usage};
@@ -108,11 +109,13 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
+    crate::conn::serve_connections(
         listener,
-        router(state).into_make_service_with_connect_info::<ClientAddr>(),
+        None,
+        router(state),
+        ConnLimits::default(),
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown)
     .await
 }
 
@@ -122,12 +125,34 @@ pub async fn serve_tls(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<ClientAddr>(),
+    serve_tls_with(listener, state, ConnLimits::default(), shutdown).await
+}
+
+/// Serves HTTPS on `listener` with `limits` on connections until `shutdown` completes.
+pub async fn serve_tls_with(
+    listener: TlsListener,
+    state: Arc<AppState>,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    crate::conn::serve_connections(
+        listener.tcp,
+        Some(listener.acceptor),
+        router(state),
+        limits,
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// Serves HTTP on `listener` with `limits` on connections until `shutdown` completes.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    crate::conn::serve_connections(listener, None, router(state), limits, shutdown).await
 }
 
 /// An OpenAI-style error response.

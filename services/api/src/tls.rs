@@ -1,21 +1,16 @@
-//! TLS for the LAN (rustls): a listener whose connections are TLS streams,
-//! so axum serves HTTPS with the node's certificate from the cluster CA.
+//! TLS for the LAN (rustls): the node's certificate from the cluster CA,
+//! TLS 1.3 only, for the listener `conn.rs` serves.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::IncomingStream;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The address of a client, for TCP and TLS connections alike.
 #[derive(Clone, Copy, Debug)]
@@ -27,16 +22,11 @@ impl Connected<IncomingStream<'_, TcpListener>> for ClientAddr {
     }
 }
 
-impl Connected<IncomingStream<'_, TlsListener>> for ClientAddr {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
-/// Accepts TCP connections and completes their TLS handshake.
+/// A TCP listener and the TLS configuration its connections are served with
+/// (each handshake runs in its connection's own task: see `conn.rs`).
 pub struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
+    pub(crate) tcp: TcpListener,
+    pub(crate) acceptor: TlsAcceptor,
 }
 
 /// A TLS 1.3 server config from a certificate chain and key in PEM files.
@@ -74,32 +64,5 @@ impl TlsListener {
             tcp,
             acceptor: TlsAcceptor::from(config),
         }
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (tcp, addr) = match self.tcp.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => tracing::info!(client = %addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(client = %addr, "TLS handshake timed out"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
     }
 }
