@@ -31,6 +31,8 @@ pub struct Config {
     pub spool_capacity: u64,
     /// The node's age identity, for encrypted bundles.
     pub identity: Option<age::x25519::Identity>,
+    /// The cluster CA: revocation lists are checked against it and replicated.
+    pub cluster_ca: Option<sovereign_identity::ClusterCa>,
     /// The audit log every outcome goes to.
     pub audit: Option<Arc<sovereign_audit::Auditor>>,
     /// Bytes per fetch (at most 1 MiB).
@@ -52,6 +54,7 @@ impl Config {
             spool: spool.to_owned(),
             spool_capacity,
             identity: None,
+            cluster_ca: None,
             audit: None,
             chunk: MAX_CHUNK,
             window: 8,
@@ -114,6 +117,7 @@ struct Engine {
     done: mpsc::Sender<(ItemMeta, String, Verdict)>,
     serving: BTreeMap<String, ItemMeta>,
     trust_digest: Option<String>,
+    crl_digest: Option<String>,
 }
 
 /// How often an item is offered again to a peer that has not taken it.
@@ -148,6 +152,7 @@ pub async fn run(
         done,
         serving: BTreeMap::new(),
         trust_digest: None,
+        crl_digest: None,
     };
     engine.resume_partials()?;
     let mut tick = tokio::time::interval(engine.config.tick);
@@ -214,6 +219,7 @@ impl Engine {
             tracing::warn!(error = %describe(&e), "outbox");
         }
         self.adopt_trust();
+        self.adopt_revocations();
         self.check_stalls().await;
         self.evict();
         self.offer_all().await;
@@ -254,15 +260,42 @@ impl Engine {
         if self.trust_digest.as_deref() == Some(digest.as_str()) {
             return;
         }
-        let sequence = trust.trust().sequence;
-        if let Ok(meta) = self.spool.add_trust(&text, sequence) {
-            for old in self.spool.complete().unwrap_or_default() {
-                if old.kind == Kind::Trust && old.key() != meta.key() {
-                    let _ = self.spool.remove(&old);
-                }
-            }
+        if self.keep_text(Kind::Trust, &text, trust.trust().sequence) {
             self.trust_digest = Some(digest);
         }
+    }
+
+    /// A newer revocation list installed here is offered too.
+    fn adopt_revocations(&mut self) {
+        let Some(ca) = &self.config.cluster_ca else {
+            return;
+        };
+        let Ok(list) = sovereign_store::installed_revocations(&self.config.store, ca) else {
+            return;
+        };
+        let Some(text) = list.to_pem() else {
+            return;
+        };
+        let digest = blake3::hash(text.as_bytes()).to_hex().to_string();
+        if self.crl_digest.as_deref() == Some(digest.as_str()) {
+            return;
+        }
+        if self.keep_text(Kind::Revocations, &text, list.sequence()) {
+            self.crl_digest = Some(digest);
+        }
+    }
+
+    /// Spools a small item, replacing older ones of its kind.
+    fn keep_text(&mut self, kind: Kind, text: &str, sequence: u64) -> bool {
+        let Ok(meta) = self.spool.add_text(kind, text, sequence) else {
+            return false;
+        };
+        for old in self.spool.complete().unwrap_or_default() {
+            if old.kind == kind && old.key() != meta.key() {
+                let _ = self.spool.remove(&old);
+            }
+        }
+        true
     }
 
     async fn offer_all(&mut self) {
@@ -473,6 +506,15 @@ impl Engine {
                     (format!("trust sequence {installed} is installed"), false)
                 })
             }
+            Kind::Revocations => {
+                let ca = self.config.cluster_ca.as_ref()?;
+                let list = sovereign_store::installed_revocations(&self.config.store, ca).ok()?;
+                let offered: u64 = meta.version.parse().ok()?;
+                (list.sequence() >= offered).then(|| {
+                    let installed = list.sequence();
+                    (format!("revocation list {installed} is installed"), false)
+                })
+            }
         }
     }
 
@@ -620,13 +662,14 @@ impl Engine {
         self.importing.insert(meta.key());
         let store = self.config.store.clone();
         let identity = self.config.identity.clone();
+        let ca = self.config.cluster_ca.clone();
         let audit = self.config.audit.clone();
         let done = self.done.clone();
         tokio::task::spawn_blocking(move || {
             let audit = audit
                 .as_deref()
                 .map(|a| a as &dyn sovereign_store::ImportAudit);
-            let verdict = import_item(&store, &files, &meta, identity.as_ref(), audit);
+            let verdict = import_item(&store, &files, &meta, identity.as_ref(), ca.as_ref(), audit);
             let _ = done.blocking_send((meta, from, verdict));
         });
     }

@@ -48,6 +48,7 @@ pub fn import_item(
     files: &Path,
     meta: &ItemMeta,
     identity: Option<&age::x25519::Identity>,
+    cluster_ca: Option<&sovereign_identity::ClusterCa>,
     audit: Option<&dyn ImportAudit>,
 ) -> Verdict {
     let opened = match open_store(store) {
@@ -57,6 +58,7 @@ pub fn import_item(
     let options = ImportOptions {
         identity,
         audit,
+        cluster_ca,
         ..ImportOptions::default()
     };
     match meta.kind {
@@ -76,10 +78,17 @@ pub fn import_item(
                 Err(e) => Verdict::Refused(describe(&e)),
             }
         }
-        Kind::Trust => match opened.import_path(files, &options) {
+        Kind::Trust | Kind::Revocations => match opened.import_path(files, &options) {
             Err(e) => Verdict::Failed(describe(&e)),
             Ok(report) => match report.into_iter().next().map(|entry| entry.outcome) {
-                Some(Outcome::TrustInstalled(_) | Outcome::Skipped(_)) => Verdict::Live,
+                Some(Outcome::Skipped(reason)) if reason.starts_with("no cluster CA") => {
+                    Verdict::Failed(reason)
+                }
+                Some(
+                    Outcome::TrustInstalled(_)
+                    | Outcome::RevocationsInstalled(_)
+                    | Outcome::Skipped(_),
+                ) => Verdict::Live,
                 Some(Outcome::Rejected(reason)) => Verdict::Refused(reason),
                 other => Verdict::Failed(format!("unexpected trust import outcome {other:?}")),
             },

@@ -15,6 +15,10 @@ use crate::error::{describe, ReplicationError};
 const MAX_FILES: usize = 1000;
 /// Largest trust file accepted over the ring.
 pub(crate) const MAX_TRUST_LEN: u64 = 64 * 1024;
+/// Largest revocation list accepted over the ring.
+pub(crate) const MAX_CRL_LEN: u64 = 1 << 20;
+/// The file name a revocation item carries.
+pub(crate) const CRL_FILE: &str = "ring.crl";
 /// The file name a trust item carries.
 pub(crate) const TRUST_FILE: &str = "ring.trust";
 
@@ -25,6 +29,8 @@ pub enum Kind {
     Bundle,
     /// A trust file (a signed successor of the installed one).
     Trust,
+    /// The cluster CA's revocation list.
+    Revocations,
 }
 
 /// One file of an item.
@@ -64,6 +70,7 @@ impl ItemMeta {
         let kind = match self.kind {
             Kind::Bundle => "bundle",
             Kind::Trust => "trust",
+            Kind::Revocations => "crl",
         };
         format!(
             "{kind}-{}-{}-{}",
@@ -133,6 +140,14 @@ impl ItemMeta {
                     return bad("a trust item is one small ring.trust file".into());
                 }
             }
+            Kind::Revocations => {
+                if self.name != "revocations" || self.version.parse::<u64>().is_err() {
+                    return bad(format!("item {} is not revocations@SEQUENCE", self.id()));
+                }
+                if self.files.len() != 1 || self.files[0].name != CRL_FILE || total > MAX_CRL_LEN {
+                    return bad("a revocation item is one ring.crl file of at most 1 MiB".into());
+                }
+            }
         }
         Ok(())
     }
@@ -171,16 +186,20 @@ impl ItemMeta {
         Ok(meta)
     }
 
-    /// Describes a trust file's text.
-    pub fn from_trust(text: &str, sequence: u64) -> Self {
+    /// Describes a trust file's or revocation list's text.
+    pub fn from_text(kind: Kind, text: &str, sequence: u64) -> Self {
+        let (name, file) = match kind {
+            Kind::Revocations => ("revocations", CRL_FILE),
+            _ => ("trust", TRUST_FILE),
+        };
         Self {
-            kind: Kind::Trust,
-            name: "trust".into(),
+            kind,
+            name: name.into(),
             version: sequence.to_string(),
             digest: blake3::hash(text.as_bytes()).to_hex().to_string(),
             content: 0,
             files: vec![FileMeta {
-                name: TRUST_FILE.into(),
+                name: file.into(),
                 size: text.len() as u64,
             }],
         }

@@ -293,15 +293,20 @@ impl Spool {
         Ok(meta)
     }
 
-    /// Stores a trust file's text as a complete item.
-    pub fn add_trust(&self, text: &str, sequence: u64) -> Result<ItemMeta, ReplicationError> {
-        let meta = ItemMeta::from_trust(text, sequence);
+    /// Stores a trust file's or revocation list's text as a complete item.
+    pub fn add_text(
+        &self,
+        kind: crate::item::Kind,
+        text: &str,
+        sequence: u64,
+    ) -> Result<ItemMeta, ReplicationError> {
+        let meta = ItemMeta::from_text(kind, text, sequence);
         if self.has(&meta) {
             return Ok(meta);
         }
         self.begin(&meta)?;
         let files = self.partial_dir(&meta.key()).join(FILES);
-        write_synced(&files.join(crate::item::TRUST_FILE), text.as_bytes())?;
+        write_synced(&files.join(&meta.files[0].name), text.as_bytes())?;
         self.finish(&meta)?;
         Ok(meta)
     }

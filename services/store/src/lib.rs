@@ -26,8 +26,8 @@ mod import;
 mod index;
 mod layout;
 mod live;
-mod revocation_state;
 mod outbox;
+mod revocation_state;
 mod store;
 mod trust_state;
 
@@ -35,7 +35,7 @@ pub use error::StoreError;
 pub use import::{ImportAudit, ImportEvent, ImportOptions, Imported, Outcome, ReportEntry};
 pub use index::{HistoryRecord, VersionRecord};
 pub use live::{live_model, live_models, LiveModel};
-pub use revocation_state::installed_revocations;
 pub use outbox::OUTBOX;
+pub use revocation_state::installed_revocations;
 pub use store::Store;
 pub use trust_state::installed_trust;
