@@ -18,18 +18,24 @@ impl Drop for Server {
 }
 
 fn python_with_openai() -> std::path::PathBuf {
-    // Two tests use the venv: one makes it while the other waits.
+    python_venv("openai-venv", "openai", &["openai==1.99.9"])
+}
+
+/// A virtual environment in the test's temporary directory with `packages`
+/// (pinned) installed, made once and reused while `module` imports.
+fn python_venv(name: &str, module: &str, packages: &[&str]) -> std::path::PathBuf {
+    // Several tests may want the same venv: one makes it while the others wait.
     static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let python = venv.join("bin/python");
-    let has_openai = |p: &std::path::Path| {
+    let has_module = |p: &std::path::Path| {
         Command::new(p)
-            .args(["-c", "import openai"])
+            .args(["-c", &format!("import {module}")])
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !has_openai(&python) {
+    if !has_module(&python) {
         let made = Command::new("python3")
             .arg("-m")
             .arg("venv")
@@ -41,12 +47,76 @@ fn python_with_openai() -> std::path::PathBuf {
             "python3 -m venv failed (apt-get install python3-venv)"
         );
         let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "openai==1.99.9"])
+            .args(["install", "--quiet"])
+            .args(packages)
             .status()
-            .expect("pip install openai");
-        assert!(pip.success(), "pip install openai==1.99.9 failed");
+            .expect("pip install");
+        assert!(pip.success(), "pip install {packages:?} failed");
     }
     python
+}
+
+/// Starts `sovereign serve` on loopback with a key; returns it and its address.
+fn serve_with_key(lab: &Lab, key: &str) -> (Server, String) {
+    std::fs::write(
+        lab.path("keys"),
+        "tester blake3:".to_owned() + &blake3::hash(key.as_bytes()).to_hex() + "\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sovereign"))
+        .args([
+            "serve",
+            "--store",
+            "store",
+            "--listen",
+            "127.0.0.1:0",
+            "--keys",
+            "keys",
+        ])
+        .current_dir(lab.dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let server = Server(child);
+    let address = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| line.split("on http://").nth(1).map(|a| a.trim().to_owned()))
+        .expect("the server exited before listening");
+    (server, address)
+}
+
+#[test]
+fn langchain_litellm_and_the_openai_sdk_use_structured_output_tools_and_streams() {
+    let lab = Lab::new();
+    lab.import_demo_model();
+    let (_server, address) = serve_with_key(&lab, "sk-clients");
+    let python = python_venv(
+        "clients-venv",
+        "langchain_openai, litellm",
+        &[
+            "openai==3.57.0",
+            "langchain-openai==1.7.4",
+            "litellm==1.110.2",
+        ],
+    );
+    let output = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/real_clients.py"
+        ))
+        .args([&format!("http://{address}/v1"), "sk-clients", "smollm2"])
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the clients failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("real clients ok"));
 }
 
 #[test]

@@ -85,10 +85,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt = if args.raw {
         args.prompt.clone()
     } else {
-        engine.chat_prompt(&[ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        }])?
+        engine.chat_prompt(&[ChatMessage::new("user", args.prompt.clone())])?
     };
     let tokens = engine.tokenize(&prompt)?;
     let params = GenerateParams {
@@ -100,6 +97,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             seed: args.seed,
         },
         stop: args.stop.clone(),
+        ..GenerateParams::default()
     };
     let mut stdout = std::io::stdout().lock();
     let generation = engine.generate(&tokens, &params, &mut |text| {

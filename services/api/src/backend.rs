@@ -3,7 +3,8 @@
 
 use serde_json::{Map, Value};
 use sovereign_inference::{
-    ChatMessage, Engine, GenerateParams, Generation, InferenceError, ModelConfig,
+    ChatMessage, Constraint, Engine, GenerateParams, Generation, InferenceError, LogitShaping,
+    ModelConfig, TokenLogprob,
 };
 
 /// A model that answers requests, with what `/health` and `/metrics` add.
@@ -25,6 +26,47 @@ pub trait Backend: Send + Sync + 'static {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, InferenceError>;
+
+    /// Generates under an optional grammar `constraint`; `on_emit` also
+    /// receives the log-probabilities of the tokens since its last call.
+    /// Backends without logit processing refuse shaping, logprobs and grammars.
+    fn generate_with(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        constraint: Option<&mut Constraint>,
+        on_emit: &mut dyn FnMut(&str, &[TokenLogprob]) -> bool,
+    ) -> Result<Generation, InferenceError> {
+        if constraint.is_some()
+            || params.logprobs.is_some()
+            || params.shaping != LogitShaping::default()
+        {
+            return Err(InferenceError::Request(
+                "logprobs, penalties, logit_bias and grammars are not supported by this backend"
+                    .into(),
+            ));
+        }
+        self.generate(prompt, params, &mut |text| on_emit(text, &[]))
+    }
+
+    /// A grammar constraint that makes the output JSON matching `schema`.
+    fn json_constraint(&self, _schema: &Value) -> Result<Constraint, InferenceError> {
+        Err(InferenceError::Request(
+            "structured output is not supported by this backend".into(),
+        ))
+    }
+
+    /// The bytes token `id` stands for (empty when unknown).
+    fn token_bytes(&self, _id: u32) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// The mean-pooled, unit-length embedding of `tokens`.
+    fn embedding(&self, _tokens: &[u32]) -> Result<Vec<f32>, InferenceError> {
+        Err(InferenceError::Request(
+            "embeddings are not supported by this backend".into(),
+        ))
+    }
 
     /// Fields `GET /health` adds; `detailed` only for a caller with a key
     /// (or when no keys are configured).
@@ -69,5 +111,27 @@ impl Backend for Engine {
             ));
         }
         text
+    }
+
+    fn generate_with(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        constraint: Option<&mut Constraint>,
+        on_emit: &mut dyn FnMut(&str, &[TokenLogprob]) -> bool,
+    ) -> Result<Generation, InferenceError> {
+        Engine::generate_with(self, prompt, params, constraint, on_emit)
+    }
+
+    fn json_constraint(&self, schema: &Value) -> Result<Constraint, InferenceError> {
+        Engine::json_constraint(self, schema)
+    }
+
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        Engine::token_bytes(self, id).to_vec()
+    }
+
+    fn embedding(&self, tokens: &[u32]) -> Result<Vec<f32>, InferenceError> {
+        Engine::embedding(self, tokens)
     }
 }

@@ -1,7 +1,7 @@
 /*!
 Sovereign's OpenAI-compatible API: `POST /v1/chat/completions` (streaming
 with server-sent events or not), `POST /v1/completions`, `GET /v1/models`,
-`GET /health` and Prometheus `GET /metrics`, served from the engine of
+`GET /v1/models/{id}`, `GET /health` and Prometheus `GET /metrics`, served from the engine of
 `sovereign-inference` with bearer API keys, a bounded queue and concurrency, a
 KV-cache budget (429/503 when full) and cancellation when a client goes away.
 Request metadata (never prompt text) goes to the audit log.
@@ -10,17 +10,24 @@ Request metadata (never prompt text) goes to the audit log.
 
 mod backend;
 mod conn;
+mod embeddings;
+mod error;
 mod keys;
 mod metrics;
 mod openai;
+mod refusals;
 mod server;
 mod tls;
+mod tools;
 
 pub use backend::Backend;
 pub use conn::ConnLimits;
+pub use error::ApiError;
 pub use keys::ApiKeys;
 pub use metrics::Metrics;
-pub use server::{router, serve, serve_tls, serve_tls_with, serve_with, AppState, Limits};
+pub use server::{
+    router, serve, serve_tls, serve_tls_with, serve_with, AppState, Limits, SEED_HEADER,
+};
 pub use tls::{ClientAddr, TlsListener};
 
 use std::net::SocketAddr;
@@ -58,6 +65,10 @@ pub struct ServeArgs {
     /// Requests allowed to wait; more get 429.
     #[arg(long, default_value_t = 8)]
     pub queue: usize,
+    /// The most tokens one request may generate (default: the rest of the
+    /// model's context).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// KV-cache budget in MiB; requests beyond it get 503.
     #[arg(long, default_value_t = 1024)]
     pub kv_budget_mb: u64,
@@ -133,6 +144,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
         max_concurrency: args.max_concurrency.max(1),
         queue: args.queue,
         kv_budget_bytes: args.kv_budget_mb << 20,
+        max_tokens: args.max_tokens,
         ..Limits::default()
     };
     Ok(AppState::new(

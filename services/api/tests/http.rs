@@ -300,6 +300,16 @@ fn a_full_queue_gets_429_a_full_kv_budget_503_and_a_disconnect_cancels() {
     );
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("queue is full"), "{body}");
+    let (_, answer, _) = exchange(
+        addr,
+        &head(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            Some(&chat_body(false, 5)),
+        ),
+    );
+    assert_eq!(header(&answer, "retry-after"), Some("1"), "{answer}");
     drop(reader);
     drop(stream);
     let started = Instant::now();
@@ -335,6 +345,16 @@ fn a_full_queue_gets_429_a_full_kv_budget_503_and_a_disconnect_cancels() {
     );
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("KV-cache"), "{body}");
+    let (_, answer, _) = exchange(
+        addr,
+        &head(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            Some(&chat_body(false, 5)),
+        ),
+    );
+    assert!(header(&answer, "retry-after").is_some(), "{answer}");
 }
 
 #[test]
@@ -438,4 +458,430 @@ fn the_api_serves_https_with_the_node_certificate() {
             .unwrap()
     });
     assert!(err.contains("cert.pem"), "{err}");
+}
+
+/// One raw HTTP/1.1 exchange; returns status, lower-cased head and body.
+fn exchange(addr: SocketAddr, raw: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(raw.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_lowercase(), dechunk(body))
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Value {
+    let (status, text) = request(addr, "POST", path, None, Some(&body.to_string()));
+    assert_eq!(status, 200, "{body}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+fn error_param(addr: SocketAddr, path: &str, body: &Value) -> String {
+    let (status, text) = request(addr, "POST", path, None, Some(&body.to_string()));
+    assert_eq!(status, 400, "{body}: {text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    error["error"]["param"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .map(str::trim)
+}
+
+#[test]
+fn every_error_path_speaks_json_and_requests_are_identified() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys"),
+        format!("{}\n", ApiKeys::line_for("alice", "sk-test-2")),
+    )
+    .unwrap();
+    let keys = ApiKeys::load(&dir.path().join("keys")).unwrap();
+    let addr = start(Some(keys), Limits::default());
+    let base = "Host: x\r\nConnection: close\r\n";
+    for (raw, status) in [
+        (format!("GET /v1/nothing HTTP/1.1\r\n{base}\r\n"), 404),
+        (format!("GET /v1/chat/completions HTTP/1.1\r\n{base}\r\n"), 405),
+        (
+            format!("POST /v1/chat/completions HTTP/1.1\r\n{base}Authorization: Bearer sk-test-2\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{{}}"),
+            415,
+        ),
+    ] {
+        let (got, _, body) = exchange(addr, &raw);
+        assert_eq!(got, status, "{raw}: {body}");
+        let error: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        assert!(error["error"]["message"].is_string(), "{body}");
+    }
+    // Bearer in any case; x-request-id echoed, or made when absent.
+    let (status, head, body) = exchange(
+        addr,
+        &format!("GET /v1/models/smollm2 HTTP/1.1\r\n{base}Authorization: bEaReR sk-test-2\r\nX-Request-Id: trace-42\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["id"],
+        "smollm2"
+    );
+    assert_eq!(header(&head, "x-request-id"), Some("trace-42"));
+    let (status, head, _) = exchange(
+        addr,
+        &format!("GET /v1/models/gpt-4 HTTP/1.1\r\n{base}Authorization: Bearer sk-test-2\r\n\r\n"),
+    );
+    assert_eq!(status, 404);
+    assert!(
+        header(&head, "x-request-id").is_some_and(|id| id.len() > 8),
+        "{head}"
+    );
+}
+
+#[test]
+fn openai_fields_are_honoured_or_refused_by_name() {
+    let addr = start(None, Limits::default());
+    let chat = "/v1/chat/completions";
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "temperature": 0, "max_tokens": 12});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (field, value) in [
+        ("n", json!(3)),
+        ("functions", json!([{"name": "f"}])),
+        ("top_logprobs", json!(3)),
+        ("logit_bias", json!({"999999": 5})),
+        ("presence_penalty", json!(3.0)),
+        ("tool_choice", json!("required")),
+    ] {
+        assert_eq!(
+            error_param(addr, chat, &ask(json!({ field: value }))),
+            field
+        );
+    }
+    let image = json!({"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
+    assert_eq!(
+        error_param(addr, chat, &image),
+        "messages[0].content[0].type"
+    );
+
+    // The seed is reported; the same seed gives the same text at temperature 1.
+    let sampled = ask(json!({"temperature": 1.0, "seed": 7}));
+    let (s1, h1, b1) = exchange(addr, &head("POST", chat, None, Some(&sampled.to_string())));
+    let (_, _, b2) = exchange(addr, &head("POST", chat, None, Some(&sampled.to_string())));
+    assert_eq!((s1, header(&h1, "x-sovereign-seed")), (200, Some("7")));
+    let text = |b: &str| {
+        serde_json::from_str::<Value>(b).unwrap()["choices"][0]["message"]["content"].clone()
+    };
+    assert_eq!(text(&b1), text(&b2));
+    let unseeded = ask(json!({"temperature": 1.0}));
+    let seeds: std::collections::BTreeSet<String> = (0..2)
+        .map(|_| {
+            let (_, h, _) = exchange(addr, &head("POST", chat, None, Some(&unseeded.to_string())));
+            header(&h, "x-sovereign-seed").unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(seeds.len(), 2, "unseeded requests drew the same seed");
+
+    // Content parts, null content, tool messages; no max_tokens: up to the context.
+    let parts = json!({"model": "smollm2", "temperature": 0, "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "You are brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}, {"type": "text", "text": "Answer in one sentence."}]},
+    ]});
+    let reply = post(addr, chat, &parts);
+    assert!(
+        reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{reply}"
+    );
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop");
+    let tool_history = json!({"model": "smollm2", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Sunny"},
+    ]});
+    post(addr, chat, &tool_history);
+
+    // logprobs, logit_bias, penalties.
+    let reply = post(
+        addr,
+        chat,
+        &ask(json!({"logprobs": true, "top_logprobs": 2})),
+    );
+    let tokens = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        tokens.len() as u64,
+        reply["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(tokens
+        .iter()
+        .all(|t| t["top_logprobs"].as_array().unwrap().len() == 2
+            && t["logprob"].as_f64().unwrap() <= 0.0));
+    let joined: String = tokens
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        joined,
+        reply["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    // A prompt given as token ids.
+    let ids_reply = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": engine().tokenize("The capital of France is").unwrap(), "max_tokens": 3, "temperature": 0}),
+    );
+    assert!(
+        ids_reply["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{ids_reply}"
+    );
+    let counting = json!({"model": "smollm2", "prompt": "1, 1, 1, 1, 1, 1, 1, 1,", "max_tokens": 8, "temperature": 0, "logprobs": 1});
+    let plain = post(addr, "/v1/completions", &counting);
+    let mut penalised = counting.clone();
+    penalised["frequency_penalty"] = json!(2.0);
+    penalised["presence_penalty"] = json!(2.0);
+    let penalised = post(addr, "/v1/completions", &penalised);
+    assert_ne!(
+        plain["choices"][0]["text"], penalised["choices"][0]["text"],
+        "penalties changed nothing"
+    );
+    let lp = &plain["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 8, "{lp}");
+    assert_eq!(
+        lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect::<String>(),
+        plain["choices"][0]["text"].as_str().unwrap()
+    );
+    let ids = engine()
+        .tokenize(plain["choices"][0]["text"].as_str().unwrap())
+        .unwrap();
+    let mut banned = counting.clone();
+    banned["logit_bias"] = json!({ ids[0].to_string(): -100 });
+    let banned = post(addr, "/v1/completions", &banned);
+    let banned_ids = engine()
+        .tokenize(banned["choices"][0]["text"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        !banned_ids.is_empty() && banned_ids[0] != ids[0],
+        "{banned}"
+    );
+
+    // A list of prompts gives one choice each.
+    let two = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": ["The capital of France is", "The capital of Italy is"], "max_tokens": 4, "temperature": 0}),
+    );
+    let choices = two["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{two}");
+    assert!(
+        choices[0]["text"].as_str().unwrap().contains("Paris")
+            && choices[1]["text"].as_str().unwrap().contains("Rome"),
+        "{two}"
+    );
+
+    // Usage in streams.
+    let streamed = ask(json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let (_, body) = request(addr, "POST", chat, None, Some(&streamed.to_string()));
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let usage: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    assert!(
+        usage["choices"].as_array().unwrap().is_empty()
+            && usage["usage"]["completion_tokens"].as_u64() > Some(0),
+        "{usage}"
+    );
+
+    // Structured output and tool calls always parse.
+    let object = post(
+        addr,
+        chat,
+        &ask(json!({"max_tokens": 40, "response_format": {"type": "json_object"}})),
+    );
+    let content = object["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        serde_json::from_str::<Value>(content).is_ok_and(|v| v.is_object()),
+        "{content}"
+    );
+    let schema = json!({"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]}, "population_millions": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["capital", "population_millions"], "additionalProperties": false});
+    let typed = post(
+        addr,
+        chat,
+        &ask(
+            json!({"max_tokens": 40, "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": schema, "strict": true}}}),
+        ),
+    );
+    let value: Value =
+        serde_json::from_str(typed["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(
+        ["Paris", "Rome", "Berlin"].contains(&value["capital"].as_str().unwrap())
+            && value["population_millions"].as_u64().unwrap() < 100,
+        "{value}"
+    );
+    let tool = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}});
+    let called = post(
+        addr,
+        chat,
+        &json!({"model": "smollm2", "temperature": 0, "max_tokens": 40, "messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [tool], "tool_choice": "required"}),
+    );
+    let choice = &called["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{called}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+}
+
+#[test]
+fn embeddings_are_unit_vectors_that_tell_texts_apart() {
+    let addr = start(None, Limits::default());
+    let texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on a rug.",
+        "Quarterly tax filing deadlines",
+    ];
+    let reply = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"model": "smollm2", "input": texts}),
+    );
+    let vectors: Vec<Vec<f64>> = reply["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vectors.len(), 3);
+    assert_eq!(vectors[0].len(), engine().config().hidden);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    assert!(vectors.iter().all(|v| (dot(v, v) - 1.0).abs() < 1e-3));
+    assert!(
+        dot(&vectors[0], &vectors[1]) > dot(&vectors[0], &vectors[2]),
+        "similar texts are not closer"
+    );
+    let encoded = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"model": "smollm2", "input": texts[0], "encoding_format": "base64"}),
+    );
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f64> = bytes
+        .chunks(4)
+        .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+        .collect();
+    assert!((dot(&decoded, &vectors[0]) - 1.0).abs() < 1e-4);
+    assert_eq!(
+        encoded["usage"]["prompt_tokens"].as_u64(),
+        Some(engine().tokenize(texts[0]).unwrap().len() as u64)
+    );
+    assert_eq!(
+        error_param(
+            addr,
+            "/v1/embeddings",
+            &json!({"model": "smollm2", "input": "x", "dimensions": 8})
+        ),
+        "dimensions"
+    );
+}
+
+#[test]
+fn refused_requests_are_audited_as_counted_summaries() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys"),
+        format!("{}\n", ApiKeys::line_for("alice", "sk-test-3")),
+    )
+    .unwrap();
+    let keys = ApiKeys::load(&dir.path().join("keys")).unwrap();
+    let log = dir.path().join("audit");
+    let audit = sovereign_audit::Auditor::Local(Arc::new(
+        sovereign_audit::AuditLog::open(&log, "test").unwrap(),
+    ));
+    let limits = Limits {
+        refusal_summary_every: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let state = AppState::new("smollm2".into(), engine(), Some(keys), limits, Some(audit));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            sovereign_api::serve(listener, state, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    for _ in 0..50 {
+        let (status, _) = request(addr, "GET", "/v1/models", Some("sk-guess"), None);
+        assert_eq!(status, 401);
+    }
+    let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "secret prompt text"}], "max_tokens": 2, "user": "bob"});
+    let (status, _) = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some("sk-test-3"),
+        Some(&body.to_string()),
+    );
+    assert_eq!(status, 200);
+    let read = || {
+        std::fs::read_dir(&log)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+            .collect::<String>()
+    };
+    let started = Instant::now();
+    while !read().contains("api-refused") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no refusal summary was recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = read();
+    assert_eq!(text.matches("api-refused").count(), 1, "{text}");
+    assert!(
+        text.contains("\"count\":50") && text.contains("\"status\":401"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"user\":\"bob\"") && text.contains("\"request_id\":\"req-"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("secret prompt"),
+        "prompt text in the audit log"
+    );
 }

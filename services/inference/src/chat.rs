@@ -5,12 +5,35 @@ use serde::{Deserialize, Serialize};
 use crate::error::InferenceError;
 
 /// One message of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
-    /// The text.
+    /// The text (empty for an assistant message that only calls tools).
     pub content: String,
+    /// An assistant's tool calls, in OpenAI's shape (`id`, `type`, `function`
+    /// with `name` and `arguments`), for templates that render them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The author's name (or the tool's, for a `tool` message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
 }
 
 /// A model's chat template.
@@ -18,6 +41,7 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos: String,
     eos: String,
+    tools: bool,
 }
 
 /// Gemma's turn format, for Gemma files that carry no template of their own
@@ -54,6 +78,7 @@ impl ChatTemplate {
             env,
             bos: String::new(),
             eos: String::new(),
+            tools: source.contains("tools"),
         })
     }
 
@@ -64,8 +89,19 @@ impl ChatTemplate {
         self
     }
 
-    /// Renders `messages` with the generation prompt for the assistant appended.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
+    /// Whether the template renders tool definitions (it reads `tools`).
+    pub fn supports_tools(&self) -> bool {
+        self.tools
+    }
+
+    /// Renders `messages` with the generation prompt for the assistant
+    /// appended; `tools` (OpenAI tool definitions) are passed to templates
+    /// that render them.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, InferenceError> {
         let template = self
             .env
             .get_template("chat")
@@ -73,6 +109,7 @@ impl ChatTemplate {
         template
             .render(minijinja::context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => self.bos,
                 eos_token => self.eos,

@@ -1,6 +1,8 @@
 //! One node running every layer: prompt in, streamed text out.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
@@ -10,6 +12,8 @@ use crate::chat::{ChatMessage, ChatTemplate, GEMMA_TEMPLATE};
 use crate::config::Arch;
 use crate::config::ModelConfig;
 use crate::error::InferenceError;
+use crate::grammar::{token_bytes, Constraint, Grammars};
+use crate::logits::{logprobs, LogitShaping, TokenLogprob};
 use crate::model::Stage;
 use crate::sampling::Sampler;
 use crate::tokenizer::{encode, load_tokenizer};
@@ -23,6 +27,11 @@ pub struct GenerateParams {
     pub sampler: Sampler,
     /// Generation stops before any of these texts.
     pub stop: Vec<String>,
+    /// Logit bias and repetition penalties.
+    pub shaping: LogitShaping,
+    /// Report each token's log-probability and this many alternatives
+    /// (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateParams {
@@ -31,6 +40,8 @@ impl Default for GenerateParams {
             max_tokens: 256,
             sampler: Sampler::default(),
             stop: Vec::new(),
+            shaping: LogitShaping::default(),
+            logprobs: None,
         }
     }
 }
@@ -71,6 +82,10 @@ pub struct Engine {
     eos: Vec<u32>,
     /// The token that starts every sequence, if the model asks for one.
     bos: Option<u32>,
+    /// Every token's bytes, made on first use.
+    token_bytes: OnceLock<Vec<Vec<u8>>>,
+    /// The grammar engine, made on first use.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl Engine {
@@ -87,6 +102,8 @@ impl Engine {
             template,
             eos,
             bos,
+            token_bytes: OnceLock::new(),
+            grammars: OnceLock::new(),
         })
     }
 
@@ -155,10 +172,79 @@ impl Engine {
 
     /// The prompt text for a conversation, from the model's chat template.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
+        self.chat_prompt_with_tools(messages, None)
+    }
+
+    /// The prompt text for a conversation with tool definitions, for a
+    /// template that renders them (see [`Engine::template_supports_tools`]).
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, InferenceError> {
         self.template
             .as_ref()
             .ok_or_else(|| InferenceError::Template("the model has no chat template".into()))?
-            .render(messages)
+            .render(messages, tools)
+    }
+
+    /// Whether the model's chat template renders tool definitions itself.
+    pub fn template_supports_tools(&self) -> bool {
+        self.template
+            .as_ref()
+            .is_some_and(ChatTemplate::supports_tools)
+    }
+
+    /// The bytes token `id` stands for (a control token's name).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        let all = self
+            .token_bytes
+            .get_or_init(|| token_bytes(&self.tokenizer, self.config().vocab));
+        match all.get(id as usize).map(Vec::as_slice) {
+            Some([llguidance::toktrie::TokTrie::SPECIAL_TOKEN_MARKER, name @ ..]) => name,
+            Some(bytes) => bytes,
+            None => &[],
+        }
+    }
+
+    /// A constraint that makes the output JSON matching `schema` (llguidance).
+    pub fn json_constraint(
+        &self,
+        schema: &serde_json::Value,
+    ) -> Result<Constraint, InferenceError> {
+        let grammars = self.grammars.get_or_init(|| {
+            let bytes = self
+                .token_bytes
+                .get_or_init(|| token_bytes(&self.tokenizer, self.config().vocab));
+            Grammars::new(&self.tokenizer, bytes, &self.eos).map_err(|e| e.to_string())
+        });
+        grammars
+            .as_ref()
+            .map_err(|e| InferenceError::Grammar(e.clone()))?
+            .json(schema)
+    }
+
+    /// The embedding of `tokens`: the final-normed hidden states averaged
+    /// over the positions and scaled to unit length (llama.cpp's
+    /// `llama-embedding --pooling mean`).
+    pub fn embedding(&self, tokens: &[u32]) -> Result<Vec<f32>, InferenceError> {
+        let context = self.config().context;
+        if tokens.is_empty() || tokens.len() > context {
+            return Err(InferenceError::Request(format!(
+                "the input has {} tokens; it must have 1 to {context}",
+                tokens.len()
+            )));
+        }
+        let mut cache = self.stage.new_cache();
+        let hidden = self
+            .stage
+            .run_layers(self.stage.embed(tokens)?, &mut cache)?;
+        let mut pooled = self.stage.final_norm(&hidden)?.mean(0)?.to_vec1::<f32>()?;
+        let norm = pooled.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            pooled.iter_mut().for_each(|v| *v /= norm);
+        }
+        Ok(pooled)
     }
 
     /// Generates from `prompt` tokens. `on_text` receives text as it becomes
@@ -168,6 +254,20 @@ impl Engine {
         prompt: &[u32],
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, InferenceError> {
+        self.generate_with(prompt, params, None, &mut |text, _| on_text(text))
+    }
+
+    /// Generates from `prompt` tokens under an optional grammar
+    /// `constraint`. `on_emit` receives text as it becomes final with the
+    /// log-probabilities of the tokens generated since the last call (when
+    /// asked for), and returns `false` to cancel.
+    pub fn generate_with(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut constraint: Option<&mut Constraint>,
+        on_emit: &mut dyn FnMut(&str, &[TokenLogprob]) -> bool,
     ) -> Result<Generation, InferenceError> {
         let context = self.config().context;
         if prompt.is_empty() {
@@ -192,13 +292,27 @@ impl Engine {
         let mut emitted = 0;
         let mut finish = FinishReason::Length;
         let mut text = String::new();
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        let mut pending: Vec<TokenLogprob> = Vec::new();
         while generated.len() < params.max_tokens && prompt.len() + generated.len() < context {
             let position = (prompt.len() + generated.len()) as u64;
+            let raw = params.logprobs.is_some().then(|| logits.clone());
+            params.shaping.apply(&mut logits, &counts);
+            if let Some(constraint) = constraint.as_deref_mut() {
+                constraint.mask(&mut logits)?;
+            }
             let token = params.sampler.sample(&logits, position);
             if self.eos.contains(&token) {
                 finish = FinishReason::Stop;
                 break;
             }
+            if let (Some(raw), Some(top)) = (&raw, params.logprobs) {
+                pending.push(logprobs(raw, token, top));
+            }
+            if let Some(constraint) = constraint.as_deref_mut() {
+                constraint.commit(token)?;
+            }
+            *counts.entry(token).or_default() += 1;
             generated.push(token);
             text = self
                 .tokenizer
@@ -224,11 +338,12 @@ impl Engine {
                 ready -= 1;
             }
             if ready > emitted {
-                if !on_text(&text[emitted..ready]) {
+                if !on_emit(&text[emitted..ready], &pending) {
                     finish = FinishReason::Cancelled;
                     emitted = ready;
                     break;
                 }
+                pending.clear();
                 emitted = ready;
             }
             let hidden = self
@@ -236,8 +351,8 @@ impl Engine {
                 .run_layers(self.stage.embed(&[token])?, &mut cache)?;
             logits = self.stage.head(&hidden)?.to_vec1::<f32>()?;
         }
-        if finish != FinishReason::Cancelled && text.len() > emitted {
-            on_text(&text[emitted..]);
+        if finish != FinishReason::Cancelled && (text.len() > emitted || !pending.is_empty()) {
+            on_emit(&text[emitted..], &pending);
         }
         Ok(Generation {
             text,

@@ -25,6 +25,9 @@ pub enum InferenceError {
     /// The chat template failed.
     #[error("chat template: {0}")]
     Template(String),
+    /// A grammar (JSON schema) could not be compiled or followed.
+    #[error("grammar: {0}")]
+    Grammar(String),
     /// The request cannot be served as asked.
     #[error("{0}")]
     Request(String),

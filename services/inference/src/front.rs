@@ -67,6 +67,6 @@ impl Front {
         self.template
             .as_ref()
             .ok_or_else(|| InferenceError::Template("the model has no chat template".into()))?
-            .render(messages)
+            .render(messages, None)
     }
 }

@@ -275,6 +275,15 @@ impl Stage {
         Ok(head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
+    /// The final norm of every position (`[tokens, hidden]`), the hidden
+    /// states that embeddings pool (last stage only).
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor, InferenceError> {
+        let norm = self.norm.as_ref().ok_or_else(|| {
+            InferenceError::Request("this stage does not hold the final norm".into())
+        })?;
+        Ok(candle_nn::ops::rms_norm(hidden, norm, self.config.eps)?.to_dtype(DType::F32)?)
+    }
+
     fn layer(
         &self,
         layer: &Layer,

@@ -104,10 +104,10 @@ fn layer_ranges_in_two_and_three_stages_give_bit_identical_logits() {
 fn greedy_chat_answer_is_stable_and_coherent() {
     let engine = Engine::load(&demo_model()).unwrap();
     let prompt = engine
-        .chat_prompt(&[ChatMessage {
-            role: "user".into(),
-            content: "What is the capital of France? Answer in one sentence.".into(),
-        }])
+        .chat_prompt(&[ChatMessage::new(
+            "user",
+            "What is the capital of France? Answer in one sentence.",
+        )])
         .unwrap();
     let tokens = engine.tokenize(&prompt).unwrap();
     let params = GenerateParams {
@@ -139,6 +139,7 @@ fn greedy_chat_answer_is_stable_and_coherent() {
             seed: 7,
         },
         stop: vec![".".into()],
+        ..GenerateParams::default()
     };
     let a = engine.generate(&tokens, &sampled, &mut |_| true).unwrap();
     let b = engine.generate(&tokens, &sampled, &mut |_| true).unwrap();
