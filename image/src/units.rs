@@ -31,7 +31,7 @@ fn audit_allow(spec: &ImageSpec) -> String {
         rules.push_str(match service {
             Service::Audit => "",
             Service::Import => " --allow sovereign-import=import:import,trust-rotation",
-            Service::Api => " --allow sovereign-api=api:api-request,model-loaded",
+            Service::Api => " --allow sovereign-api=api:api-request,api-refused,model-loaded",
         });
     }
     rules

@@ -78,7 +78,7 @@ mod tests {
     fn logprobs_normalise_and_rank() {
         let logits = [1.0f32, 3.0, 2.0, -1.0];
         let lp = logprobs(&logits, 2, 2);
-        let total: f32 = logits.iter().map(|&l| (l - lp.logprob - 2.0).exp()).sum();
+        let total: f32 = logits.iter().map(|&l| (l - 2.0 + lp.logprob).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5, "{total}");
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
         assert!((lp.top[1].1 - lp.logprob).abs() < 1e-6);
