@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -12,10 +13,12 @@ use crate::chat::{ChatMessage, ChatTemplate, GEMMA_TEMPLATE};
 use crate::config::Arch;
 use crate::config::ModelConfig;
 use crate::error::InferenceError;
+use crate::executor::LocalExecutor;
 use crate::grammar::{token_bytes, Constraint, Grammars};
 use crate::logits::{logprobs, LogitShaping, TokenLogprob};
 use crate::model::Stage;
 use crate::sampling::Sampler;
+use crate::sequence::Vocabulary;
 use crate::tokenizer::{encode, load_tokenizer};
 
 /// What to generate.
@@ -76,7 +79,7 @@ pub struct Generation {
 
 /// A model loaded whole on this node.
 pub struct Engine {
-    stage: Stage,
+    stage: Arc<Stage>,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     eos: Vec<u32>,
@@ -95,7 +98,7 @@ impl Engine {
     pub fn load(path: &Path) -> Result<Self, InferenceError> {
         let (_, config, _) = crate::weights::Weights::open(path)?;
         let (tokenizer, template, eos, bos) = tokenizer_parts(path, &config)?;
-        let stage = Stage::load(path, 0..config.layers)?;
+        let stage = Arc::new(Stage::load(path, 0..config.layers)?);
         Ok(Self {
             stage,
             tokenizer,
@@ -161,6 +164,21 @@ impl Engine {
     }
 
     /// The stage holding every layer.
+    /// What sequences need of the tokenizer side.
+    pub fn vocabulary(&self) -> Vocabulary<'_> {
+        Vocabulary {
+            tokenizer: &self.tokenizer,
+            eos: &self.eos,
+            context: self.config().context,
+        }
+    }
+
+    /// An executor running every layer of this model in this process.
+    pub fn local_executor(&self) -> LocalExecutor {
+        LocalExecutor::new(Arc::clone(&self.stage))
+            .unwrap_or_else(|_| unreachable!("the engine's stage holds every layer"))
+    }
+
     pub(crate) fn stage(&self) -> &Stage {
         &self.stage
     }

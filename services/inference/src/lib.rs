@@ -19,7 +19,9 @@ mod chat;
 mod config;
 mod engine;
 mod error;
+mod executor;
 mod footprint;
+mod forward;
 mod front;
 mod grammar;
 mod linear;
@@ -27,6 +29,8 @@ mod logits;
 mod model;
 mod perplexity;
 mod sampling;
+mod scheduler;
+mod sequence;
 mod tokenizer;
 mod weights;
 
@@ -34,11 +38,17 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, FinishReason, GenerateParams, Generation};
 pub use error::InferenceError;
+pub use executor::{Executor, LocalExecutor, SeqId, Work};
 pub use footprint::Footprint;
 pub use front::Front;
 pub use grammar::Constraint;
 pub use logits::{LogitShaping, TokenLogprob};
-pub use model::{KvCache, Stage};
+pub use model::{Chunk, KvCache, Stage};
 pub use perplexity::Perplexity;
 pub use sampling::Sampler;
+pub use scheduler::{
+    bytes_per_position, generate_blocking, EventSink, Request, Scheduler, SchedulerConfig,
+    SchedulerStats, SubmitError,
+};
+pub use sequence::{LogitsProcessor, Sequence, Vocabulary};
 pub use tokenizer::load_tokenizer;

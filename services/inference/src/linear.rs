@@ -1,10 +1,17 @@
 //! Matrix products with quantized weights: this project's SIMD kernels for
 //! Q4_1, Q8_0, Q5_0, Q5_1, the k-quants (Q4_K, Q5_K, Q6_K) and F16/BF16, candle's
 //! `QMatMul` for every other type.
+//!
+//! Every path computes each output row from its input row alone, so a row's
+//! result does not depend on how many rows are multiplied with it (the
+//! engine's batch invariance): the kernels quantize and dot each row on its
+//! own; candle's f32 matrices are applied one row at a time.
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Result, Tensor};
-use sovereign_kernels::{HalfMatMul, KQuantMatMul, Q41MatMul, Q5MatMul, Q80MatMul};
+use candle_core::{Device, Result, Tensor};
+use sovereign_kernels::{
+    HalfMatMul, KQuantMatMul, Q41MatMul, Q5MatMul, Q80MatMul, Q8KRows, Q8Rows,
+};
 
 /// A weight matrix `[n, k]` applied as `x @ W^T`.
 pub(crate) enum Linear {
@@ -40,16 +47,49 @@ impl Linear {
         Ok(Self::Candle(QMatMul::from_qtensor(weight)?, dtype))
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Output features.
+    pub fn n(&self) -> Result<usize> {
         match self {
-            Self::Q41(m) => m.forward(x),
-            Self::Q80(m) => m.forward(x),
-            Self::Q5(m) => m.forward(x),
-            Self::KQuant(m) => m.forward(x),
-            Self::Half(m) => m.forward(x),
-            Self::Candle(m, _) => candle_core::Module::forward(m, x),
-            Self::Dense(w) => x.broadcast_matmul(&w.t()?),
+            Self::Q41(m) => Ok(m.n()),
+            Self::Q80(m) => Ok(m.n()),
+            Self::Q5(m) => Ok(m.n()),
+            Self::KQuant(m) => Ok(m.n()),
+            Self::Half(m) => Ok(m.n()),
+            Self::Candle(QMatMul::QTensor(t), _) => Ok(t.shape().dims2()?.0),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) | Self::Dense(t) => {
+                t.dim(0)
+            }
         }
+    }
+
+    /// `out = x @ W^T` for `m` rows of `x` (`out` holds `m * n` values).
+    pub fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        let k = x.len() / m;
+        match self {
+            Self::Q41(w) => w.matmul_q8(&Q8Rows::quantize(x, m, k), out),
+            Self::Q80(w) => w.matmul_q8(&Q8Rows::quantize(x, m, k), out),
+            Self::Q5(w) => w.matmul_q8(&Q8Rows::quantize(x, m, k), out),
+            Self::KQuant(w) => w.matmul_q8k(&Q8KRows::quantize(x, m, k), out),
+            Self::Half(w) => w.matmul(x, m, out),
+            Self::Candle(w, _) => {
+                // candle quantizes and dots each row on its own.
+                let x = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+                let y = candle_core::Module::forward(w, &x)?;
+                out.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Self::Dense(w) => {
+                let n = out.len() / m;
+                let wt = w.t()?;
+                for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+                    let y = Tensor::from_slice(row, (1, k), &Device::Cpu)?.matmul(&wt)?;
+                    dst.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Which code multiplies this matrix: `"<type> kernel"` for this
@@ -72,8 +112,8 @@ impl Linear {
 /// the thread pool is entered once (q|k|v, gate|up); anything else runs one
 /// by one.
 pub(crate) enum Fused {
-    /// The stacked matrix, the parts' output sizes, and their paths.
-    Stacked(Linear, Vec<usize>, Vec<String>),
+    /// The stacked matrix and the parts' paths.
+    Stacked(Linear, Vec<String>),
     Separate(Vec<Linear>),
 }
 
@@ -89,12 +129,7 @@ impl Fused {
                         _ => None,
                     })
                     .collect();
-                all.and_then(|a| {
-                    Some((
-                        Linear::Q41(Q41MatMul::stack_rows(&a)?),
-                        sizes(&a, Q41MatMul::n),
-                    ))
-                })
+                all.and_then(|a| Some(Linear::Q41(Q41MatMul::stack_rows(&a)?)))
             }
             Some(Linear::Q5(_)) => {
                 let all: Option<Vec<&Q5MatMul>> = parts
@@ -104,12 +139,7 @@ impl Fused {
                         _ => None,
                     })
                     .collect();
-                all.and_then(|a| {
-                    Some((
-                        Linear::Q5(Q5MatMul::stack_rows(&a)?),
-                        sizes(&a, Q5MatMul::n),
-                    ))
-                })
+                all.and_then(|a| Some(Linear::Q5(Q5MatMul::stack_rows(&a)?)))
             }
             Some(Linear::KQuant(_)) => {
                 let all: Option<Vec<&KQuantMatMul>> = parts
@@ -119,12 +149,7 @@ impl Fused {
                         _ => None,
                     })
                     .collect();
-                all.and_then(|a| {
-                    Some((
-                        Linear::KQuant(KQuantMatMul::stack_rows(&a)?),
-                        sizes(&a, KQuantMatMul::n),
-                    ))
-                })
+                all.and_then(|a| Some(Linear::KQuant(KQuantMatMul::stack_rows(&a)?)))
             }
             Some(Linear::Half(_)) => {
                 let all: Option<Vec<&HalfMatMul>> = parts
@@ -134,49 +159,58 @@ impl Fused {
                         _ => None,
                     })
                     .collect();
-                all.and_then(|a| {
-                    Some((
-                        Linear::Half(HalfMatMul::stack_rows(&a)?),
-                        sizes(&a, HalfMatMul::n),
-                    ))
-                })
+                all.and_then(|a| Some(Linear::Half(HalfMatMul::stack_rows(&a)?)))
             }
             _ => None,
         };
         match stacked {
-            Some((linear, sizes)) => Self::Stacked(linear, sizes, paths),
+            Some(linear) => Self::Stacked(linear, paths),
             None => Self::Separate(parts),
+        }
+    }
+
+    /// The output features of all matrices together.
+    pub fn n(&self) -> Result<usize> {
+        match self {
+            Self::Stacked(linear, _) => linear.n(),
+            Self::Separate(parts) => parts.iter().map(Linear::n).sum(),
+        }
+    }
+
+    /// `m` rows of `x` times every matrix: each output row holds the
+    /// matrices' outputs one after another (`out` holds `m * self.n()`).
+    /// `scratch` is reused between calls.
+    pub fn forward_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        match self {
+            Self::Stacked(linear, _) => linear.forward_rows(x, m, out),
+            Self::Separate(parts) => {
+                let total = out.len() / m.max(1);
+                let mut at = 0;
+                for part in parts {
+                    let n = part.n()?;
+                    scratch.resize(m * n, 0.0);
+                    part.forward_rows(x, m, scratch)?;
+                    for (src, dst) in scratch.chunks_exact(n).zip(out.chunks_exact_mut(total)) {
+                        dst[at..at + n].copy_from_slice(src);
+                    }
+                    at += n;
+                }
+                Ok(())
+            }
         }
     }
 
     /// The path of each part, in order.
     pub fn paths(&self) -> Vec<String> {
         match self {
-            Self::Stacked(_, _, paths) => paths.clone(),
+            Self::Stacked(_, paths) => paths.clone(),
             Self::Separate(parts) => parts.iter().map(Linear::path).collect(),
         }
     }
-
-    /// One output per matrix, in order.
-    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match self {
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
-            Self::Stacked(linear, sizes, _) => {
-                let all = linear.forward(x)?;
-                let mut at = 0;
-                sizes
-                    .iter()
-                    .map(|&n| {
-                        let part = all.narrow(candle_core::D::Minus1, at, n);
-                        at += n;
-                        part
-                    })
-                    .collect()
-            }
-        }
-    }
-}
-
-fn sizes<T>(parts: &[&T], n: fn(&T) -> usize) -> Vec<usize> {
-    parts.iter().map(|p| n(p)).collect()
 }

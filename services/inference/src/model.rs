@@ -11,21 +11,22 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::InferenceError;
+use crate::forward;
 use crate::linear::{Fused, Linear};
 use crate::weights::{Name, Weights};
 
 struct Layer {
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
     /// q, k and v.
     qkv: Fused,
-    /// Biases of q, k and v (Qwen 2).
-    qkv_bias: Option<[Tensor; 3]>,
+    /// Biases of q, k and v one after another (Qwen 2).
+    qkv_bias: Option<Vec<f32>>,
     /// RMSNorm weights over each head of q and k (Qwen 3, Gemma 3).
-    qk_norm: Option<(Tensor, Tensor)>,
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     o: Linear,
     /// Norms of the attention and MLP outputs (Gemma 3).
-    post_norms: Option<(Tensor, Tensor)>,
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
     /// gate and up.
     gate_up: Fused,
     down: Linear,
@@ -33,34 +34,75 @@ struct Layer {
     window: Option<usize>,
 }
 
-/// The key/value cache of one request for one stage's layers.
+/// The keys and values of one layer: one row of `kv_heads * head_dim` per position.
+#[derive(Clone, Default)]
+struct LayerKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The key/value cache of one sequence for one stage's layers.
+#[derive(Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
+    /// Values per position and layer, for keys (and again for values).
+    width: usize,
+    len: usize,
 }
 
 impl KvCache {
     /// Positions cached so far.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .and_then(|(k, _)| k.dim(1).ok())
-            .unwrap_or(0)
+        self.len
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Bytes held by the cache.
+    /// Bytes held by the cached positions.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
-            .sum()
+        self.len * self.layers.len() * 2 * self.width * 4
     }
+
+    /// Forgets the positions from `len` on (nothing if it holds fewer).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            for layer in &mut self.layers {
+                layer.k.truncate(len * self.width);
+                layer.v.truncate(len * self.width);
+            }
+            self.len = len;
+        }
+    }
+
+    /// A copy of the first `len` positions (all of them if it holds fewer).
+    pub fn prefix(&self, len: usize) -> KvCache {
+        let len = len.min(self.len);
+        let cut = len * self.width;
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerKv {
+                    k: l.k[..cut].to_vec(),
+                    v: l.v[..cut].to_vec(),
+                })
+                .collect(),
+            width: self.width,
+            len,
+        }
+    }
+}
+
+/// One sequence's rows in a batch: the next `len` rows of the hidden states,
+/// at the positions after those already in `cache`.
+pub struct Chunk<'a> {
+    /// The sequence's cache for this stage's layers; extended by `len` positions.
+    pub cache: &'a mut KvCache,
+    /// Rows of the batch that belong to it.
+    pub len: usize,
 }
 
 /// A contiguous range of a model's layers, with the embedding if it starts at
@@ -70,14 +112,18 @@ pub struct Stage {
     range: Range<usize>,
     embed: Option<Tensor>,
     layers: Vec<Layer>,
-    norm: Option<Tensor>,
+    norm: Option<Vec<f32>>,
     head: Option<Linear>,
-    /// RoPE cos/sin tables of the global layers.
-    rope_global: (Tensor, Tensor),
+    /// RoPE cos/sin tables (`[context, head_dim / 2]`) of the global layers.
+    rope_global: (Vec<f32>, Vec<f32>),
     /// RoPE cos/sin tables of the sliding-window layers.
-    rope_local: (Tensor, Tensor),
+    rope_local: (Vec<f32>, Vec<f32>),
     /// RoPE on adjacent pairs (GGUF Llama) rather than on halves.
     interleaved: bool,
+}
+
+fn vector(t: Tensor) -> Result<Vec<f32>, InferenceError> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Stage {
@@ -94,30 +140,31 @@ impl Stage {
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
             let qkv_bias = match config.arch {
-                Arch::Qwen2 => Some([
-                    weights.tensor(Name::QBias(i))?,
-                    weights.tensor(Name::KBias(i))?,
-                    weights.tensor(Name::VBias(i))?,
-                ]),
+                Arch::Qwen2 => {
+                    let mut all = vector(weights.tensor(Name::QBias(i))?)?;
+                    all.extend(vector(weights.tensor(Name::KBias(i))?)?);
+                    all.extend(vector(weights.tensor(Name::VBias(i))?)?);
+                    Some(all)
+                }
                 _ => None,
             };
             let qk_norm = match config.arch {
                 Arch::Qwen3 | Arch::Gemma3 => Some((
-                    weights.tensor(Name::QNorm(i))?,
-                    weights.tensor(Name::KNorm(i))?,
+                    vector(weights.tensor(Name::QNorm(i))?)?,
+                    vector(weights.tensor(Name::KNorm(i))?)?,
                 )),
                 _ => None,
             };
             let post_norms = match config.arch {
                 Arch::Gemma3 => Some((
-                    weights.tensor(Name::PostAttnNorm(i))?,
-                    weights.tensor(Name::PostFfnNorm(i))?,
+                    vector(weights.tensor(Name::PostAttnNorm(i))?)?,
+                    vector(weights.tensor(Name::PostFfnNorm(i))?)?,
                 )),
                 _ => None,
             };
             layers.push(Layer {
-                attn_norm: weights.tensor(Name::AttnNorm(i))?,
-                ffn_norm: weights.tensor(Name::FfnNorm(i))?,
+                attn_norm: vector(weights.tensor(Name::AttnNorm(i))?)?,
+                ffn_norm: vector(weights.tensor(Name::FfnNorm(i))?)?,
                 qkv: Fused::new(vec![
                     weights.linear(Name::Q(i))?,
                     weights.linear(Name::K(i))?,
@@ -136,7 +183,7 @@ impl Stage {
             });
         }
         let embed = if range.start == 0 {
-            Some(weights.tensor(Name::Embed)?)
+            Some(weights.tensor(Name::Embed)?.to_dtype(DType::F32)?)
         } else {
             None
         };
@@ -147,7 +194,7 @@ impl Stage {
             } else {
                 weights.linear(Name::Embed)?
             };
-            (Some(weights.tensor(Name::Norm)?), Some(head))
+            (Some(vector(weights.tensor(Name::Norm)?)?), Some(head))
         } else {
             (None, None)
         };
@@ -209,7 +256,9 @@ impl Stage {
     /// An empty cache for this stage's layers.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: (0..self.layers.len()).map(|_| None).collect(),
+            layers: vec![LayerKv::default(); self.layers.len()],
+            width: self.config.kv_heads * self.config.head_dim,
+            len: 0,
         }
     }
 
@@ -238,31 +287,94 @@ impl Stage {
         hidden: Tensor,
         cache: &mut KvCache,
     ) -> Result<Tensor, InferenceError> {
-        let pos = cache.len();
-        let seq = hidden.dim(0)?;
-        if pos + seq > self.config.context {
-            return Err(InferenceError::Request(format!(
-                "{} positions exceed the model's context of {}",
-                pos + seq,
-                self.config.context
-            )));
-        }
-        let mut x = hidden;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer(layer, x, slot, pos)?;
-        }
-        Ok(x)
+        let len = hidden.dim(0)?;
+        self.run_batch(hidden, &mut [Chunk { cache, len }])
     }
 
-    /// Final norm and output projection of the last position: logits `[vocab]` (last stage only).
+    /// Runs this stage's layers on a batch: `hidden` (`[rows, hidden]`) holds
+    /// the rows of every chunk one after another. Each row's result depends
+    /// only on its own sequence (its cache and the rows before it in its
+    /// chunk), never on the other chunks or on how a sequence was split into
+    /// chunks.
+    pub fn run_batch(
+        &self,
+        hidden: Tensor,
+        chunks: &mut [Chunk<'_>],
+    ) -> Result<Tensor, InferenceError> {
+        let c = &self.config;
+        let rows = hidden.dim(0)?;
+        if hidden.dims() != [rows, c.hidden] {
+            return Err(InferenceError::Request(format!(
+                "hidden states of shape {:?}, expected [rows, {}]",
+                hidden.dims(),
+                c.hidden
+            )));
+        }
+        if chunks.iter().map(|ch| ch.len).sum::<usize>() != rows {
+            return Err(InferenceError::Request(format!(
+                "the chunks cover {} rows of {rows}",
+                chunks.iter().map(|ch| ch.len).sum::<usize>()
+            )));
+        }
+        for ch in chunks.iter() {
+            if ch.cache.len + ch.len > c.context {
+                return Err(InferenceError::Request(format!(
+                    "{} positions exceed the model's context of {}",
+                    ch.cache.len + ch.len,
+                    c.context
+                )));
+            }
+            if ch.cache.layers.len() != self.layers.len() {
+                return Err(InferenceError::Request(
+                    "a cache made for another stage".into(),
+                ));
+            }
+        }
+        let mut x = hidden
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut scratch = Scratch::default();
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.layer(li, layer, &mut x, chunks, &mut scratch)?;
+        }
+        for ch in chunks.iter_mut() {
+            ch.cache.len += ch.len;
+        }
+        Ok(Tensor::from_vec(x, (rows, c.hidden), &Device::Cpu)?)
+    }
+
+    /// Final norm and output projection of the last row: logits `[vocab]` (last stage only).
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor, InferenceError> {
-        let seq = hidden.dim(0)?;
-        Ok(self.head_rows(&hidden.narrow(0, seq - 1, 1)?)?.squeeze(0)?)
+        let rows = hidden.dim(0)?;
+        if rows == 0 {
+            return Err(InferenceError::Request("no hidden state".into()));
+        }
+        let mut logits = Vec::new();
+        self.head_logits(hidden, &[rows - 1], &mut logits)?;
+        let n = logits.len();
+        Ok(Tensor::from_vec(logits, n, &Device::Cpu)?)
     }
 
     /// Final norm and output projection of every position of `hidden`
     /// (`[tokens, hidden]`): logits `[tokens, vocab]` (last stage only).
     pub fn head_rows(&self, hidden: &Tensor) -> Result<Tensor, InferenceError> {
+        let rows = hidden.dim(0)?;
+        let all: Vec<usize> = (0..rows).collect();
+        let mut logits = Vec::new();
+        self.head_logits(hidden, &all, &mut logits)?;
+        let n = logits.len() / rows.max(1);
+        Ok(Tensor::from_vec(logits, (rows, n), &Device::Cpu)?)
+    }
+
+    /// Final norm and output projection of `rows` of `hidden`: `logits` holds
+    /// one row of `vocab` values per entry of `rows` (last stage only).
+    pub fn head_logits(
+        &self,
+        hidden: &Tensor,
+        rows: &[usize],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), InferenceError> {
         let (norm, head) = match (&self.norm, &self.head) {
             (Some(n), Some(h)) => (n, h),
             _ => {
@@ -271,8 +383,28 @@ impl Stage {
                 ))
             }
         };
-        let x = candle_nn::ops::rms_norm(&hidden.contiguous()?, norm, self.config.eps)?;
-        Ok(head.forward(&x)?.to_dtype(DType::F32)?)
+        let k = self.config.hidden;
+        let all = hidden.dim(0)?;
+        if let Some(bad) = rows.iter().find(|&&r| r >= all) {
+            return Err(InferenceError::Request(format!(
+                "row {bad} of {all} hidden states"
+            )));
+        }
+        let x = hidden
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut picked = Vec::with_capacity(rows.len() * k);
+        for &r in rows {
+            picked.extend_from_slice(&x[r * k..(r + 1) * k]);
+        }
+        let mut normed = vec![0f32; picked.len()];
+        forward::rms_norm(&picked, norm, self.config.eps, &mut normed);
+        let n = head.n()?;
+        logits.clear();
+        logits.resize(rows.len() * n, 0.0);
+        head.forward_rows(&normed, rows.len(), logits)?;
+        Ok(())
     }
 
     /// The final norm of every position (`[tokens, hidden]`), the hidden
@@ -281,119 +413,146 @@ impl Stage {
         let norm = self.norm.as_ref().ok_or_else(|| {
             InferenceError::Request("this stage does not hold the final norm".into())
         })?;
-        Ok(candle_nn::ops::rms_norm(hidden, norm, self.config.eps)?.to_dtype(DType::F32)?)
+        let x = hidden
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        forward::rms_norm(&x, norm, self.config.eps, &mut out);
+        Ok(Tensor::from_vec(out, hidden.dims(), &Device::Cpu)?)
     }
 
     fn layer(
         &self,
+        li: usize,
         layer: &Layer,
-        x: Tensor,
-        slot: &mut Option<(Tensor, Tensor)>,
-        pos: usize,
-    ) -> Result<Tensor, InferenceError> {
+        x: &mut [f32],
+        chunks: &mut [Chunk<'_>],
+        s: &mut Scratch,
+    ) -> Result<(), InferenceError> {
         let c = &self.config;
-        let (seq, hd, nh, nkv) = (x.dim(0)?, c.head_dim, c.heads, c.kv_heads);
-        let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps)?;
-        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()
-        };
-        let mut qkv = layer.qkv.forward(&h)?.into_iter();
-        let mut next = || {
-            qkv.next()
-                .ok_or_else(|| InferenceError::Model("q/k/v projection missing".into()))
-        };
-        let (mut q, mut k, mut v) = (next()?, next()?, next()?);
-        if let Some([qb, kb, vb]) = &layer.qkv_bias {
-            q = q.broadcast_add(qb)?;
-            k = k.broadcast_add(kb)?;
-            v = v.broadcast_add(vb)?;
-        }
-        let (mut q, mut k) = (heads(q.contiguous()?, nh)?, heads(k.contiguous()?, nkv)?);
-        if let Some((qn, kn)) = &layer.qk_norm {
-            q = candle_nn::ops::rms_norm(&q, qn, c.eps)?;
-            k = candle_nn::ops::rms_norm(&k, kn, c.eps)?;
-        }
-        let rope = if layer.window.is_some() {
-            &self.rope_local
+        let (hd, nh, nkv) = (c.head_dim, c.heads, c.kv_heads);
+        let (q_n, kv_n) = (nh * hd, nkv * hd);
+        let rows = x.len() / c.hidden;
+        let half = hd / 2;
+        let (cos_table, sin_table) = if layer.window.is_some() {
+            (&self.rope_local.0, &self.rope_local.1)
         } else {
-            &self.rope_global
+            (&self.rope_global.0, &self.rope_global.1)
         };
-        let q = self.rope(&q, pos, rope)?;
-        let k = self.rope(&k, pos, rope)?;
-        let v = heads(v.contiguous()?, nkv)?;
-        let (k, v) = match slot.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-            None => (k, v),
-        };
-        *slot = Some((k.clone(), v.clone()));
-        let total = k.dim(1)?;
-        let group = nh / nkv;
-        let expand = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.unsqueeze(1)?
-                .broadcast_as((nkv, group, total, hd))?
-                .reshape((nh, total, hd))
-        };
-        let (k, v) = (expand(k)?, expand(v)?);
-        let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        // Causal, and inside the window: query at p sees keys in (p - w, p].
+        // Attention block.
+        s.h.resize(x.len(), 0.0);
+        forward::rms_norm(x, &layer.attn_norm, c.eps, &mut s.h);
+        let qkv_n = q_n + 2 * kv_n;
+        s.qkv.resize(rows * qkv_n, 0.0);
+        layer
+            .qkv
+            .forward_rows(&s.h, rows, &mut s.qkv, &mut s.parts)?;
+        let mut row = 0;
+        for ch in chunks.iter_mut() {
+            let cache = &mut ch.cache.layers[li];
+            for i in 0..ch.len {
+                let pos = ch.cache.len + i;
+                let table = pos * half..(pos + 1) * half;
+                let (cos, sin) = (&cos_table[table.clone()], &sin_table[table]);
+                let r = &mut s.qkv[(row + i) * qkv_n..(row + i + 1) * qkv_n];
+                if let Some(bias) = &layer.qkv_bias {
+                    forward::add(r, bias);
+                }
+                let (q, kv) = r.split_at_mut(q_n);
+                let (k, v) = kv.split_at_mut(kv_n);
+                if let Some((qn, kn)) = &layer.qk_norm {
+                    forward::rms_norm_in_place(q, qn, c.eps);
+                    forward::rms_norm_in_place(k, kn, c.eps);
+                }
+                forward::rope(q, hd, cos, sin, self.interleaved);
+                forward::rope(k, hd, cos, sin, self.interleaved);
+                cache.k.extend_from_slice(k);
+                cache.v.extend_from_slice(v);
+            }
+            row += ch.len;
+        }
+        // One work item per (row, head), each with its sequence's cache.
+        s.items.clear();
+        for (ci, ch) in chunks.iter().enumerate() {
+            for i in 0..ch.len {
+                s.items.push((ci, ch.cache.len + i));
+            }
+        }
+        let caches: Vec<&LayerKv> = chunks.iter().map(|ch| &ch.cache.layers[li]).collect();
+        s.att.resize(rows * q_n, 0.0);
+        let (items, qkv, group) = (&s.items, &s.qkv, nh / nkv);
         let window = layer.window.unwrap_or(usize::MAX);
-        if seq > 1 || total > window {
-            let mask: Vec<f32> = (0..seq)
-                .flat_map(|i| {
-                    let p = pos + i;
-                    (0..total).map(move |j| {
-                        if j > p || p - j >= window {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            att = att.broadcast_add(&Tensor::from_vec(mask, (1, seq, total), &Device::Cpu)?)?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let o = att.matmul(&v)?.transpose(0, 1)?.reshape((seq, nh * hd))?;
-        let mut o = layer.o.forward(&o)?;
+        sovereign_kernels::par_chunks_mut(
+            &mut s.att,
+            hd,
+            rows * nh * (items.last().map_or(0, |i| i.1) + 1) * hd * 2,
+            |i, out| {
+                let (r, head) = (i / nh, i % nh);
+                let (ci, pos) = items[r];
+                let q = &qkv[r * qkv_n + head * hd..r * qkv_n + (head + 1) * hd];
+                let kv = caches[ci];
+                // Causal, and inside the window: position p sees (p - w, p].
+                let first = (pos + 1).saturating_sub(window);
+                let stride = kv_n;
+                SCORES.with(|scores| {
+                    forward::attend(
+                        q,
+                        &kv.k[first * stride..],
+                        &kv.v[first * stride..],
+                        stride,
+                        (head / group) * hd,
+                        pos + 1 - first,
+                        &mut scores.borrow_mut(),
+                        out,
+                    )
+                });
+            },
+        );
+        s.tmp.resize(x.len(), 0.0);
+        layer.o.forward_rows(&s.att, rows, &mut s.tmp)?;
         if let Some((post_attn, _)) = &layer.post_norms {
-            o = candle_nn::ops::rms_norm(&o, post_attn, c.eps)?;
+            forward::rms_norm_in_place(&mut s.tmp, post_attn, c.eps);
         }
-        let x = (x + o)?;
-        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps)?;
-        let gate_up = layer.gate_up.forward(&h)?;
-        let (gate, up) = match gate_up.as_slice() {
-            [gate, up] => (gate, up),
-            _ => return Err(InferenceError::Model("gate/up projection missing".into())),
-        };
-        let act = match c.arch {
-            Arch::Gemma3 => gate.gelu()?,
-            _ => gate.silu()?,
-        };
-        let mut m = layer.down.forward(&(act * up)?)?;
+        forward::add(x, &s.tmp);
+        // Feed-forward block.
+        forward::rms_norm(x, &layer.ffn_norm, c.eps, &mut s.h);
+        let gu_n = layer.gate_up.n()?;
+        s.gate_up.resize(rows * gu_n, 0.0);
+        layer
+            .gate_up
+            .forward_rows(&s.h, rows, &mut s.gate_up, &mut s.parts)?;
+        s.m.resize(rows * gu_n / 2, 0.0);
+        match c.arch {
+            Arch::Gemma3 => forward::gelu_gate(&s.gate_up, gu_n / 2, &mut s.m),
+            _ => forward::silu_gate(&s.gate_up, gu_n / 2, &mut s.m),
+        }
+        layer.down.forward_rows(&s.m, rows, &mut s.tmp)?;
         if let Some((_, post_ffn)) = &layer.post_norms {
-            m = candle_nn::ops::rms_norm(&m, post_ffn, c.eps)?;
+            forward::rms_norm_in_place(&mut s.tmp, post_ffn, c.eps);
         }
-        Ok((x + m)?)
+        forward::add(x, &s.tmp);
+        Ok(())
     }
+}
 
-    /// RoPE, `x`: `[heads, seq, head_dim]`, with the tables `rope`.
-    fn rope(
-        &self,
-        x: &Tensor,
-        pos: usize,
-        rope: &(Tensor, Tensor),
-    ) -> Result<Tensor, InferenceError> {
-        let seq = x.dim(1)?;
-        let cos = rope.0.narrow(0, pos, seq)?;
-        let sin = rope.1.narrow(0, pos, seq)?;
-        let x = x.unsqueeze(0)?;
-        let rotated = if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
-        };
-        Ok(rotated.squeeze(0)?)
-    }
+thread_local! {
+    /// Attention scores of the row and head a worker is on (reused, so decode allocates nothing).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers of one batch step, reused across its layers.
+#[derive(Default)]
+struct Scratch {
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate_up: Vec<f32>,
+    m: Vec<f32>,
+    parts: Vec<f32>,
+    /// (chunk, position) of every row.
+    items: Vec<(usize, usize)>,
 }
 
 /// cos/sin of `p / scale * base^(-2i / head_dim) / freqs[i]` for every
@@ -403,7 +562,7 @@ fn rope_tables(
     base: f32,
     scale: f32,
     freqs: Option<&[f32]>,
-) -> Result<(Tensor, Tensor), InferenceError> {
+) -> Result<(Vec<f32>, Vec<f32>), InferenceError> {
     let half = config.head_dim / 2;
     if freqs.is_some_and(|f| f.len() != half) {
         return Err(InferenceError::Model(format!(
@@ -426,8 +585,5 @@ fn rope_tables(
             sin.push(theta.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (config.context, half), &Device::Cpu)?,
-        Tensor::from_vec(sin, (config.context, half), &Device::Cpu)?,
-    ))
+    Ok((cos, sin))
 }

@@ -34,6 +34,7 @@ so the `QTensor` can be dropped afterwards.
 
 mod half_mm;
 mod kquant;
+mod pool;
 mod q5;
 mod q8;
 mod q80;
@@ -42,9 +43,11 @@ mod simd;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Storage, Tensor};
+use pool::SharedOut;
 
 pub use half_mm::{Half, HalfMatMul};
 pub use kquant::{KQuant, KQuantMatMul};
+pub use pool::par_chunks_mut;
 pub use q5::{Q5MatMul, Q5_0_BLOCK_BYTES, Q5_1_BLOCK_BYTES};
 pub use q8::Q8Rows;
 pub use q80::Q80MatMul;
@@ -321,7 +324,7 @@ fn par_rows<F: Fn(usize, usize) -> f32 + Sync>(
 ) {
     assert_eq!(out.len(), m * n, "output length");
     let dst = SharedOut(out.as_mut_ptr());
-    let work = |rows: std::ops::Range<usize>| {
+    pool::par_ranges(n, n * m * k, |rows: std::ops::Range<usize>| {
         let dst = &dst;
         for j in rows {
             for r in 0..m {
@@ -332,40 +335,5 @@ fn par_rows<F: Fn(usize, usize) -> f32 + Sync>(
                 unsafe { dst.0.add(r * n + j).write(v) };
             }
         }
-    };
-    // Tiny matrices stay on this thread.
-    if n * m * k < 32 * 1024 {
-        work(0..n);
-        return;
-    }
-    if !use_rayon() {
-        candle_core::utils::barrier_pool().execute_chunked(n, work);
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    if threads <= 1 {
-        work(0..n);
-        return;
-    }
-    let chunk = n.div_ceil(threads * 4).max(8);
-    use rayon::prelude::*;
-    (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .for_each(|c| work(c * chunk..n.min((c + 1) * chunk)));
+    });
 }
-
-/// Whether `SOVEREIGN_KERNELS_POOL=rayon` asks for rayon's pool (the current
-/// one, so `ThreadPool::install` sets the thread count) instead of candle's.
-/// candle's barrier pool has the lower overhead on a quiet machine, but every
-/// call waits until each of its workers has run, which costs a scheduler time
-/// slice when another process holds a core; rayon's workers only take work
-/// when they run.
-fn use_rayon() -> bool {
-    static RAYON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *RAYON.get_or_init(|| std::env::var("SOVEREIGN_KERNELS_POOL").is_ok_and(|v| v == "rayon"))
-}
-
-/// The output pointer shared by the pool's workers, which write disjoint elements.
-struct SharedOut(*mut f32);
-// SAFETY: the pointer is only used for writes to disjoint elements (see `matmul_q8`).
-unsafe impl Sync for SharedOut {}

@@ -1,0 +1,177 @@
+//! The per-row arithmetic of a decoder layer on plain `f32` slices: RMSNorm,
+//! RoPE, causal attention over a sequence's cache, SiLU gating.
+//!
+//! Every function computes a row from that row's inputs alone, with
+//! reductions in a fixed order (eight lanes, then the lanes in order), so a
+//! row's result is the same whether it is computed alone, in a batch, or in
+//! any prefill chunk: the engine's batch invariance rests on this.
+
+/// `sum(a[i] * b[i])` in a fixed order.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = lanes.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// `out = x / rms(x) * weight` for every row of `x`.
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let k = weight.len();
+    for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        let scale = 1.0 / (dot(row, row) / k as f32 + eps).sqrt();
+        for ((d, &v), &w) in dst.iter_mut().zip(row).zip(weight) {
+            *d = v * scale * w;
+        }
+    }
+}
+
+/// [`rms_norm`] in place: every `weight.len()` values of `x` (a row, or a
+/// head of q or k) normalized on their own.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let k = weight.len();
+    for row in x.chunks_exact_mut(k) {
+        let scale = 1.0 / (dot(row, row) / k as f32 + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// Rotates every head of `x` (`heads * head_dim` values) by the position
+/// whose `cos`/`sin` rows (`head_dim / 2` each) are given; `interleaved`:
+/// pairs are adjacent values (GGUF), otherwise the two halves (Hugging Face).
+pub(crate) fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = head_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (a, b) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+/// One head of causal attention for one row: `q` (`head_dim`) against the
+/// first `len` positions of a cache whose rows are `stride` values apart,
+/// starting at `offset` inside each row; the weighted values go to `out`.
+/// `scores` is scratch space.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    len: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..len {
+        let at = p * stride + offset;
+        let s = dot(q, &keys[at..at + hd]) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    for (p, &s) in scores.iter().enumerate() {
+        let at = p * stride + offset;
+        let w = s / total;
+        for (o, &v) in out.iter_mut().zip(&values[at..at + hd]) {
+            *o += w * v;
+        }
+    }
+}
+
+/// `out[i] = silu(gate[i]) * up[i]` for rows holding gate then up (`2 * n` values each).
+pub(crate) fn silu_gate(gate_up: &[f32], n: usize, out: &mut [f32]) {
+    for (row, dst) in gate_up.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
+        let (gate, up) = row.split_at(n);
+        for ((d, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+            *d = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// `out[i] = gelu(gate[i]) * up[i]` (tanh approximation, Gemma) for rows
+/// holding gate then up.
+pub(crate) fn gelu_gate(gate_up: &[f32], n: usize, out: &mut [f32]) {
+    let c = (2.0f32 / std::f32::consts::PI).sqrt();
+    for (row, dst) in gate_up.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
+        let (gate, up) = row.split_at(n);
+        for ((d, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+            *d = 0.5 * g * (1.0 + (c * (g + 0.044715 * g * g * g)).tanh()) * u;
+        }
+    }
+}
+
+/// `x += y`.
+pub(crate) fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_over_one_position_returns_its_value() {
+        let q = [1.0, 2.0, 3.0, 4.0];
+        let keys = [0.5, 0.5, 0.5, 0.5];
+        let values = [9.0, 8.0, 7.0, 6.0];
+        let mut out = [0.0; 4];
+        attend(&q, &keys, &values, 4, 0, 1, &mut Vec::new(), &mut out);
+        assert_eq!(out, values);
+    }
+
+    #[test]
+    fn attention_weights_follow_the_scores() {
+        // Two positions, the second's key aligned with q: it gets most weight.
+        let q = [4.0, 0.0];
+        let keys = [0.0, 1.0, 1.0, 0.0];
+        let values = [0.0, 10.0, 10.0, 0.0];
+        let mut out = [0.0; 2];
+        attend(&q, &keys, &values, 2, 0, 2, &mut Vec::new(), &mut out);
+        let w = 1.0 / (1.0 + (-4.0f32 / 2f32.sqrt()).exp());
+        assert!((out[0] - 10.0 * w).abs() < 1e-5, "{out:?}");
+        assert!((out[1] - 10.0 * (1.0 - w)).abs() < 1e-5, "{out:?}");
+    }
+
+    #[test]
+    fn rms_norm_and_rope_match_their_definitions() {
+        let x = [3.0, 4.0];
+        let mut out = [0.0; 2];
+        rms_norm(&x, &[1.0, 2.0], 0.0, &mut out);
+        let rms = (12.5f32).sqrt();
+        assert_eq!(out, [3.0 / rms, 8.0 / rms]);
+        let mut v = [1.0, 0.0];
+        let (c, s) = (0.6f32, 0.8f32);
+        rope(&mut v, 2, &[c], &[s], true);
+        assert_eq!(v, [c, s]);
+    }
+}
