@@ -309,10 +309,12 @@ impl Worker {
         }
     }
 
+    /// KV bytes the running sequences hold after their next step: every
+    /// token they have so far plus the next (not the worst case of `max_tokens`).
     fn held_bytes(&self) -> u64 {
         self.running
             .iter()
-            .map(|r| r.computed as u64 * self.bytes_per_position)
+            .map(|r| (r.sequence.len() as u64 + 1) * self.bytes_per_position)
             .sum()
     }
 
@@ -331,9 +333,8 @@ impl Worker {
                 break;
             };
             let need = (next.sequence.len() as u64 + 1) * self.bytes_per_position;
-            let growth = self.running.len() as u64 * self.bytes_per_position;
             let fits = |w: &Self| {
-                w.held_bytes() + w.retained_bytes() + need + growth <= w.config.kv_budget_bytes
+                w.held_bytes() + w.retained_bytes() + need <= w.config.kv_budget_bytes
             };
             while !fits(self) && !self.retained.is_empty() {
                 self.evict_oldest();
@@ -349,11 +350,14 @@ impl Worker {
             self.reuse_prefix(&mut r);
             self.running.push(r);
         }
-        // Sequences outgrowing the budget: requeue the newest for recomputation.
-        while self.running.len() > 1
-            && self.held_bytes() + self.running.len() as u64 * self.bytes_per_position
-                > self.config.kv_budget_bytes
+        // Sequences outgrowing the budget: drop retained prefixes, then
+        // requeue the newest sequence for recomputation.
+        while self.held_bytes() + self.retained_bytes() > self.config.kv_budget_bytes
+            && !self.retained.is_empty()
         {
+            self.evict_oldest();
+        }
+        while self.running.len() > 1 && self.held_bytes() > self.config.kv_budget_bytes {
             let Some(mut r) = self.running.pop() else {
                 break;
             };
