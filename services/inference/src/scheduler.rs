@@ -333,9 +333,8 @@ impl Worker {
                 break;
             };
             let need = (next.sequence.len() as u64 + 1) * self.bytes_per_position;
-            let fits = |w: &Self| {
-                w.held_bytes() + w.retained_bytes() + need <= w.config.kv_budget_bytes
-            };
+            let fits =
+                |w: &Self| w.held_bytes() + w.retained_bytes() + need <= w.config.kv_budget_bytes;
             while !fits(self) && !self.retained.is_empty() {
                 self.evict_oldest();
             }
