@@ -32,6 +32,8 @@ fn python_venv(name: &str, module: &str, packages: &[&str]) -> std::path::PathBu
     let has_module = |p: &std::path::Path| {
         Command::new(p)
             .args(["-c", &format!("import {module}")])
+            // LiteLLM fetches its cost map from the internet on import unless told not to.
+            .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
             .status()
             .is_ok_and(|s| s.success())
     };
