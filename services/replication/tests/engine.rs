@@ -319,7 +319,8 @@ async fn a_transfer_resumes_after_a_pulled_cable_and_after_a_restart() {
     let ring = Ring::new();
     let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 1);
     let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 1);
-    let size = 16 << 20;
+    // Large enough that the transfer cannot finish between two polls of a loaded machine.
+    let size = 64 << 20;
     let path = bundle(tmp.path(), &keys, "alpha", "1.0.0", size);
     a.import(&path, &keys, false);
     let nodes = [&a, &b];
