@@ -60,11 +60,19 @@ fn units_are_awaited_failures_reported_and_the_guest_powers_off() {
         started.elapsed().as_secs_f64()
     );
     // The driver's ring NICs get the node's ring names (agent/*.link).
+    // One marked line: systemd's late status lines share the console.
     let interfaces = node
-        .succeed("ls /sys/class/net", Duration::from_secs(60))
+        .succeed(
+            "echo interfaces: $(ls /sys/class/net)",
+            Duration::from_secs(60),
+        )
         .expect("interfaces");
+    let listed = interfaces
+        .lines()
+        .find_map(|line| line.strip_prefix("interfaces: "))
+        .unwrap_or_else(|| panic!("no interface line in {interfaces:?}"));
     assert_eq!(
-        interfaces.split_whitespace().collect::<Vec<_>>(),
+        listed.split_whitespace().collect::<Vec<_>>(),
         ["lo", "thunderbolt0", "thunderbolt1"]
     );
     // The console shows systemd's status lines without colour codes.
