@@ -24,18 +24,23 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The only protocol version Sovereign speaks.
+const TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The certificate chain a node presents: its own certificate.
+fn own_chain(identity: &NodeIdentity) -> Vec<CertificateDer<'static>> {
+    vec![identity.certificate_der().clone()]
+}
+
 /// A node's server side for ring links: presents the node certificate and
 /// requires a client certificate issued by the cluster CA and not revoked.
 pub fn server_config(identity: &NodeIdentity, revocations: Revocations) -> Arc<ServerConfig> {
     let verifier = Arc::new(PeerVerifier::new(identity, revocations));
     let config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(TLS13_ONLY)
         .expect("the ring provider supports TLS 1.3")
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![identity.certificate_der().clone()],
-            identity.private_key_der(),
-        )
+        .with_single_cert(own_chain(identity), identity.private_key_der())
         .expect("a loaded identity's key matches its certificate");
     Arc::new(config)
 }
@@ -46,14 +51,11 @@ pub fn server_config(identity: &NodeIdentity, revocations: Revocations) -> Arc<S
 pub fn client_config(identity: &NodeIdentity, revocations: Revocations) -> Arc<ClientConfig> {
     let verifier = Arc::new(PeerVerifier::new(identity, revocations));
     let config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(TLS13_ONLY)
         .expect("the ring provider supports TLS 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(
-            vec![identity.certificate_der().clone()],
-            identity.private_key_der(),
-        )
+        .with_client_auth_cert(own_chain(identity), identity.private_key_der())
         .expect("a loaded identity's key matches its certificate");
     Arc::new(config)
 }
@@ -62,13 +64,10 @@ pub fn client_config(identity: &NodeIdentity, revocations: Revocations) -> Arc<C
 /// certificates (staff clients authenticate with bearer keys).
 pub fn lan_server_config(identity: &NodeIdentity) -> Arc<ServerConfig> {
     let config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(TLS13_ONLY)
         .expect("the ring provider supports TLS 1.3")
         .with_no_client_auth()
-        .with_single_cert(
-            vec![identity.certificate_der().clone()],
-            identity.private_key_der(),
-        )
+        .with_single_cert(own_chain(identity), identity.private_key_der())
         .expect("a loaded identity's key matches its certificate");
     Arc::new(config)
 }
