@@ -51,9 +51,12 @@ enum Command {
     /// The cluster CA: make it, list enrolled nodes and their age recipients, revoke a node.
     #[command(subcommand)]
     Cluster(commands::cluster::ClusterCommand),
-    /// Enroll a node in the cluster (its key and CA-issued certificate).
+    /// Enroll a node in the cluster (its key and CA-issued certificate); run a node.
     #[command(subcommand)]
     Node(commands::node::NodeCommand),
+    /// The ring as a node sees it: members, the plan, each member's layers.
+    #[command(subcommand)]
+    Ring(commands::ring::RingCommand),
 }
 
 /// Whether `error` is a write to a closed pipe.
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Flash(args) => commands::flash::run(args),
         Command::Cluster(command) => commands::cluster::run(command),
         Command::Node(command) => commands::node::run(command),
+        Command::Ring(command) => commands::ring::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

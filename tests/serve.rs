@@ -5,7 +5,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use support::Lab;
+use support::{python_venv, python_with_openai, Lab};
 
 /// Kills the server when the test ends.
 struct Server(std::process::Child);
@@ -15,47 +15,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn python_with_openai() -> std::path::PathBuf {
-    python_venv("openai-venv", "openai", &["openai==1.99.9"])
-}
-
-/// A virtual environment in the test's temporary directory with `packages`
-/// (pinned) installed, made once and reused while `module` imports.
-fn python_venv(name: &str, module: &str, packages: &[&str]) -> std::path::PathBuf {
-    // Several tests may want the same venv: one makes it while the others wait.
-    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let python = venv.join("bin/python");
-    let has_module = |p: &std::path::Path| {
-        Command::new(p)
-            .args(["-c", &format!("import {module}")])
-            // LiteLLM fetches its cost map from the internet on import unless told not to.
-            .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_module(&python) {
-        let made = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv");
-        assert!(
-            made.success(),
-            "python3 -m venv failed (apt-get install python3-venv)"
-        );
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet"])
-            .args(packages)
-            .status()
-            .expect("pip install");
-        assert!(pip.success(), "pip install {packages:?} failed");
-    }
-    python
 }
 
 /// Starts `sovereign serve` on loopback with a key; returns it and its address.

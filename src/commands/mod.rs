@@ -11,6 +11,7 @@ pub mod key;
 pub mod models;
 pub mod node;
 pub mod perplexity;
+pub mod ring;
 pub mod serve;
 pub mod trust;
 

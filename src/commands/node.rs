@@ -1,4 +1,4 @@
-//! `sovereign node`: enroll a node in a cluster.
+//! `sovereign node`: enroll a node in a cluster, check a certificate, run a node.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -13,6 +13,10 @@ use sovereign_provisioning::cluster::{Cluster, EnrollRequest, DEFAULT_NODE_DAYS}
 /// Node commands.
 #[derive(Subcommand)]
 pub enum NodeCommand {
+    /// Run this host as a ring node: find the other nodes on the ring
+    /// interfaces, serve this node's share of the model's layers, and answer
+    /// the OpenAI-compatible API on the ring (the node image's service).
+    Run(sovereign_node::NodeArgs),
     /// Enroll a node: a fresh ed25519 node key and age identity, a certificate
     /// signed by the cluster CA, all in one identity file (0600) for `sovereign flash --node`.
     Enroll {
@@ -58,6 +62,7 @@ pub enum NodeCommand {
 /// Runs a node command.
 pub fn run(command: NodeCommand) -> anyhow::Result<()> {
     match command {
+        NodeCommand::Run(args) => sovereign_node::run(&args)?,
         NodeCommand::Enroll {
             cluster,
             name,

@@ -31,7 +31,7 @@ pub use server::{
 pub use tls::{ClientAddr, TlsListener};
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How to serve (the arguments of `sovereign serve` and `sovereign-api`).
@@ -94,21 +94,43 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// Loads the API keys file, if any; refuses to listen off loopback without one.
+pub fn load_keys(path: Option<&Path>, listen: SocketAddr) -> Result<Option<ApiKeys>, ServeError> {
+    let keys = path
+        .map(ApiKeys::load)
+        .transpose()
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    if keys.is_none() && !listen.ip().is_loopback() {
+        return Err(ServeError::Setup(format!(
+            "{listen} is not a loopback address: serving without --keys is only allowed on loopback"
+        )));
+    }
+    Ok(keys)
+}
+
+/// Opens where request metadata is recorded: a local audit log directory
+/// (a new one records `node` as its node), or the audit daemon's socket.
+pub fn open_audit(
+    log: Option<&Path>,
+    socket: Option<&Path>,
+    node: &str,
+) -> Result<Option<sovereign_audit::Auditor>, ServeError> {
+    let setup = |e: &dyn std::fmt::Display| ServeError::Setup(e.to_string());
+    Ok(match (log, socket) {
+        (Some(dir), _) => Some(sovereign_audit::Auditor::Local(Arc::new(
+            sovereign_audit::AuditLog::open(dir, node).map_err(|e| setup(&e))?,
+        ))),
+        (None, Some(socket)) => Some(sovereign_audit::Auditor::Remote(
+            sovereign_audit::AuditClient::connect(socket).map_err(|e| setup(&e))?,
+        )),
+        (None, None) => None,
+    })
+}
+
 /// Loads the model and prepares the state; refuses to serve off loopback without keys.
 pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
     let setup = |e: &dyn std::fmt::Display| ServeError::Setup(e.to_string());
-    let keys = args
-        .keys
-        .as_deref()
-        .map(ApiKeys::load)
-        .transpose()
-        .map_err(|e| setup(&e))?;
-    if keys.is_none() && !args.listen.ip().is_loopback() {
-        return Err(ServeError::Setup(format!(
-            "{} is not a loopback address: serving without --keys is only allowed on loopback",
-            args.listen
-        )));
-    }
+    let keys = load_keys(args.keys.as_deref(), args.listen)?;
     let model = match &args.model {
         Some(name) => sovereign_store::live_model(&args.store, name).map_err(|e| setup(&e))?,
         None => {
@@ -125,15 +147,11 @@ pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
     let path =
         sovereign_inference::Engine::locate(&model.dir, &model.files).map_err(|e| setup(&e))?;
     let engine = sovereign_inference::Engine::load(&path).map_err(|e| setup(&e))?;
-    let audit = match (&args.audit_log, &args.audit_socket) {
-        (Some(dir), _) => Some(sovereign_audit::Auditor::Local(Arc::new(
-            sovereign_audit::AuditLog::open(dir, &args.node).map_err(|e| setup(&e))?,
-        ))),
-        (None, Some(socket)) => Some(sovereign_audit::Auditor::Remote(
-            sovereign_audit::AuditClient::connect(socket).map_err(|e| setup(&e))?,
-        )),
-        (None, None) => None,
-    };
+    let audit = open_audit(
+        args.audit_log.as_deref(),
+        args.audit_socket.as_deref(),
+        &args.node,
+    )?;
     if let Some(audit) = &audit {
         let details = serde_json::json!({ "model": format!("{}@{}", model.name, model.version), "service": "api" });
         audit
@@ -159,45 +177,50 @@ pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
 /// Serves until Ctrl-C or SIGTERM.
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let state = prepare(args)?;
+    let tls = match (&args.identity, &args.tls_cert, &args.tls_key) {
+        (Some(path), _, _) => {
+            let identity = sovereign_identity::NodeIdentity::load(path)
+                .map_err(|e| ServeError::Setup(e.to_string()))?;
+            Some(sovereign_identity::tls::lan_server_config(&identity))
+        }
+        (None, Some(cert), Some(key)) => {
+            Some(tls::pem_server_config(cert, key).map_err(ServeError::Setup)?)
+        }
+        _ => None,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(serve_until_signal(args.listen, tls, state))
+}
+
+/// Listens on `listen` (HTTPS with `tls`, else plain HTTP) and serves
+/// `state` until Ctrl-C or SIGTERM, saying where on stderr.
+pub async fn serve_until_signal(
+    listen: SocketAddr,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    state: Arc<AppState>,
+) -> Result<(), ServeError> {
     if state.keys.is_none() {
         eprintln!("warning: serving without API keys (allowed on loopback for development only)");
     }
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        let address = listener.local_addr()?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        };
-        let tls = match (&args.identity, &args.tls_cert, &args.tls_key) {
-            (Some(path), _, _) => {
-                let identity = sovereign_identity::NodeIdentity::load(path)
-                    .map_err(|e| ServeError::Setup(e.to_string()))?;
-                Some(sovereign_identity::tls::lan_server_config(&identity))
-            }
-            (None, Some(cert), Some(key)) => {
-                Some(tls::pem_server_config(cert, key).map_err(ServeError::Setup)?)
-            }
-            _ => None,
-        };
-        match tls {
-            Some(config) => {
-                let listener = TlsListener::with_config(listener, config);
-                eprintln!("serving {} on https://{address}", state.model_id);
-                serve_tls(listener, state, shutdown)
-                    .await
-                    .map_err(ServeError::Io)
-            }
-            _ => {
-                eprintln!("serving {} on http://{address}", state.model_id);
-                serve(listener, state, shutdown)
-                    .await
-                    .map_err(ServeError::Io)
-            }
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let address = listener.local_addr()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
         }
-    })
+    };
+    match tls {
+        Some(config) => {
+            let listener = TlsListener::with_config(listener, config);
+            eprintln!("serving {} on https://{address}", state.model_id);
+            serve_tls(listener, state, shutdown).await?;
+        }
+        None => {
+            eprintln!("serving {} on http://{address}", state.model_id);
+            serve(listener, state, shutdown).await?;
+        }
+    }
+    Ok(())
 }

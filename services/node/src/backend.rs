@@ -20,21 +20,25 @@ pub struct RingBackend {
     core: Arc<Core>,
     front: RwLock<Arc<Front>>,
     config: ModelConfig,
-    status: Arc<dyn Fn(bool) -> Map<String, Value> + Send + Sync>,
+    view: Arc<dyn RingView>,
+}
+
+/// What the ring service shows of the ring beside the generations.
+pub trait RingView: Send + Sync {
+    /// `/health`'s ring fields (`detailed`: the caller may see members and plan).
+    fn health(&self, detailed: bool) -> Map<String, Value>;
+    /// The transport's Prometheus metrics (links, refusals).
+    fn metrics(&self) -> String;
 }
 
 impl RingBackend {
-    /// Serves `front`'s model through `core`; `status` gives `/health`'s ring fields.
-    pub fn new(
-        core: Arc<Core>,
-        front: Front,
-        status: Arc<dyn Fn(bool) -> Map<String, Value> + Send + Sync>,
-    ) -> Self {
+    /// Serves `front`'s model through `core`; `view` shows the ring.
+    pub fn new(core: Arc<Core>, front: Front, view: Arc<dyn RingView>) -> Self {
         Self {
             config: front.config().clone(),
             front: RwLock::new(Arc::new(front)),
             core,
-            status,
+            view,
         }
     }
 
@@ -74,7 +78,7 @@ impl Backend for RingBackend {
     }
 
     fn health(&self, detailed: bool) -> Map<String, Value> {
-        (self.status)(detailed)
+        self.view.health(detailed)
     }
 
     fn metrics(&self) -> String {
@@ -139,6 +143,7 @@ impl Backend for RingBackend {
                 "counter",
                 c.frames_refused.load(Ordering::Relaxed),
             ),
+            self.view.metrics(),
         ]
         .concat()
     }

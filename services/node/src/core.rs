@@ -237,6 +237,17 @@ impl Core {
         }
     }
 
+    /// Fails every step waiting for an answer (a ring link went down: a frame
+    /// on it may be lost), so their entry executors replay them at once
+    /// rather than wait out a timeout.
+    pub fn fail_pending(&self, reason: &str) {
+        let waiters: Vec<mpsc::Sender<Reply>> =
+            lock(&self.waiters).drain().map(|(_, w)| w).collect();
+        for waiter in waiters {
+            let _ = waiter.send(Reply::Failed(reason.to_owned()));
+        }
+    }
+
     fn answer(&self, step: u64, reply: Reply) {
         if let Some(waiter) = lock(&self.waiters).remove(&step) {
             let _ = waiter.send(reply);
@@ -290,7 +301,21 @@ fn stage_thread(
 ) {
     let mut server: Option<StageServer> = None;
     let mut plan = 0u64;
-    while let Ok(job) = jobs.recv() {
+    let mut backlog: std::collections::VecDeque<StageJob> = std::collections::VecDeque::new();
+    loop {
+        let job = match backlog.pop_front() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        backlog.extend(jobs.try_iter());
+        let is_plan = |j: &StageJob| matches!(j, StageJob::Plan { .. });
+        if is_plan(&job) && backlog.iter().any(is_plan) {
+            // A newer plan is already queued: do not load layers for this one.
+            continue;
+        }
         let Some(core) = core.upgrade() else { return };
         match job {
             StageJob::Plan { id, load } => {

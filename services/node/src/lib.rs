@@ -8,6 +8,8 @@ runs this node's layers ([`stage`]), fed by frames of the ring protocol
 ([`protocol`]). [`RingExecutor`] is the entry node's side: it runs forward
 steps of its sequences through the stages, keeps each sequence's history and
 replays it when the plan changes, so a lost node costs time, not tokens.
+[`run`] is the node service (`sovereign node run`, `sovereign-node`): the
+ring transport, the planner, this node's stage and the API in one process.
 */
 #![deny(missing_docs)]
 
@@ -16,8 +18,11 @@ mod core;
 mod executor;
 pub mod plan;
 pub mod protocol;
+mod service;
 pub mod stage;
+pub mod status;
 
 pub use crate::core::{Active, Core, Counters, Links, StageState};
-pub use backend::RingBackend;
+pub use backend::{RingBackend, RingView};
 pub use executor::{RingExecutor, Work};
+pub use service::{run, NodeArgs, NodeError};

@@ -1,0 +1,489 @@
+//! `sovereign node run`: the ring, this node's stage and the API in one process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use sovereign_identity::Revocations;
+use sovereign_ring::{Advert, Channel, Identity, Membership, Ring, RingConfig};
+
+use crate::core::{Core, Links};
+use crate::plan::{self, Candidate, Isa, Plan};
+use crate::{RingBackend, RingView};
+
+/// How to run a node (the arguments of `sovereign node run` and `sovereign-node`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The enrolled node identity file (`sovereign node enroll`).
+    #[arg(long)]
+    pub identity: PathBuf,
+    /// The model store directory.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// A ring interface (repeatable; `thunderbolt*` matches every one).
+    #[arg(long = "ring-interface", required = true)]
+    pub ring_interfaces: Vec<String>,
+    /// The API's address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub api_listen: SocketAddr,
+    /// Serve the API over HTTPS with the identity's CA-issued certificate
+    /// (clients trust the cluster CA once), as the node image does.
+    #[arg(long)]
+    pub api_tls: bool,
+    /// The API keys file (`NAME blake3:<hex>` per line); required off loopback.
+    #[arg(long)]
+    pub keys: Option<PathBuf>,
+    /// Memory this node gives to weights and KV cache, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub memory_budget_mb: u64,
+    /// Heartbeat interval on ring links, in ms (a peer silent for five is lost).
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// The ring's TCP/UDP port.
+    #[arg(long, default_value_t = 7420)]
+    pub ring_port: u16,
+    /// The model to serve (default: the only one in the store).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Generations this node's API runs at once (pipelined through the ring).
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrency: usize,
+    /// Record plan changes and requests in this audit log directory.
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Record through the audit daemon's socket instead.
+    #[arg(long, conflicts_with = "audit_log")]
+    pub audit_socket: Option<PathBuf>,
+}
+
+/// Errors starting or running a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A bad argument, identity, store or model.
+    #[error("{0}")]
+    Setup(String),
+    /// The API could not start.
+    #[error(transparent)]
+    Api(#[from] sovereign_api::ServeError),
+    /// The ring could not start.
+    #[error("ring: {0}")]
+    Ring(#[from] sovereign_ring::RingError),
+    /// Listening or serving failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn setup(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Setup(e.to_string())
+}
+
+/// The model this node serves, as it is in its store.
+#[derive(Clone)]
+struct Model {
+    name: String,
+    version: semver::Version,
+    path: PathBuf,
+    footprint: sovereign_inference::Footprint,
+}
+
+fn load_model(args: &NodeArgs) -> Result<Model, NodeError> {
+    let model = match &args.model {
+        Some(name) => sovereign_store::live_model(&args.store, name).map_err(setup)?,
+        None => {
+            let mut all = sovereign_store::live_models(&args.store).map_err(setup)?;
+            if all.len() != 1 {
+                return Err(NodeError::Setup(format!(
+                    "the store holds {} models; choose one with --model",
+                    all.len()
+                )));
+            }
+            all.remove(0)
+        }
+    };
+    let path = sovereign_inference::Engine::locate(&model.dir, &model.files).map_err(setup)?;
+    Ok(Model {
+        footprint: sovereign_inference::Footprint::of(&path).map_err(setup)?,
+        name: model.name,
+        version: model.version,
+        path,
+    })
+}
+
+/// Hands frames to the ring's sender task (callers are blocking threads).
+struct RingLinks(tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>);
+
+impl Links for RingLinks {
+    fn send(&self, to: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.0
+            .send((to.to_owned(), payload))
+            .map_err(|_| "the ring has stopped".to_owned())
+    }
+}
+
+/// What the planner last saw, for `/health`.
+#[derive(Default)]
+struct Seen {
+    members: BTreeMap<String, Value>,
+    plan: Option<Plan>,
+    problem: Option<String>,
+}
+
+/// The candidates of a membership view for `model`.
+fn candidates(view: &Membership, model: &str) -> Vec<Candidate> {
+    view.members
+        .iter()
+        .map(|(name, member)| Candidate {
+            name: name.clone(),
+            memory_budget: member.advert.memory_budget_mb << 20,
+            versions: member
+                .advert
+                .models
+                .iter()
+                .filter(|(n, _)| n == model)
+                .filter_map(|(_, v)| semver::Version::parse(v).ok())
+                .collect(),
+            isa: Isa::parse(&member.advert.isa).unwrap_or(Isa::Scalar),
+        })
+        .collect()
+}
+
+/// Re-plans whenever the membership changes; records plans, joins and
+/// leaves in the audit log.
+async fn planner(
+    mut membership: tokio::sync::watch::Receiver<Membership>,
+    core: Arc<Core>,
+    model: Model,
+    view: Arc<Mutex<Seen>>,
+    state: Arc<sovereign_api::AppState>,
+) {
+    let audit = &state.audit;
+    let mut known: Vec<String> = Vec::new();
+    loop {
+        let members = membership.borrow_and_update().clone();
+        let names: Vec<String> = members.members.keys().cloned().collect();
+        for joined in names.iter().filter(|n| !known.contains(n)) {
+            record(audit, "ring-join", json!({ "node": joined }));
+        }
+        for left in known.iter().filter(|n| !names.contains(n)) {
+            record(audit, "ring-leave", json!({ "node": left }));
+        }
+        known = names;
+        let candidates = candidates(&members, &model.name);
+        let outcome = match plan::choose_version(&candidates) {
+            Some(version) if version == model.version => {
+                plan::compute(&version, &model.footprint, &candidates).map_err(|e| e.to_string())
+            }
+            Some(version) => Err(format!(
+                "the ring serves {}@{version}; this node holds {}",
+                model.name, model.version
+            )),
+            None => Err(format!("no member holds {}", model.name)),
+        };
+        let previous = core.active().map(|a| a.plan);
+        {
+            let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+            v.members = members
+                .members
+                .iter()
+                .map(|(name, m)| {
+                    (
+                        name.clone(),
+                        json!({
+                            "memory_budget_mb": m.advert.memory_budget_mb,
+                            "models": m.advert.models.iter().map(|(n, v)| format!("{n}@{v}")).collect::<Vec<_>>(),
+                            "isa": m.advert.isa,
+                            "neighbours": m.neighbours,
+                        }),
+                    )
+                })
+                .collect();
+            v.plan = outcome.as_ref().ok().cloned();
+            v.problem = outcome.as_ref().err().cloned();
+        }
+        match outcome {
+            Ok(plan) => {
+                if previous.as_ref() != Some(&plan) {
+                    tracing::info!(stages = ?plan.stages, left_out = ?plan.left_out, "ring: new plan");
+                    let stages: Vec<Value> = plan
+                        .stages
+                        .iter()
+                        .map(
+                            |s| json!({ "node": s.node, "layers": [s.layers.start, s.layers.end] }),
+                        )
+                        .collect();
+                    let kind = if previous.is_some() {
+                        "ring-replan"
+                    } else {
+                        "ring-plan"
+                    };
+                    record(
+                        audit,
+                        kind,
+                        json!({ "model": format!("{}@{}", model.name, plan.version), "isa": plan.isa.name(), "stages": stages, "left_out": plan.left_out }),
+                    );
+                }
+                core.set_plan(Some(plan), model.path.clone());
+            }
+            Err(problem) => {
+                if previous.is_some() {
+                    tracing::warn!("ring: no plan: {problem}");
+                    record(audit, "ring-replan", json!({ "problem": problem }));
+                }
+                core.set_plan(None, model.path.clone());
+            }
+        }
+        if membership.changed().await.is_err() {
+            return;
+        }
+        // Let a burst of changes (a node and its cables) settle into one plan.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn record(audit: &Option<sovereign_audit::Auditor>, kind: &str, details: Value) {
+    if let Some(audit) = audit {
+        if let Err(e) = audit.record(sovereign_audit::Event::new("node", kind, details)) {
+            tracing::error!("audit: recording {kind}: {e}");
+        }
+    }
+}
+
+/// The ring as the API shows it.
+struct Shown {
+    seen: Arc<Mutex<Seen>>,
+    core: Arc<Core>,
+    ring: Arc<Ring>,
+}
+
+impl RingView for Shown {
+    fn health(&self, detailed: bool) -> Map<String, Value> {
+        health(&self.seen, &self.core, detailed)
+    }
+
+    fn metrics(&self) -> String {
+        let c = self.ring.counters();
+        let links = self.ring.links();
+        let counter = |name: &str, help: &str, value: u64| {
+            format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n")
+        };
+        let mut out = [
+            counter(
+                "sovereign_ring_announcements_refused_total",
+                "Ring announcements refused (malformed, rate-limited, bad certificate or signature, replayed).",
+                c.announcements_refused,
+            ),
+            counter(
+                "sovereign_ring_connections_refused_total",
+                "Ring connections refused before a link came up (TLS refused: no, foreign, revoked or expired certificate; bad hello).",
+                c.connections_refused,
+            ),
+            counter(
+                "sovereign_ring_links_refused_total",
+                "Ring links closed because the peer broke the protocol.",
+                c.links_refused,
+            ),
+            counter(
+                "sovereign_ring_messages_dropped_total",
+                "Ring messages dropped (no route, no subscriber, too many hops).",
+                c.messages_dropped,
+            ),
+        ]
+        .concat();
+        out.push_str("# HELP sovereign_ring_link_sent_bytes_total Bytes sent on a ring link.\n# TYPE sovereign_ring_link_sent_bytes_total counter\n");
+        for link in &links {
+            out.push_str(&format!(
+                "sovereign_ring_link_sent_bytes_total{{iface=\"{}\",peer=\"{}\"}} {}\n",
+                link.iface, link.peer, link.bytes_sent
+            ));
+        }
+        out
+    }
+}
+
+/// `/health`'s ring fields.
+fn health(view: &Mutex<Seen>, core: &Core, detailed: bool) -> Map<String, Value> {
+    let mut out = Map::new();
+    if !detailed {
+        return out;
+    }
+    let v = view.lock().unwrap_or_else(|e| e.into_inner());
+    let ranges: BTreeMap<&str, [usize; 2]> = v
+        .plan
+        .iter()
+        .flat_map(|p| p.stages.iter())
+        .map(|s| (s.node.as_str(), [s.layers.start, s.layers.end]))
+        .collect();
+    let members: Vec<Value> = v
+        .members
+        .iter()
+        .map(|(name, m)| {
+            let mut m = m.clone();
+            m["name"] = json!(name);
+            m["layers"] = ranges.get(name.as_str()).map_or(Value::Null, |r| json!(r));
+            if let Some(reason) = v.plan.as_ref().and_then(|p| p.left_out.get(name)) {
+                m["left_out"] = json!(reason);
+            }
+            m
+        })
+        .collect();
+    out.insert("node".into(), json!(core.name()));
+    out.insert("members".into(), json!(members));
+    out.insert(
+        "ring".into(),
+        json!({
+            "serving": v.plan.is_some(),
+            "order": v.plan.as_ref().map(|p| p.stages.iter().map(|s| s.node.clone()).collect::<Vec<_>>()),
+            "version": v.plan.as_ref().map(|p| p.version.to_string()),
+            "isa": v.plan.as_ref().map(|p| p.isa.name()),
+            "problem": v.problem,
+        }),
+    );
+    out
+}
+
+/// Runs the node until Ctrl-C or SIGTERM.
+pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
+    let node = sovereign_identity::NodeIdentity::load(&args.identity).map_err(setup)?;
+    let keys = sovereign_api::load_keys(args.keys.as_deref(), args.api_listen)?;
+    if args.heartbeat_ms == 0 {
+        return Err(NodeError::Setup("--heartbeat-ms must be at least 1".into()));
+    }
+    let revocations = Revocations::new(
+        sovereign_store::installed_revocations(&args.store, node.ca()).map_err(setup)?,
+    );
+    let model = load_model(args)?;
+    let front = sovereign_inference::Front::load(&model.path).map_err(setup)?;
+    let name = node.name().to_owned();
+    let audit = sovereign_api::open_audit(
+        args.audit_log.as_deref(),
+        args.audit_socket.as_deref(),
+        &name,
+    )?;
+    let tls = args
+        .api_tls
+        .then(|| sovereign_identity::tls::lan_server_config(&node));
+    let ca = node.ca().clone();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let heartbeat = Duration::from_millis(args.heartbeat_ms);
+        let mut config = RingConfig::new(
+            Identity::new(Arc::new(node), revocations.clone()),
+            args.ring_interfaces.clone(),
+        );
+        config.port = args.ring_port;
+        config.discovery_port = args.ring_port;
+        config.heartbeat = heartbeat;
+        config.dead_after = heartbeat * 5;
+        config.advert = Advert {
+            memory_budget_mb: args.memory_budget_mb,
+            models: vec![(model.name.clone(), model.version.to_string())],
+            isa: Isa::detect().name().into(),
+        };
+        let ring = Arc::new(Ring::start(config).await?);
+        tokio::spawn(watch_revocations(args.store.clone(), ca, revocations));
+        let (tx, mut outbox) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
+        let core = Core::start(
+            name.clone(),
+            front.config().clone(),
+            Box::new(RingLinks(tx)),
+        );
+        let sender = Arc::clone(&ring);
+        tokio::spawn(async move {
+            while let Some((to, payload)) = outbox.recv().await {
+                if let Err(e) = sender.send(&to, Channel::Inference, payload.into()).await {
+                    tracing::warn!(to, "ring: sending an inference frame: {e}");
+                }
+            }
+        });
+        let mut inbox = ring.subscribe(Channel::Inference);
+        let receiver = Arc::clone(&core);
+        tokio::spawn(async move {
+            while let Some(message) = inbox.recv().await {
+                let _ = receiver.deliver(&message.from, &message.payload);
+            }
+        });
+        let mut events = ring.link_events();
+        let watcher = Arc::clone(&core);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(sovereign_ring::LinkEvent::Down {
+                        iface,
+                        peer,
+                        reason,
+                    }) => {
+                        watcher.fail_pending(&format!(
+                            "the link to {peer} on {iface} went down: {reason}"
+                        ));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let view = Arc::new(Mutex::new(Seen::default()));
+        let shown = Arc::new(Shown {
+            seen: Arc::clone(&view),
+            core: Arc::clone(&core),
+            ring: Arc::clone(&ring),
+        });
+        let backend = RingBackend::new(Arc::clone(&core), front, shown);
+        let limits = sovereign_api::Limits {
+            max_concurrency: args.max_concurrency.max(1),
+            kv_budget_bytes: plan::KV_POSITIONS
+                * model.footprint.kv_bytes_per_position
+                * model.footprint.layers as u64,
+            ..sovereign_api::Limits::default()
+        };
+        let state = sovereign_api::AppState::new(
+            model.name.clone(),
+            Arc::new(backend),
+            keys,
+            limits,
+            audit,
+        );
+        tokio::spawn(planner(
+            ring.membership(),
+            Arc::clone(&core),
+            model.clone(),
+            Arc::clone(&view),
+            Arc::clone(&state),
+        ));
+        eprintln!(
+            "node {name}: {}@{} on the ring (port {}, interfaces {})",
+            model.name,
+            model.version,
+            ring.port(),
+            args.ring_interfaces.join(",")
+        );
+        sovereign_api::serve_until_signal(args.api_listen, tls, state).await?;
+        Ok(())
+    })
+}
+
+/// Puts a revocation list newly installed in the store (from a stick, or
+/// replicated) in force for the ring's links within seconds.
+async fn watch_revocations(
+    store: PathBuf,
+    ca: sovereign_identity::ClusterCa,
+    revocations: Revocations,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        match sovereign_store::installed_revocations(&store, &ca) {
+            Ok(list) => match revocations.update(list) {
+                Ok(true) => tracing::info!(
+                    sequence = revocations.current().sequence(),
+                    "ring: a newer revocation list is in force"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("ring: revocation list refused: {e}"),
+            },
+            Err(e) => tracing::warn!("ring: reading the store's revocation list: {e}"),
+        }
+    }
+}
