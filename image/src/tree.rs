@@ -17,8 +17,8 @@ use crate::firewall::nftables_ruleset;
 use crate::spec::{ImageSpec, Profile, Service};
 use crate::tool;
 use crate::units::{
-    firewall_audit_timer, firewall_audit_unit, stick_unit, unit_file, unit_name, CLUSTER_CA,
-    FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, STICK_UNIT,
+    firewall_audit_timer, firewall_audit_unit, hostname_unit, stick_unit, unit_file, unit_name,
+    CLUSTER_CA, FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT, STICK_UNIT,
 };
 
 const TEST_AGENT: &str = include_str!("../../vm-tests/agent/sovereign-test-agent");
@@ -34,8 +34,10 @@ const TEST_LINKS: [(&str, &str); 2] = [
     ),
 ];
 
-/// Units masked in every image: login prompts and first-boot questions.
+/// Units masked in every image: login prompts, first-boot questions, and
+/// Ctrl-Alt-Del (a keyboard cannot reboot a node).
 pub const MASKED_ALWAYS: &[&str] = &[
+    "ctrl-alt-del.target",
     "getty@.service",
     "serial-getty@.service",
     "console-getty.service",
@@ -177,7 +179,8 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
     }
 
     // Identity of the image; no host name, DNS or machine id of the build host.
-    put(&root, "etc/hostname", b"sovereign\n", 0o644)?;
+    // The node's name comes from its enrolled identity at boot (HOSTNAME_UNIT).
+    let _ = fs::remove_file(root.join("etc/hostname"));
     put(&root, "etc/resolv.conf", b"", 0o644)?;
     put(&root, "etc/machine-id", b"", 0o444)?;
     let mut os_release = fs::read_to_string(root.join("usr/lib/os-release"))
@@ -241,6 +244,18 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
     }
     put(
         &root,
+        &format!("usr/lib/systemd/system/{HOSTNAME_UNIT}"),
+        hostname_unit().as_bytes(),
+        0o644,
+    )?;
+    put(
+        &root,
+        "usr/lib/systemd/system.conf.d/90-sovereign.conf",
+        config::SYSTEM_CONF.as_bytes(),
+        0o644,
+    )?;
+    put(
+        &root,
         "usr/lib/udev/rules.d/91-sovereign-thunderbolt.rules",
         config::thunderbolt_rule().as_bytes(),
         0o644,
@@ -299,7 +314,11 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
         0o644,
     )?;
 
-    let mut enable = vec!["nftables.service", "systemd-networkd.service"];
+    let mut enable = vec![
+        "nftables.service",
+        "systemd-networkd.service",
+        HOSTNAME_UNIT,
+    ];
     for service in &spec.services {
         if *service != Service::Import {
             enable.push(unit_name(*service));

@@ -159,6 +159,7 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
         assert!(!has(absent), "{absent} is in the production root");
     }
     for masked in [
+        "ctrl-alt-del.target",
         "getty@.service",
         "serial-getty@.service",
         "console-getty.service",
@@ -179,6 +180,47 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
         !listing.lines().any(|l| l.contains("/boot/vmlinuz")),
         "the kernel lives in the UKI only"
     );
+
+    // Issue 14 (12, 13): the node takes its name from its identity, and the
+    // built root carries exactly the rendered hardening files.
+    assert!(!has("/etc/hostname"), "no fixed host name");
+    assert!(
+        has("/etc/systemd/system/sysinit.target.wants/sovereign-hostname.service"),
+        "the node names itself at boot"
+    );
+    let blake3_of = |path: &str| {
+        listing
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(path))
+            .and_then(|l| l.split_whitespace().nth(5))
+            .unwrap_or_else(|| panic!("{path} is not a file in the root"))
+            .to_owned()
+    };
+    for (path, text) in [
+        ("/etc/fstab", sovereign_image::fstab()),
+        (
+            "/usr/lib/systemd/system.conf.d/90-sovereign.conf",
+            sovereign_image::SYSTEM_CONF.to_owned(),
+        ),
+        (
+            "/etc/systemd/network/20-sovereign-lan.network",
+            sovereign_image::lan_network(&f.spec),
+        ),
+        (
+            "/usr/lib/systemd/system/sovereign-stick@.service",
+            sovereign_image::stick_unit(&f.spec),
+        ),
+        (
+            "/usr/lib/systemd/system/sovereign-hostname.service",
+            sovereign_image::hostname_unit(),
+        ),
+    ] {
+        assert_eq!(
+            blake3_of(path),
+            blake3::hash(text.as_bytes()).to_hex().to_string(),
+            "{path}"
+        );
+    }
 
     // The test profile differs from production by exactly what the VM tests need.
     let mut test_spec = f.spec.clone();

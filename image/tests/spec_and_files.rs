@@ -1,12 +1,14 @@
 //! The image spec and the files it renders: strict parsing, hardened units
-//! checked by `systemd-analyze security`, and a ruleset that nft accepts and
-//! that really drops egress inside a network namespace.
+//! checked by `systemd-analyze security`, a ruleset that nft accepts and
+//! that really drops egress inside a network namespace, the node named after
+//! its identity, and the stick mounted exactly as the unit says (root).
 
 use std::process::Command;
 
 use sovereign_image::{
-    firewall_audit_unit, nftables_ruleset, stick_unit, unit_file, unit_name, ImageSpec, Service,
-    FIREWALL_AUDIT_UNIT, STICK_UNIT,
+    firewall_audit_unit, fstab, hostname_unit, lan_network, nftables_ruleset, stick_unit,
+    unit_file, unit_name, ImageSpec, Service, FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT, MASKED_ALWAYS,
+    STICK_UNIT, SYSTEM_CONF,
 };
 
 const DEFAULT: &str = include_str!("../node.toml");
@@ -127,7 +129,12 @@ fn services_have_exposure_at_most_2_0_and_root_helpers_at_most_4_0() {
     // capabilities and no network; they stay well below an unsandboxed unit (9.6).
     std::fs::write(units.join(STICK_UNIT), stick_unit(&spec)).unwrap();
     std::fs::write(units.join(FIREWALL_AUDIT_UNIT), firewall_audit_unit()).unwrap();
-    for unit in ["sovereign-stick@sda.service", FIREWALL_AUDIT_UNIT] {
+    std::fs::write(units.join(HOSTNAME_UNIT), hostname_unit()).unwrap();
+    for unit in [
+        "sovereign-stick@sda.service",
+        FIREWALL_AUDIT_UNIT,
+        HOSTNAME_UNIT,
+    ] {
         let level = exposure(root.path(), unit);
         eprintln!("{unit}: exposure {level}");
         assert!(level <= 4.0, "{unit}: exposure {level}");
@@ -256,4 +263,129 @@ fn the_ruleset_loads_and_drops_every_egress_packet() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(dropped >= 1, "egress drop not counted: {text}");
+}
+
+#[test]
+fn issue_14_12_the_node_is_named_from_its_identity_and_dhcp_keeps_the_name() {
+    let spec = ImageSpec::parse(DEFAULT).unwrap();
+    // Units expand `%H` when systemd loads them, before the node has its name.
+    let mut units: Vec<String> = spec.services.iter().map(|s| unit_file(*s, &spec)).collect();
+    units.extend([stick_unit(&spec), firewall_audit_unit(), hostname_unit()]);
+    for unit in &units {
+        assert!(!unit.contains("%H"), "{unit}");
+    }
+    let hostname = hostname_unit();
+    assert!(
+        hostname.contains("ExecStart=/usr/bin/hostname --file /var/lib/sovereign/node/hostname\n")
+            && hostname.contains("RequiresMountsFor=/var/lib/sovereign/node\n")
+            && hostname.contains("Before=sysinit.target")
+            && hostname.contains("WantedBy=sysinit.target\n"),
+        "{hostname}"
+    );
+    assert!(
+        !hostname.contains("ProtectHostname"),
+        "a private UTS namespace would name only the unit itself"
+    );
+    let lan = lan_network(&spec);
+    let dhcp = lan.split("[DHCPv4]").nth(1).expect("a DHCPv4 section");
+    assert!(
+        dhcp.lines().any(|l| l == "SendHostname=no"),
+        "DHCP does not tell the LAN the node's name: {lan}"
+    );
+}
+
+#[test]
+fn issue_14_13_ctrl_alt_del_is_masked_and_var_is_data_only() {
+    assert!(MASKED_ALWAYS.contains(&"ctrl-alt-del.target"));
+    assert!(
+        SYSTEM_CONF
+            .lines()
+            .any(|l| l == "CtrlAltDelBurstAction=none"),
+        "seven presses in two seconds would force a reboot: {SYSTEM_CONF}"
+    );
+    let fstab = fstab();
+    let var = fstab
+        .lines()
+        .find(|l| !l.starts_with('#') && l.split_whitespace().nth(1) == Some("/var"))
+        .expect("/var in fstab");
+    let options: Vec<&str> = var.split_whitespace().nth(3).unwrap().split(',').collect();
+    for option in ["noexec", "nosuid", "nodev"] {
+        assert!(options.contains(&option), "/var lacks {option}: {var}");
+    }
+}
+
+/// Unmounts `path` when dropped (also when the test fails).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn issue_14_13_the_stick_unit_mounts_only_fat_and_exfat_without_links_or_programs() {
+    let unit = stick_unit(&ImageSpec::parse(DEFAULT).unwrap());
+    let mounts: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.contains("/usr/bin/mount "))
+        .collect();
+    assert_eq!(
+        mounts.len(),
+        2,
+        "the mount and the courier's remount: {unit}"
+    );
+    for line in &mounts {
+        let options = line
+            .split(" -o ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        let options: Vec<&str> = options.split(',').collect();
+        for option in ["nosuid", "nodev", "noexec", "nosymfollow"] {
+            assert!(options.contains(&option), "{option} missing: {line}");
+        }
+    }
+    assert!(mounts[0].contains(" -t vfat,exfat "), "{}", mounts[0]);
+
+    // The unit's own command on an ext4 stick (a crafted stick can make udev
+    // see FAT where mount would probe another filesystem): refused. Without
+    // the pinned types, mount would detect ext4 and mount it.
+    let tmp = tempfile::tempdir().unwrap();
+    let ext4 = tmp.path().join("ext4.img");
+    std::fs::File::create(&ext4)
+        .and_then(|f| f.set_len(16 << 20))
+        .unwrap();
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&ext4)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let words: Vec<String> = mounts[0]
+        .split_once("/usr/bin/mount ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .map(|w| match w {
+            "/dev/%i" => ext4.display().to_string(),
+            w if w.ends_with("/%i") => dir.display().to_string(),
+            w => w.to_owned(),
+        })
+        .collect();
+    let refused = Command::new("mount").args(&words).output().unwrap();
+    let _guard = Mounted(dir.clone());
+    assert!(!refused.status.success(), "an ext4 stick was mounted");
+    let mounted = Command::new("findmnt")
+        .arg("--mountpoint")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!mounted.status.success(), "nothing is mounted");
+    // (The FAT mount with these options, and the remount, run on the node's
+    // own kernel in vm-tests/tests/node_image.rs.)
 }

@@ -49,6 +49,9 @@ pub enum FlashError {
     /// The node identity file is not an enrolled identity, or is damaged.
     #[error("node identity: {0}")]
     Identity(#[from] sovereign_identity::IdentityError),
+    /// The identity's node name cannot name the node (the host name is taken from it).
+    #[error("node identity: {0}")]
+    NodeName(String),
     /// An external tool failed.
     #[error("{tool} failed ({status}): {stderr}")]
     Tool {

@@ -377,6 +377,9 @@ fn read_identity(path: &Path) -> Result<(NodeIdentity, String), FlashError> {
     }
     let text = std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
     let identity = NodeIdentity::parse(&path.display().to_string(), &text)?;
+    // The node names itself after its identity (the host name, courier folders).
+    crate::cluster::check_name("node name", identity.name())
+        .map_err(|e| FlashError::NodeName(e.to_string()))?;
     Ok((identity, text))
 }
 

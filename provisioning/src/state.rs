@@ -6,6 +6,7 @@ that the node mounts on `/var` (model store, audit log, node identity).
 lib/sovereign/node/identity.pem  0600  the enrolled identity file (node key, certificate, CA
                                        certificate, age identity): the audit daemon's key
 lib/sovereign/node/node.pub      0644  the node's public key (ed25519:...)
+lib/sovereign/node/hostname      0644  the node's enrolled name: the node names itself after it at boot
 lib/sovereign/node/cert.pem      0644  the LAN API's certificate chain (node, CA) unless overridden
 lib/sovereign/node/key.pem       0600  the LAN API's key (the node key, PKCS#8) unless overridden
 lib/sovereign/node/node.age      0600  the age identity the import decrypts with
@@ -45,6 +46,11 @@ pub const IDENTITY_FILE: &str = "identity.pem";
 
 /// The node's public key file inside [`IDENTITY_DIR`].
 pub const NODE_PUB_FILE: &str = "node.pub";
+
+/// The node's enrolled name inside [`IDENTITY_DIR`] (its certificate's
+/// subject): the image's `sovereign-hostname.service` sets the host name
+/// from it, so every node is named after its identity.
+pub const HOSTNAME_FILE: &str = "hostname";
 
 /// The smallest state partition `flash` creates (ext4 with a journal needs room).
 pub const MIN_STATE_SIZE: u64 = 16 << 20;
@@ -108,6 +114,9 @@ pub fn build(
     let pub_path = dir.join(NODE_PUB_FILE);
     fs::write(&pub_path, format!("{public}\n"))
         .map_err(io(format!("writing {}", pub_path.display())))?;
+    let hostname_path = dir.join(HOSTNAME_FILE);
+    fs::write(&hostname_path, format!("{}\n", identity.name()))
+        .map_err(io(format!("writing {}", hostname_path.display())))?;
     let mut files = files.to_vec();
     let mut derive = |name: &str, contents: Option<Vec<u8>>| {
         if let (false, Some(contents)) = (files.iter().any(|f| f.name == name), contents) {

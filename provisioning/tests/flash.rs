@@ -141,6 +141,11 @@ fn check_flashed(image: &Path, disk: &Path, key: &Path, disk_size: u64) {
     )
     .expect("key");
     assert_eq!(public.trim(), expected.to_string());
+    let hostname = run(Command::new("debugfs")
+        .args(["-R", "cat /lib/sovereign/node/hostname"])
+        .arg(&fs_image));
+    assert_eq!(identity.name(), "node-a");
+    assert_eq!(hostname, "node-a\n", "the node is named after its identity");
     let secret = run(Command::new("debugfs")
         .args(["-R", "cat /lib/sovereign/node/identity.pem"])
         .arg(&fs_image));

@@ -254,6 +254,48 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let write = node.execute("touch /usr/bin/x", wait).expect("touch");
     assert_ne!(write.0, 0, "the root is read-only: {}", write.1);
 
+    // Issue 14 (12): the node is named after its enrolled identity.
+    let hostname = node
+        .succeed("cat /proc/sys/kernel/hostname", wait)
+        .expect("host name");
+    assert_eq!(hostname.trim(), "node-a", "named after its identity");
+    // Issue 14 (13): /var holds data only; Ctrl-Alt-Del does nothing (the
+    // console's PS/2 keyboard sends it to systemd; with -no-reboot a reboot
+    // would end QEMU).
+    let var_options = node
+        .succeed("findmnt -no OPTIONS /var", wait)
+        .expect("/var options");
+    for option in ["noexec", "nosuid", "nodev"] {
+        assert!(
+            var_options.trim().split(',').any(|o| o == option),
+            "/var lacks {option}: {var_options}"
+        );
+    }
+    let keys: Vec<serde_json::Value> = ["ctrl", "alt", "delete"]
+        .iter()
+        .map(|k| serde_json::json!({"type": "qcode", "data": k}))
+        .collect();
+    node.qmp("send-key", serde_json::json!({ "keys": keys }))
+        .expect("press Ctrl-Alt-Del");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let refused = node
+            .succeed(
+                "journalctl -b _PID=1 -o cat --no-pager | grep -i 'ctrl-alt-del' || true",
+                wait,
+            )
+            .expect("journal");
+        if refused.contains("masked") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "systemd never saw Ctrl-Alt-Del: {refused}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(node.is_running(), "Ctrl-Alt-Del did not reboot the node");
+
     // A stick with a signed bundle: mounted read-only, imported, unmounted.
     let good_id = node.attach_stick(&good_stick).expect("plug the good stick");
     node.wait_for_unit("sovereign-stick@sda.service", Duration::from_secs(120))
@@ -262,6 +304,30 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         .succeed("ls /var/lib/sovereign/store/models/smollm2", wait)
         .expect("store");
     assert!(models.contains("1.0.0"), "{models}");
+    // The stick unit's own mount options on a real FAT stick under the
+    // node's kernel: read-only with nothing executed, no device nodes, no
+    // set-id and no link followed, and so is the courier's read-write step.
+    let options = node
+        .succeed(
+            "unit=/usr/lib/systemd/system/sovereign-stick@.service; \
+             mount_args=$(sed -n 's|^ExecStart=/usr/bin/mount \\(-t .*\\) /dev/%i .*|\\1|p' $unit); \
+             remount_args=$(sed -n 's|^ExecStopPost=-/usr/bin/mount \\(-o remount[^ ]*\\) .*|\\1|p' $unit); \
+             mkdir -p /run/stick-check && mount $mount_args /dev/sda /run/stick-check && \
+             findmnt -no OPTIONS /run/stick-check && mount $remount_args /run/stick-check && \
+             findmnt -no OPTIONS /run/stick-check; umount /run/stick-check",
+            wait,
+        )
+        .expect("the stick unit's mount options");
+    let options: Vec<Vec<&str>> = options
+        .lines()
+        .map(|l| l.trim().split(',').collect())
+        .collect();
+    assert_eq!(options.len(), 2, "{options:?}");
+    for (mounted, mode) in options.iter().zip(["ro", "rw"]) {
+        for option in [mode, "nosuid", "nodev", "noexec", "nosymfollow"] {
+            assert!(mounted.contains(&option), "{option}: {options:?}");
+        }
+    }
     let bad_id = node
         .attach_stick(&bad_stick)
         .expect("plug the tampered stick");
@@ -323,7 +389,8 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
             .arg("::/sovereign-audit")
             .arg(&out)
             .env("MTOOLS_SKIP_CHECK", "1"));
-        let folder = out.join("sovereign-audit/sovereign");
+        // The folder is the node's enrolled name: two nodes never collide.
+        let folder = out.join("sovereign-audit/node-a");
         let verified = sov(&[
             "audit",
             "verify",

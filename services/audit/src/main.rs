@@ -26,9 +26,10 @@ struct Args {
     /// The unix socket to listen on.
     #[arg(long)]
     socket: PathBuf,
-    /// This node's name (its host name; the courier folder on sticks).
-    #[arg(long, default_value = "node")]
-    node: String,
+    /// This node's name (the courier folder on sticks), recorded when the log
+    /// is created. Default: the enrolled name of `--identity`, else `node`.
+    #[arg(long)]
+    node: Option<String>,
     /// The node identity file (`sovereign node enroll`): records are signed
     /// with its CA-certified key; a log begun with a raw key is handed over
     /// by a key-change record.
@@ -115,9 +116,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             if let Some(ca) = &args.cluster_ca {
                 identity.require_ca(&sovereign_identity::ClusterCa::load(ca)?)?;
             }
-            AuditLog::open_enrolled(&args.log, &args.node, &identity)?
+            let node = args.node.as_deref().unwrap_or(identity.name());
+            AuditLog::open_enrolled(&args.log, node, &identity)?
         }
-        None => AuditLog::open(&args.log, &args.node)?,
+        None => AuditLog::open(&args.log, args.node.as_deref().unwrap_or("node"))?,
     };
     let log = Arc::new(log);
     let _ = std::fs::remove_file(&args.socket);

@@ -37,9 +37,10 @@ enum Action {
     },
     /// Leave the newest checkpoint and a consistency proof on a mounted stick.
     Courier {
-        /// This node's name (the audit daemon's `--node`).
+        /// This node's name (the audit daemon's). Default: the host name, which
+        /// a node takes from its enrolled identity at boot.
         #[arg(long)]
-        node: String,
+        node: Option<String>,
         /// The stick's mount point.
         stick: PathBuf,
     },
@@ -67,8 +68,21 @@ fn run(args: &Args) -> anyhow::Result<String> {
             ))
         }
         Action::Courier { node, stick } => {
-            let previous = previous_checkpoint(stick, node);
-            let package = client.courier(previous.as_deref())?;
+            let node = match node {
+                Some(node) => node.clone(),
+                None => nix::unistd::gethostname()
+                    .context("reading the host name")?
+                    .into_string()
+                    .map_err(|_| anyhow::anyhow!("the host name is not UTF-8"))?,
+            };
+            let previous = previous_checkpoint(stick, &node);
+            let mut package = client.courier(previous.as_deref())?;
+            if package.node != node {
+                // The log was begun under another name: its own folder holds the
+                // checkpoint to extend.
+                let previous = previous_checkpoint(stick, &package.node);
+                package = client.courier(previous.as_deref())?;
+            }
             let dir = write_package(&package, stick)?;
             Ok(format!(
                 "left the checkpoint at size {} and the proof from size {} in {}",
