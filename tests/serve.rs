@@ -326,3 +326,106 @@ fn serve_speaks_https_with_a_certificate_and_key() {
         "--tls-cert without --tls-key must be a usage error"
     );
 }
+
+/// `POST` of a JSON `body` over plain HTTP/1.1; asserts 200 and returns the JSON answer.
+fn post_json(address: &str, key: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{response}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The value of metric `name` on `/metrics`.
+fn metric(address: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {response}"))
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_each_gets_exactly_its_tokens_alone() {
+    let lab = Lab::new();
+    lab.import_demo_model();
+    let (_server, address) = serve_with_key(&lab, "sk-batch");
+    let chat = |text: &str, max_tokens: u32, seed: Option<u64>| {
+        let mut body = serde_json::json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        });
+        if let Some(seed) = seed {
+            body["temperature"] = serde_json::json!(0.9);
+            body["seed"] = serde_json::json!(seed);
+        }
+        body
+    };
+    let mut requests = [
+        chat("What is the capital of France? Answer in one sentence.", 24, None),
+        chat("Name three colours.", 16, Some(7)),
+        chat("Write a haiku about the sea.", 30, Some(42)),
+        chat("2+2=", 6, None),
+    ];
+    requests[0]["logprobs"] = serde_json::json!(true);
+    requests[0]["top_logprobs"] = serde_json::json!(2);
+    let answer = |response: &serde_json::Value| {
+        (
+            response["choices"][0].clone(),
+            response["usage"]["completion_tokens"].clone(),
+        )
+    };
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|r| answer(&post_json(&address, "sk-batch", "/v1/chat/completions", r)))
+        .collect();
+    assert!(
+        alone[0].0["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{:?}",
+        alone[0]
+    );
+
+    let steps = metric(&address, "sovereign_scheduler_steps_total");
+    let stepped = metric(&address, "sovereign_scheduler_stepped_sequences_total");
+    let together: Vec<_> = std::thread::scope(|s| {
+        let running: Vec<_> = requests
+            .iter()
+            .map(|r| s.spawn(|| post_json(&address, "sk-batch", "/v1/chat/completions", r)))
+            .collect();
+        running
+            .into_iter()
+            .map(|h| answer(&h.join().unwrap()))
+            .collect()
+    });
+    for (i, (batched, single)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(batched, single, "request {i} differs when batched");
+    }
+    // The concurrent requests shared forward steps: more sequences were
+    // stepped than steps were run.
+    let steps = metric(&address, "sovereign_scheduler_steps_total") - steps;
+    let stepped = metric(&address, "sovereign_scheduler_stepped_sequences_total") - stepped;
+    assert!(stepped > steps, "{stepped} sequences in {steps} steps");
+    assert!(metric(&address, "sovereign_api_time_to_first_token_seconds_count") >= 8.0);
+}

@@ -12,6 +12,7 @@ mod backend;
 mod conn;
 mod embeddings;
 mod error;
+mod generation;
 mod keys;
 mod metrics;
 mod openai;
@@ -20,7 +21,7 @@ mod server;
 mod tls;
 mod tools;
 
-pub use backend::Backend;
+pub use backend::{Backend, LocalBackend};
 pub use conn::ConnLimits;
 pub use error::ApiError;
 pub use keys::ApiKeys;
@@ -59,8 +60,9 @@ pub struct ServeArgs {
     /// The model to serve (default: the only one in the store).
     #[arg(long)]
     pub model: Option<String>,
-    /// Generations running at once.
-    #[arg(long, default_value_t = 1)]
+    /// Sequences generated together in one batched step; more requests wait
+    /// in the queue.
+    #[arg(long, default_value_t = 8)]
     pub max_concurrency: usize,
     /// Requests allowed to wait; more get 429.
     #[arg(long, default_value_t = 8)]
@@ -69,6 +71,10 @@ pub struct ServeArgs {
     /// model's context).
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// Compute threads (default: every core this process may use; a batch of
+    /// sequences is compute-bound, see BENCHMARKS.md).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// KV-cache budget in MiB; requests beyond it get 503.
     #[arg(long, default_value_t = 1024)]
     pub kv_budget_mb: u64,
@@ -165,17 +171,19 @@ pub fn prepare(args: &ServeArgs) -> Result<Arc<AppState>, ServeError> {
         max_tokens: args.max_tokens,
         ..Limits::default()
     };
-    Ok(AppState::new(
-        model.name,
-        Arc::new(engine),
-        keys,
-        limits,
-        audit,
-    ))
+    let backend = LocalBackend::new(Arc::new(engine), &limits);
+    Ok(AppState::new(model.name, backend, keys, limits, audit))
 }
 
 /// Serves until Ctrl-C or SIGTERM.
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
+    let threads = match args.threads {
+        Some(0) => return Err(ServeError::Setup("--threads must be at least 1".to_owned())),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    // Read by candle's thread pool (which the kernels share) on first use.
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
     let state = prepare(args)?;
     let tls = match (&args.identity, &args.tls_cert, &args.tls_key) {
         (Some(path), _, _) => {

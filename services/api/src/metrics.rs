@@ -15,6 +15,7 @@ type Histogram = ([u64; BUCKETS.len()], u64, f64);
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
+    first_token: Mutex<Histogram>,
     /// Prompt tokens processed.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.
@@ -27,6 +28,32 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
 }
 
+/// Counts `seconds` into `histogram`.
+fn count(histogram: &mut Histogram, seconds: f64) {
+    for (i, bound) in BUCKETS.iter().enumerate() {
+        if seconds <= *bound {
+            histogram.0[i] += 1;
+        }
+    }
+    histogram.1 += 1;
+    histogram.2 += seconds;
+}
+
+/// Writes `histogram` as Prometheus lines of `name` with `labels` (`k="v",` each).
+fn write_histogram(out: &mut String, name: &str, labels: &str, histogram: &Histogram) {
+    let (buckets, total, sum) = histogram;
+    for (bound, n) in BUCKETS.iter().zip(buckets) {
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {total}");
+    let labels = match labels.trim_end_matches(',') {
+        "" => String::new(),
+        l => format!("{{{l}}}"),
+    };
+    let _ = writeln!(out, "{name}_sum{labels} {sum}");
+    let _ = writeln!(out, "{name}_count{labels} {total}");
+}
+
 impl Metrics {
     /// Counts a finished request.
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
@@ -37,13 +64,14 @@ impl Metrics {
             let entry = map
                 .entry(route.to_owned())
                 .or_insert(([0; BUCKETS.len()], 0, 0.0));
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                if seconds <= *bound {
-                    entry.0[i] += 1;
-                }
-            }
-            entry.1 += 1;
-            entry.2 += seconds;
+            count(entry, seconds);
+        }
+    }
+
+    /// Counts the time from a generation's arrival to its first token.
+    pub fn observe_first_token(&self, seconds: f64) {
+        if let Ok(mut histogram) = self.first_token.lock() {
+            count(&mut histogram, seconds);
         }
     }
 
@@ -61,20 +89,24 @@ impl Metrics {
         }
         out.push_str("# HELP sovereign_api_request_duration_seconds Request latency.\n# TYPE sovereign_api_request_duration_seconds histogram\n");
         if let Ok(map) = self.latency.lock() {
-            for (route, (buckets, count, sum)) in map.iter() {
-                for (bound, n) in BUCKETS.iter().zip(buckets) {
-                    let _ = writeln!(out, "sovereign_api_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {n}");
-                }
-                let _ = writeln!(out, "sovereign_api_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}");
-                let _ = writeln!(
-                    out,
-                    "sovereign_api_request_duration_seconds_sum{{route=\"{route}\"}} {sum}"
-                );
-                let _ = writeln!(
-                    out,
-                    "sovereign_api_request_duration_seconds_count{{route=\"{route}\"}} {count}"
+            for (route, histogram) in map.iter() {
+                let labels = format!("route=\"{route}\",");
+                write_histogram(
+                    &mut out,
+                    "sovereign_api_request_duration_seconds",
+                    &labels,
+                    histogram,
                 );
             }
+        }
+        out.push_str("# HELP sovereign_api_time_to_first_token_seconds Time from a generation's arrival to its first token (each choice).\n# TYPE sovereign_api_time_to_first_token_seconds histogram\n");
+        if let Ok(histogram) = self.first_token.lock() {
+            write_histogram(
+                &mut out,
+                "sovereign_api_time_to_first_token_seconds",
+                "",
+                &histogram,
+            );
         }
         for (name, kind, help, value) in [
             (

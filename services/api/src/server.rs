@@ -26,6 +26,7 @@ use crate::backend::Backend;
 use crate::conn::ConnLimits;
 use crate::embeddings::{self, EmbeddingRequest, EMBEDDING_FIELDS};
 use crate::error::{unknown_route, wrong_method, ApiError};
+use crate::generation::{self, Emit, Worker};
 use crate::keys::ApiKeys;
 use crate::metrics::Metrics;
 use crate::openai::{
@@ -34,7 +35,7 @@ use crate::openai::{
 };
 use crate::refusals::Refusals;
 use crate::tls::{ClientAddr, TlsListener};
-use crate::tools::{self, Answer};
+use crate::tools;
 
 /// The response header that reports the seed a request was sampled with.
 pub const SEED_HEADER: &str = "x-sovereign-seed";
@@ -42,11 +43,12 @@ pub const SEED_HEADER: &str = "x-sovereign-seed";
 /// Limits that keep a node alive.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Generations running at once.
+    /// Requests generating at once (their sequences step together in one batch).
     pub max_concurrency: usize,
     /// Requests allowed to wait for a slot; more get 429.
     pub queue: usize,
-    /// KV-cache bytes the running requests may reserve; more get 503.
+    /// KV-cache bytes: what running sequences hold plus what a new prompt
+    /// needs must fit, else 503 (embeddings reserve their inputs' size).
     pub kv_budget_bytes: u64,
     /// Largest `max_tokens` accepted (the operator's cap); without one, a
     /// request may generate up to the rest of the model's context, which is
@@ -59,7 +61,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_concurrency: 1,
+            max_concurrency: 8,
             queue: 8,
             kv_budget_bytes: 1 << 30,
             max_tokens: None,
@@ -315,23 +317,23 @@ async fn model(
 }
 
 /// A validated generation request.
-struct Job {
-    route: &'static str,
-    chat: bool,
+pub(crate) struct Job {
+    pub(crate) route: &'static str,
+    pub(crate) chat: bool,
     /// One prompt per choice.
-    prompts: Vec<Vec<u32>>,
+    pub(crate) prompts: Vec<Vec<u32>>,
     /// The parameters of each prompt's generation.
-    params: Vec<GenerateParams>,
-    stream: bool,
-    include_usage: bool,
-    client: SocketAddr,
-    key: String,
-    user: Option<String>,
-    request_id: String,
+    pub(crate) params: Vec<GenerateParams>,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) client: SocketAddr,
+    pub(crate) key: String,
+    pub(crate) user: Option<String>,
+    pub(crate) request_id: String,
     /// The grammar of a constrained (chat) generation, taken by the worker.
-    constraint: Mutex<Option<sovereign_inference::Constraint>>,
+    pub(crate) constraint: Mutex<Option<sovereign_inference::Constraint>>,
     /// The answer is in the generic tool-call format.
-    tools: bool,
+    pub(crate) tools: bool,
 }
 
 /// Where a request came from.
@@ -603,7 +605,10 @@ async fn chat(
             constraint: Mutex::new(constraint),
             tools: plan.is_some(),
         };
-        Ok(tag_key(run(Arc::clone(&state), job).await, &caller.key))
+        Ok(tag_key(
+            run(Arc::clone(&state), job, started).await,
+            &caller.key,
+        ))
     }
     .await;
     finish(&state, "/v1/chat/completions", started, result)
@@ -691,7 +696,7 @@ async fn completions(
             constraint: Mutex::new(None),
             tools: false,
         };
-        Ok(tag_key(run(Arc::clone(&state), job).await, &key))
+        Ok(tag_key(run(Arc::clone(&state), job, started).await, &key))
     }
     .await;
     finish(&state, "/v1/completions", started, result)
@@ -710,18 +715,6 @@ fn finish(
         started.elapsed().as_secs_f64(),
     );
     response
-}
-
-/// Bytes of KV cache a request may need (its longest prompt and generation).
-fn job_kv_bytes(state: &AppState, job: &Job) -> u64 {
-    let positions = job
-        .prompts
-        .iter()
-        .zip(&job.params)
-        .map(|(p, params)| p.len() + params.max_tokens)
-        .max()
-        .unwrap_or(0);
-    kv_bytes(state, positions)
 }
 
 /// Bytes of KV cache for `positions` (at most the context).
@@ -817,90 +810,10 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Length => "length",
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
-    }
-}
-
-/// What the worker reports as generation goes.
-enum Emit {
-    /// Final text of choice `index`, with its tokens' log-probabilities.
-    Text {
-        index: usize,
-        text: String,
-        logprobs: Vec<TokenLogprob>,
-    },
-    /// Choice `index` calls tools.
-    Calls { index: usize, calls: Vec<ToolCall> },
-    /// Choice `index` ended.
-    Finish { index: usize, reason: &'static str },
-}
-
-/// The generations' totals.
-struct Outcome {
-    usage: Usage,
-}
-
-type Worker = tokio::task::JoinHandle<Result<Outcome, ApiError>>;
-
-/// Generates every choice of `job`, reporting through `tx`.
-fn generate(state: &AppState, job: &Job, tx: &mpsc::Sender<Emit>) -> Result<Outcome, ApiError> {
-    let mut usage = Usage::default();
-    let mut last = FinishReason::Stop;
-    let mut constraint = job.constraint.lock().ok().and_then(|mut c| c.take());
-    for (index, (prompt, params)) in job.prompts.iter().zip(&job.params).enumerate() {
-        let mut held = String::new();
-        let generation = state
-            .engine
-            .generate_with(
-                prompt,
-                params,
-                constraint.as_mut(),
-                &mut |text, logprobs| {
-                    if job.tools {
-                        held.push_str(text);
-                        return !tx.is_closed();
-                    }
-                    tx.blocking_send(Emit::Text {
-                        index,
-                        text: text.to_owned(),
-                        logprobs: logprobs.to_vec(),
-                    })
-                    .is_ok()
-                },
-            )
-            .map_err(ApiError::internal)?;
-        usage.add(generation.prompt_tokens, generation.completion_tokens);
-        last = generation.finish;
-        if last == FinishReason::Cancelled {
-            break;
-        }
-        let mut reason = finish_reason(generation.finish);
-        if job.tools {
-            let answer = tools::parse(&held, || format!("call_{:016x}", random_u64()));
-            let emit = match answer {
-                Answer::Calls(calls) => {
-                    reason = "tool_calls";
-                    Emit::Calls { index, calls }
-                }
-                Answer::Content(text) => Emit::Text {
-                    index,
-                    text,
-                    logprobs: Vec::new(),
-                },
-            };
-            let _ = tx.blocking_send(emit);
-        }
-        let _ = tx.blocking_send(Emit::Finish { index, reason });
-    }
-    record(state, job, &usage, last)?;
-    Ok(Outcome { usage })
-}
-
-async fn run(state: Arc<AppState>, job: Job) -> Result<Response, ApiError> {
-    let admission = admit(&state, job_kv_bytes(&state, &job)).await?;
+async fn run(state: Arc<AppState>, job: Job, arrived: Instant) -> Result<Response, ApiError> {
+    // The slot (or a place in the queue); the backend admits by the KV cache
+    // the sequences actually hold.
+    let admission = admit(&state, 0).await?;
     let id = format!(
         "{}-{:016x}",
         if job.chat { "chatcmpl" } else { "cmpl" },
@@ -908,17 +821,10 @@ async fn run(state: Arc<AppState>, job: Job) -> Result<Response, ApiError> {
     );
     let created = unix_now();
     let seed = job.params[0].sampler.seed;
-    let (tx, rx) = mpsc::channel::<Emit>(64);
     let job = Arc::new(job);
-    let worker: Worker = {
-        let (state, job) = (Arc::clone(&state), Arc::clone(&job));
-        // The worker counts and records the request itself, so a stream whose
-        // client went away (and whose body was dropped) is still accounted for.
-        tokio::task::spawn_blocking(move || {
-            let _admission = admission;
-            generate(&state, &job, &tx)
-        })
-    };
+    // The waiter counts and records the request itself, so a stream whose
+    // client went away (and whose body was dropped) is still accounted for.
+    let (rx, worker) = generation::start(&state, Arc::clone(&job), arrived, admission)?;
     let mut response = if job.stream {
         stream_response(&state, job, id, created, rx, worker).into_response()
     } else {
@@ -985,7 +891,7 @@ async fn collect_response(
     job: &Job,
     id: String,
     created: u64,
-    mut rx: mpsc::Receiver<Emit>,
+    mut rx: mpsc::UnboundedReceiver<Emit>,
     worker: Worker,
 ) -> Result<Json<Value>, ApiError> {
     let n = job.prompts.len();
@@ -1040,7 +946,7 @@ async fn collect_response(
 }
 
 /// Counts tokens and records the request's metadata (never the prompt).
-fn record(
+pub(crate) fn record(
     state: &AppState,
     job: &Job,
     usage: &Usage,
@@ -1166,7 +1072,7 @@ enum Phase {
 /// A streaming response's state.
 struct Streaming {
     phase: Phase,
-    rx: mpsc::Receiver<Emit>,
+    rx: mpsc::UnboundedReceiver<Emit>,
     worker: Option<Worker>,
     job: Arc<Job>,
     engine: Arc<dyn Backend>,
@@ -1272,7 +1178,7 @@ fn stream_response(
     job: Arc<Job>,
     id: String,
     created: u64,
-    rx: mpsc::Receiver<Emit>,
+    rx: mpsc::UnboundedReceiver<Emit>,
     worker: Worker,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let streaming = Streaming {
@@ -1293,7 +1199,7 @@ fn stream_response(
 }
 
 /// A random number (not for secrets): request ids and default seeds.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sovereign_api::{AppState, ConnLimits, Limits};
+use sovereign_api::{AppState, ConnLimits, Limits, LocalBackend};
 use sovereign_inference::Engine;
 
 fn state() -> Arc<AppState> {
@@ -16,7 +16,8 @@ fn state() -> Arc<AppState> {
     assert!(out.status.success(), "fetch-model failed");
     let path: PathBuf = String::from_utf8(out.stdout).unwrap().trim().into();
     let engine = Arc::new(Engine::load(&path).unwrap());
-    AppState::new("smollm2".into(), engine, None, Limits::default(), None)
+    let backend = LocalBackend::new(engine, &Limits::default());
+    AppState::new("smollm2".into(), backend, None, Limits::default(), None)
 }
 
 /// Starts a server (TLS when `tls` names cert and key) in its own runtime.

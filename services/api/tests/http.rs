@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sovereign_api::{ApiKeys, AppState, Limits};
+use sovereign_api::{ApiKeys, AppState, Limits, LocalBackend};
 use sovereign_inference::Engine;
 
 fn engine() -> Arc<Engine> {
@@ -27,7 +27,13 @@ fn engine() -> Arc<Engine> {
 
 /// Starts a server on an ephemeral loopback port; returns its address.
 fn start(keys: Option<ApiKeys>, limits: Limits) -> SocketAddr {
-    let state = AppState::new("smollm2".into(), engine(), keys, limits, None);
+    let state = AppState::new(
+        "smollm2".into(),
+        LocalBackend::new(engine(), &limits),
+        keys,
+        limits,
+        None,
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -398,7 +404,7 @@ fn the_api_serves_https_with_the_node_certificate() {
     let keys = ApiKeys::load(&dir.path().join("keys")).unwrap();
     let state = AppState::new(
         "smollm2".into(),
-        engine(),
+        LocalBackend::new(engine(), &Limits::default()),
         Some(keys),
         Limits::default(),
         None,
@@ -830,7 +836,13 @@ fn refused_requests_are_audited_as_counted_summaries() {
         refusal_summary_every: Duration::from_millis(300),
         ..Limits::default()
     };
-    let state = AppState::new("smollm2".into(), engine(), Some(keys), limits, Some(audit));
+    let state = AppState::new(
+        "smollm2".into(),
+        LocalBackend::new(engine(), &limits),
+        Some(keys),
+        limits,
+        Some(audit),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();

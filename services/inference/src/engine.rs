@@ -1,10 +1,8 @@
 //! One node running every layer: prompt in, streamed text out.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use tokenizers::Tokenizer;
@@ -13,12 +11,12 @@ use crate::chat::{ChatMessage, ChatTemplate, GEMMA_TEMPLATE};
 use crate::config::Arch;
 use crate::config::ModelConfig;
 use crate::error::InferenceError;
-use crate::executor::LocalExecutor;
+use crate::executor::{Executor, LocalExecutor, Work};
 use crate::grammar::{token_bytes, Constraint, Grammars};
-use crate::logits::{logprobs, LogitShaping, TokenLogprob};
+use crate::logits::LogitShaping;
 use crate::model::Stage;
 use crate::sampling::Sampler;
-use crate::sequence::Vocabulary;
+use crate::sequence::{Sequence, Vocabulary};
 use crate::tokenizer::{encode, load_tokenizer};
 
 /// What to generate.
@@ -265,121 +263,37 @@ impl Engine {
         Ok(pooled)
     }
 
-    /// Generates from `prompt` tokens. `on_text` receives text as it becomes
-    /// final and returns `false` to cancel.
+    /// Generates from `prompt` tokens alone, on the calling thread: the
+    /// same [`Sequence`] and executor step the scheduler batches, with one
+    /// sequence. `on_text` receives text as it becomes final and returns
+    /// `false` to cancel.
     pub fn generate(
         &self,
         prompt: &[u32],
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, InferenceError> {
-        self.generate_with(prompt, params, None, &mut |text, _| on_text(text))
-    }
-
-    /// Generates from `prompt` tokens under an optional grammar
-    /// `constraint`. `on_emit` receives text as it becomes final with the
-    /// log-probabilities of the tokens generated since the last call (when
-    /// asked for), and returns `false` to cancel.
-    pub fn generate_with(
-        &self,
-        prompt: &[u32],
-        params: &GenerateParams,
-        mut constraint: Option<&mut Constraint>,
-        on_emit: &mut dyn FnMut(&str, &[TokenLogprob]) -> bool,
-    ) -> Result<Generation, InferenceError> {
-        let context = self.config().context;
-        if prompt.is_empty() {
-            return Err(InferenceError::Request("the prompt is empty".into()));
+        let mut sequence = Sequence::new(prompt.to_vec(), params.clone(), self.config().context)?;
+        let mut executor = self.local_executor();
+        let mut logits = Vec::new();
+        let mut position = 0;
+        while sequence.finish().is_none() {
+            let tokens = &sequence.tokens()[position..];
+            let work = Work {
+                seq: 0,
+                tokens,
+                position,
+                logits: true,
+            };
+            logits.clear();
+            executor.step(&[work], &mut logits)?;
+            position = sequence.len();
+            let output = sequence.advance(&mut logits, self.vocabulary())?;
+            if !output.text.is_empty() && !on_text(output.text) {
+                sequence.cancel();
+            }
         }
-        if prompt.len() >= context {
-            return Err(InferenceError::Request(format!(
-                "the prompt has {} tokens; the model's context is {context}",
-                prompt.len()
-            )));
-        }
-        let started = Instant::now();
-        let mut cache = self.stage.new_cache();
-        let hidden = self
-            .stage
-            .run_layers(self.stage.embed(prompt)?, &mut cache)?;
-        let mut logits = self.stage.head(&hidden)?.to_vec1::<f32>()?;
-        let prompt_seconds = started.elapsed().as_secs_f64();
-        let decode_started = Instant::now();
-        let hold_back = params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut generated: Vec<u32> = Vec::new();
-        let mut emitted = 0;
-        let mut finish = FinishReason::Length;
-        let mut text = String::new();
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        let mut pending: Vec<TokenLogprob> = Vec::new();
-        while generated.len() < params.max_tokens && prompt.len() + generated.len() < context {
-            let position = (prompt.len() + generated.len()) as u64;
-            let raw = params.logprobs.is_some().then(|| logits.clone());
-            params.shaping.apply(&mut logits, &counts);
-            if let Some(constraint) = constraint.as_deref_mut() {
-                constraint.mask(&mut logits)?;
-            }
-            let token = params.sampler.sample(&logits, position);
-            if self.eos.contains(&token) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let (Some(raw), Some(top)) = (&raw, params.logprobs) {
-                pending.push(logprobs(raw, token, top));
-            }
-            if let Some(constraint) = constraint.as_deref_mut() {
-                constraint.commit(token)?;
-            }
-            *counts.entry(token).or_default() += 1;
-            generated.push(token);
-            text = self
-                .tokenizer
-                .decode(&generated, true)
-                .map_err(|e| InferenceError::Tokenizer(e.to_string()))?;
-            if let Some(at) = params
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(at);
-                finish = FinishReason::Stop;
-                break;
-            }
-            // Emit what can no longer change: not a partial UTF-8 character,
-            // not the start of a stop text.
-            let mut ready = text.len().saturating_sub(hold_back);
-            if text.ends_with('\u{FFFD}') {
-                ready = ready.min(text.len() - '\u{FFFD}'.len_utf8());
-            }
-            while !text.is_char_boundary(ready) {
-                ready -= 1;
-            }
-            if ready > emitted {
-                if !on_emit(&text[emitted..ready], &pending) {
-                    finish = FinishReason::Cancelled;
-                    emitted = ready;
-                    break;
-                }
-                pending.clear();
-                emitted = ready;
-            }
-            let hidden = self
-                .stage
-                .run_layers(self.stage.embed(&[token])?, &mut cache)?;
-            logits = self.stage.head(&hidden)?.to_vec1::<f32>()?;
-        }
-        if finish != FinishReason::Cancelled && (text.len() > emitted || !pending.is_empty()) {
-            on_emit(&text[emitted..], &pending);
-        }
-        Ok(Generation {
-            text,
-            prompt_tokens: prompt.len(),
-            completion_tokens: generated.len(),
-            finish,
-            prompt_seconds,
-            decode_seconds: decode_started.elapsed().as_secs_f64(),
-        })
+        Ok(sequence.generation())
     }
 }
 

@@ -12,6 +12,7 @@ use llguidance::{Matcher, ParserFactory};
 use tokenizers::{DecoderWrapper, Tokenizer};
 
 use crate::error::InferenceError;
+use crate::sequence::LogitsProcessor;
 
 /// The bytes of every token; control tokens carry llguidance's marker byte
 /// so that grammars never produce them as text.
@@ -148,10 +149,10 @@ pub struct Constraint {
     matcher: Matcher,
 }
 
-impl Constraint {
+impl LogitsProcessor for Constraint {
     /// Sets the logits of tokens the grammar does not allow next to -inf
     /// (only end-of-sequence once the output is complete).
-    pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<(), InferenceError> {
+    fn process(&mut self, _generated: &[u32], logits: &mut [f32]) -> Result<(), InferenceError> {
         let allowed: SimpleVob = self
             .matcher
             .compute_mask_or_eos()
@@ -165,7 +166,7 @@ impl Constraint {
     }
 
     /// Advances the grammar by the chosen token.
-    pub(crate) fn commit(&mut self, token: u32) -> Result<(), InferenceError> {
+    fn accepted(&mut self, token: u32) -> Result<(), InferenceError> {
         self.matcher
             .consume_token(token)
             .map_err(|e| InferenceError::Grammar(e.to_string()))

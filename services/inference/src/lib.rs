@@ -6,8 +6,8 @@ The three stages the ring needs are on [`Stage`]: [`Stage::embed`] (tokens to
 hidden state, first stage only), [`Stage::run_layers`] (this stage's layers
 with their [`KvCache`]) and [`Stage::head`] (final norm and output projection,
 last stage only). A [`Stage`] loads only the tensors of its range. [`Engine`]
-is one node running every layer: tokenizer, chat template, sampling and the
-generation loop. Sampling draws from a counter-based generator keyed by the
+is one node running every layer: tokenizer, chat template, and one request
+alone; [`Scheduler`] batches many over the same [`Sequence`]. Sampling draws from a counter-based generator keyed by the
 request's seed and the token position ([`Sampler`]), so whichever node
 samples, the same seed gives the same tokens.
 
@@ -47,8 +47,7 @@ pub use model::{Chunk, KvCache, Stage};
 pub use perplexity::Perplexity;
 pub use sampling::Sampler;
 pub use scheduler::{
-    bytes_per_position, generate_blocking, EventSink, Request, Scheduler, SchedulerConfig,
-    SchedulerStats, SubmitError,
+    bytes_per_position, EventSink, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
 };
-pub use sequence::{LogitsProcessor, Sequence, Vocabulary};
+pub use sequence::{LogitsProcessor, Output, Sequence, Vocabulary};
 pub use tokenizer::load_tokenizer;

@@ -18,18 +18,20 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::engine::Engine;
 use crate::engine::{GenerateParams, Generation};
 use crate::error::InferenceError;
 use crate::executor::{Executor, SeqId, Work};
+use crate::logits::TokenLogprob;
 use crate::sequence::{LogitsProcessor, Sequence};
 
 /// Where a request's output goes. Called on the scheduler's thread.
 pub trait EventSink: Send {
-    /// Text that became final; `false` cancels the request.
-    fn text(&mut self, text: &str) -> bool;
+    /// Text that became final, with the log-probabilities of the tokens
+    /// since the last call (when the request asked for them); `false`
+    /// cancels the request.
+    fn text(&mut self, text: &str, logprobs: &[TokenLogprob]) -> bool;
     /// The request ended (or could not run).
     fn done(&mut self, result: Result<Generation, InferenceError>);
     /// Whether the client went away (checked before every step).
@@ -89,6 +91,8 @@ pub struct SchedulerStats {
     pub prefix_bytes: AtomicU64,
     /// Forward steps run.
     pub steps: AtomicU64,
+    /// Sequences stepped, summed over the steps (over `steps`: the mean batch).
+    pub stepped: AtomicU64,
     /// Prompt tokens whose KV was reused instead of computed.
     pub prefix_hit_tokens: AtomicU64,
     /// Sequences preempted (requeued for recomputation).
@@ -104,6 +108,9 @@ pub enum SubmitError {
     /// The scheduler's thread has stopped.
     #[error("the scheduler has stopped")]
     Stopped,
+    /// The backend cannot run what the request asks for (named).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The handle the API holds: submits requests to the model's thread.
@@ -448,12 +455,15 @@ impl Worker {
             owners.push((i, take, take == remaining));
         }
         self.stats.batch_size.store(batch.len(), Ordering::Relaxed);
+        self.stats
+            .stepped
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.executor.step(&batch, &mut self.logits)?;
         drop(batch);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let vocab = self.engine.config().vocab;
         let mut row = 0;
-        let mut finished = Vec::new();
+        let mut ended = Vec::new();
         for (i, take, wants) in owners {
             let r = &mut self.running[i];
             r.computed += take;
@@ -462,17 +472,29 @@ impl Worker {
             }
             let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
             row += 1;
-            let text = r.sequence.advance(logits, self.engine.vocabulary())?;
-            if !text.is_empty() && !r.sink.text(text) {
-                r.sequence.cancel();
-            }
-            if r.sequence.finish().is_some() {
-                finished.push(i);
+            match r.sequence.advance(logits, self.engine.vocabulary()) {
+                Ok(output) => {
+                    if !output.is_empty() && !r.sink.text(output.text, output.logprobs) {
+                        r.sequence.cancel();
+                    }
+                    if r.sequence.finish().is_some() {
+                        ended.push((i, None));
+                    }
+                }
+                // This request's own processing failed (a grammar error): it
+                // alone ends.
+                Err(e) => ended.push((i, Some(e))),
             }
         }
-        for i in finished.into_iter().rev() {
-            let r = self.running.remove(i);
-            self.finish(r);
+        for (i, error) in ended.into_iter().rev() {
+            let mut r = self.running.remove(i);
+            match error {
+                None => self.finish(r),
+                Some(e) => {
+                    self.executor.release(r.id);
+                    r.sink.done(Err(e));
+                }
+            }
         }
         Ok(())
     }
@@ -519,41 +541,4 @@ impl Worker {
             self.stats.batch_size.store(0, Ordering::Relaxed);
         }
     }
-}
-
-/// Runs one request to the end on the calling thread's view: submits it and
-/// waits for its outcome, passing text to `on_text` (`false` cancels).
-pub fn generate_blocking(
-    scheduler: &Scheduler,
-    prompt: Vec<u32>,
-    params: GenerateParams,
-    on_text: impl FnMut(&str) -> bool + Send + 'static,
-) -> Result<Generation, InferenceError> {
-    let (tx, rx) = mpsc::channel();
-    struct Sink<F> {
-        on_text: F,
-        tx: mpsc::Sender<Result<Generation, InferenceError>>,
-    }
-    impl<F: FnMut(&str) -> bool + Send> EventSink for Sink<F> {
-        fn text(&mut self, text: &str) -> bool {
-            (self.on_text)(text)
-        }
-        fn done(&mut self, result: Result<Generation, InferenceError>) {
-            let _ = self.tx.send(result);
-        }
-    }
-    let started = Instant::now();
-    scheduler
-        .submit(Request {
-            prompt,
-            params,
-            processor: None,
-            sink: Box::new(Sink { on_text, tx }),
-        })
-        .map_err(|e| InferenceError::Request(e.to_string()))?;
-    let result = rx
-        .recv()
-        .map_err(|_| InferenceError::Request("the scheduler stopped".into()))?;
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "request done");
-    result
 }

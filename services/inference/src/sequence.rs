@@ -3,23 +3,46 @@
 //! per-request logit processing), stop texts, the text made final so far,
 //! why it ended, and cancellation.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use tokenizers::Tokenizer;
 
 use crate::engine::{FinishReason, GenerateParams, Generation};
 use crate::error::InferenceError;
+use crate::logits::{logprobs, TokenLogprob};
 
-/// Per-request changes to the next token's logits before sampling (penalties,
-/// logit bias, grammar masks). Runs on the scheduler's thread, once per
-/// generated token.
+/// Per-request changes to the next token's logits before sampling, beyond
+/// the request's own logit bias and penalties (a grammar's mask). Runs on the
+/// scheduler's thread, once per generated token.
 pub trait LogitsProcessor: Send {
     /// Adjusts `logits` (one per vocabulary entry) for the next token;
     /// `generated` holds the tokens generated so far.
-    fn process(&mut self, generated: &[u32], logits: &mut [f32]);
+    fn process(&mut self, generated: &[u32], logits: &mut [f32]) -> Result<(), InferenceError>;
 
-    /// Told the token that was chosen (a grammar advances its state).
-    fn accepted(&mut self, _token: u32) {}
+    /// Told the token that was chosen (a grammar advances its state); not
+    /// told an end-of-sequence token.
+    fn accepted(&mut self, _token: u32) -> Result<(), InferenceError> {
+        Ok(())
+    }
+}
+
+/// What one [`Sequence::advance`] makes final: text, and the
+/// log-probabilities of the tokens generated since the last output that
+/// carried text (when the request asked for them).
+#[derive(Debug, Default)]
+pub struct Output<'a> {
+    /// Text that can no longer change.
+    pub text: &'a str,
+    /// The tokens' log-probabilities (empty unless asked for).
+    pub logprobs: &'a [TokenLogprob],
+}
+
+impl Output<'_> {
+    /// Whether there is nothing to pass on.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty() && self.logprobs.is_empty()
+    }
 }
 
 /// What the tokenizer side of a model gives a sequence: the tokenizer, the
@@ -43,6 +66,14 @@ pub struct Sequence {
     prompt_len: usize,
     params: GenerateParams,
     processor: Option<Box<dyn LogitsProcessor>>,
+    /// How often each token was generated (for the penalties).
+    counts: HashMap<u32, u32>,
+    /// The logits before any shaping, kept for the log-probabilities.
+    raw: Vec<f32>,
+    /// Log-probabilities not yet passed on in an [`Output`].
+    pending: Vec<TokenLogprob>,
+    /// The last output carried `pending`, to be cleared at the next advance.
+    delivered: bool,
     /// Longest stop text: this much text is held back until it cannot start one.
     hold_back: usize,
     text: String,
@@ -75,6 +106,10 @@ impl Sequence {
             tokens: prompt,
             params,
             processor: None,
+            counts: HashMap::new(),
+            raw: Vec::new(),
+            pending: Vec::new(),
+            delivered: false,
             hold_back,
             text: String::new(),
             emitted: 0,
@@ -133,33 +168,47 @@ impl Sequence {
         }
     }
 
-    /// Chooses the next token from `logits` (those of the last position) and
-    /// returns the text that became final with it (possibly empty). After it
-    /// the sequence may have finished; if not, its new last token is the next
-    /// input.
+    /// Chooses the next token from `logits` (those of the last position,
+    /// reshaped in place by the request's bias, penalties and processor)
+    /// and returns what became final with it (possibly nothing). After it
+    /// the sequence may have finished; if not, its new last token is the
+    /// next input.
     pub fn advance(
         &mut self,
         logits: &mut [f32],
         vocab: Vocabulary<'_>,
-    ) -> Result<&str, InferenceError> {
+    ) -> Result<Output<'_>, InferenceError> {
+        if std::mem::take(&mut self.delivered) {
+            self.pending.clear();
+        }
         if self.finish.is_some() {
-            return Ok("");
+            return Ok(Output::default());
         }
         if self.first_token.is_none() {
             self.first_token = Some(Instant::now());
         }
+        let top = self.params.logprobs;
+        if top.is_some() {
+            self.raw.clear();
+            self.raw.extend_from_slice(logits);
+        }
+        self.params.shaping.apply(logits, &self.counts);
         if let Some(processor) = &mut self.processor {
-            processor.process(&self.tokens[self.prompt_len..], logits);
+            processor.process(&self.tokens[self.prompt_len..], logits)?;
         }
         let position = self.len() as u64;
         let token = self.params.sampler.sample(logits, position);
-        if let Some(processor) = &mut self.processor {
-            processor.accepted(token);
-        }
         if vocab.eos.contains(&token) {
             self.finish = Some(FinishReason::Stop);
             return Ok(self.flush());
         }
+        if let Some(top) = top {
+            self.pending.push(logprobs(&self.raw, token, top));
+        }
+        if let Some(processor) = &mut self.processor {
+            processor.accepted(token)?;
+        }
+        *self.counts.entry(token).or_default() += 1;
         self.tokens.push(token);
         self.text = vocab
             .tokenizer
@@ -189,16 +238,27 @@ impl Sequence {
         while !self.text.is_char_boundary(ready) {
             ready -= 1;
         }
+        if ready <= self.emitted {
+            return Ok(Output::default());
+        }
         let from = self.emitted;
-        self.emitted = self.emitted.max(ready);
-        Ok(&self.text[from.min(self.emitted)..self.emitted])
+        self.emitted = ready;
+        self.delivered = true;
+        Ok(Output {
+            text: &self.text[from..ready],
+            logprobs: &self.pending,
+        })
     }
 
-    /// All text not yet emitted (the sequence has finished).
-    fn flush(&mut self) -> &str {
+    /// All text and log-probabilities not yet passed on (the sequence has finished).
+    fn flush(&mut self) -> Output<'_> {
         let from = self.emitted.min(self.text.len());
         self.emitted = self.text.len();
-        &self.text[from..]
+        self.delivered = true;
+        Output {
+            text: &self.text[from..],
+            logprobs: &self.pending,
+        }
     }
 
     /// The outcome so far (final once [`Sequence::finish`] is set).

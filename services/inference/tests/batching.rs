@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 
 use sovereign_inference::{
     ChatMessage, Engine, EventSink, FinishReason, GenerateParams, Generation, InferenceError,
-    Request, Sampler, Scheduler, SchedulerConfig, Stage,
+    Request, Sampler, Scheduler, SchedulerConfig, Stage, TokenLogprob,
 };
 
 fn demo_model() -> PathBuf {
@@ -94,7 +94,7 @@ struct Collect {
 }
 
 impl EventSink for Collect {
-    fn text(&mut self, text: &str) -> bool {
+    fn text(&mut self, text: &str, _logprobs: &[TokenLogprob]) -> bool {
         self.text.push_str(text);
         if let Some(first) = self.first.take() {
             let _ = first.send(());
@@ -224,6 +224,29 @@ fn batched_sequences_get_exactly_their_tokens_alone() {
     }
 }
 
+/// Runs one request on `scheduler` and waits for its outcome.
+fn generate_blocking(
+    scheduler: &Scheduler,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+) -> Result<Generation, InferenceError> {
+    let (done, result) = mpsc::channel();
+    scheduler
+        .submit(Request {
+            prompt,
+            params,
+            processor: None,
+            sink: Box::new(Collect {
+                text: String::new(),
+                first: None,
+                done,
+                index: 0,
+            }),
+        })
+        .unwrap();
+    result.recv().unwrap().1
+}
+
 #[test]
 fn a_second_turn_reuses_the_first_turns_cache_and_answers_the_same() {
     let engine = Arc::new(Engine::load(&demo_model()).unwrap());
@@ -233,13 +256,7 @@ fn a_second_turn_reuses_the_first_turns_cache_and_answers_the_same() {
         ..GenerateParams::default()
     };
     let first_turn = chat(&engine, "Which planet is the largest?");
-    let answer = sovereign_inference::generate_blocking(
-        &scheduler,
-        first_turn.clone(),
-        params.clone(),
-        |_| true,
-    )
-    .unwrap();
+    let answer = generate_blocking(&scheduler, first_turn.clone(), params.clone()).unwrap();
     assert_eq!(answer.finish, FinishReason::Length);
     let second_prompt = engine
         .chat_prompt(&[
@@ -250,11 +267,7 @@ fn a_second_turn_reuses_the_first_turns_cache_and_answers_the_same() {
         .unwrap();
     let second = engine.tokenize(&second_prompt).unwrap();
     let before = scheduler.stats().prefix_hit_tokens.load(Ordering::Relaxed);
-    let reused =
-        sovereign_inference::generate_blocking(&scheduler, second.clone(), params.clone(), |_| {
-            true
-        })
-        .unwrap();
+    let reused = generate_blocking(&scheduler, second.clone(), params.clone()).unwrap();
     let hit = scheduler.stats().prefix_hit_tokens.load(Ordering::Relaxed) - before;
     assert!(
         hit as usize >= first_turn.len() - 1,

@@ -9,7 +9,8 @@ use std::time::Instant;
 use serde_json::{Map, Value};
 use sovereign_api::Backend;
 use sovereign_inference::{
-    ChatMessage, FinishReason, Front, GenerateParams, Generation, InferenceError, ModelConfig,
+    ChatMessage, FinishReason, Front, GenerateParams, Generation, InferenceError, LogitShaping,
+    ModelConfig, Request, SubmitError,
 };
 
 use crate::core::Core;
@@ -66,15 +67,35 @@ impl Backend for RingBackend {
         self.front().tokenize(text)
     }
 
-    fn generate(
-        &self,
-        prompt: &[u32],
-        params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Generation, InferenceError> {
-        let front = self.front();
-        let mut executor = RingExecutor::new(Arc::clone(&self.core));
-        generate(&front, &mut executor, prompt, params, on_text)
+    /// Runs the request on its own thread (one sequence at a time on the
+    /// ring); logit processing is not available here.
+    fn start(self: Arc<Self>, request: Request) -> Result<(), SubmitError> {
+        let Request {
+            prompt,
+            params,
+            processor,
+            mut sink,
+        } = request;
+        if processor.is_some()
+            || params.logprobs.is_some()
+            || params.shaping != LogitShaping::default()
+        {
+            return Err(SubmitError::Unsupported(
+                "logprobs, penalties, logit_bias and grammars are not supported by the ring".into(),
+            ));
+        }
+        std::thread::Builder::new()
+            .name("ring-request".into())
+            .spawn(move || {
+                let front = self.front();
+                let mut executor = RingExecutor::new(Arc::clone(&self.core));
+                let result = generate(&front, &mut executor, &prompt, &params, &mut |text| {
+                    sink.text(text, &[]) && !sink.is_cancelled()
+                });
+                sink.done(result);
+            })
+            .map(|_| ())
+            .map_err(|_| SubmitError::Stopped)
     }
 
     fn health(&self, detailed: bool) -> Map<String, Value> {
