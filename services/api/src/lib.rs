@@ -29,7 +29,7 @@ pub use metrics::Metrics;
 pub use server::{
     router, serve, serve_tls, serve_tls_with, serve_with, AppState, Limits, SEED_HEADER,
 };
-pub use tls::{ClientAddr, TlsListener};
+pub use tls::{pem_server_config, ClientAddr, TlsListener};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -192,7 +192,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
             Some(sovereign_identity::tls::lan_server_config(&identity))
         }
         (None, Some(cert), Some(key)) => {
-            Some(tls::pem_server_config(cert, key).map_err(ServeError::Setup)?)
+            Some(pem_server_config(cert, key).map_err(ServeError::Setup)?)
         }
         _ => None,
     };

@@ -24,7 +24,7 @@ use crate::record::{Event, Peer};
 pub struct Rule {
     /// The user's id.
     pub uid: u32,
-    /// The one service name its events carry.
+    /// A service name its events carry (a user may have a rule per service).
     pub service: String,
     /// The event kinds it may record.
     pub kinds: Vec<String>,
@@ -122,32 +122,45 @@ impl Gate {
         })
     }
 
-    /// Whether `peer` may make any request at all.
-    fn known(&self, peer: &Peer) -> Result<Option<&Rule>, String> {
+    /// The rules of `peer` (none when the policy is empty and `peer` is the
+    /// daemon's own user), or why it may make no request at all.
+    fn known(&self, peer: &Peer) -> Result<Vec<&Rule>, String> {
         if self.policy.rules.is_empty() {
             return if peer.uid == Uid::effective().as_raw() {
-                Ok(None)
+                Ok(Vec::new())
             } else {
                 Err(format!("user {} may not record here", peer.uid))
             };
         }
-        self.policy
+        let rules: Vec<&Rule> = self
+            .policy
             .rules
             .iter()
-            .find(|r| r.uid == peer.uid)
-            .map(Some)
-            .ok_or_else(|| format!("user {} may not record here", peer.uid))
+            .filter(|r| r.uid == peer.uid)
+            .collect();
+        if rules.is_empty() {
+            return Err(format!("user {} may not record here", peer.uid));
+        }
+        Ok(rules)
     }
 
     /// Admits `event` from `peer`, or says why not.
     pub fn admit(&self, peer: &Peer, event: &Event) -> Result<(), String> {
-        if let Some(rule) = self.known(peer)? {
-            if event.service != rule.service {
+        let rules = self.known(peer)?;
+        if !rules.is_empty() {
+            let services: Vec<&str> = rules.iter().map(|r| r.service.as_str()).collect();
+            let Some(rule) = rules.iter().find(|r| r.service == event.service) else {
                 return Err(format!(
-                    "user {} records as {:?}, not {:?}",
-                    peer.uid, rule.service, event.service
+                    "user {} records as {}, not {:?}",
+                    peer.uid,
+                    services
+                        .iter()
+                        .map(|s| format!("{s:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                    event.service
                 ));
-            }
+            };
             if !rule.kinds.contains(&event.kind) {
                 return Err(format!(
                     "{:?} may not record {:?} events",

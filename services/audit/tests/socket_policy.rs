@@ -93,6 +93,32 @@ fn r14_a_client_records_only_its_own_kinds_stamped_with_its_credentials() {
 }
 
 #[test]
+fn a_user_with_two_rules_records_both_services_kinds_and_nothing_else() {
+    // The node service is one process: its API events and its ring events.
+    let tmp = tempfile::tempdir().unwrap();
+    let api = format!("{}=api:api-request", me());
+    let node = format!("{}=node:ring-plan,ring-join", me());
+    let d = daemon(
+        tmp.path(),
+        &["--allow", &api, "--allow", &node, "--min-free-mb", "1"],
+    );
+    d.client.record(&event("api", "api-request")).unwrap();
+    d.client.record(&event("node", "ring-plan")).unwrap();
+    for (service, kind) in [
+        ("node", "api-request"),
+        ("api", "ring-plan"),
+        ("import", "import"),
+    ] {
+        let err = d
+            .client
+            .record(&event(service, kind))
+            .expect_err("an event outside both rules was accepted")
+            .to_string();
+        assert!(err.contains("refused"), "{err}");
+    }
+}
+
+#[test]
 fn r14_a_user_without_a_rule_records_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let d = daemon(

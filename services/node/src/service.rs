@@ -31,8 +31,15 @@ pub struct NodeArgs {
     pub api_listen: SocketAddr,
     /// Serve the API over HTTPS with the identity's CA-issued certificate
     /// (clients trust the cluster CA once), as the node image does.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tls_cert")]
     pub api_tls: bool,
+    /// Serve the API over HTTPS with this PEM certificate chain instead (the
+    /// one `sovereign flash` writes, or an operator's override).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// The API keys file (`NAME blake3:<hex>` per line); required off loopback.
     #[arg(long)]
     pub keys: Option<PathBuf>,
@@ -362,9 +369,14 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         args.audit_socket.as_deref(),
         &name,
     )?;
-    let tls = args
-        .api_tls
-        .then(|| sovereign_identity::tls::lan_server_config(&node));
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(sovereign_api::pem_server_config(cert, key).map_err(NodeError::Setup)?)
+        }
+        _ => args
+            .api_tls
+            .then(|| sovereign_identity::tls::lan_server_config(&node)),
+    };
     let ca = node.ca().clone();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
