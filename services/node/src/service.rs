@@ -369,6 +369,13 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         args.audit_socket.as_deref(),
         &name,
     )?;
+    if let Some(audit) = &audit {
+        let details =
+            json!({ "model": format!("{}@{}", model.name, model.version), "service": "node" });
+        audit
+            .record(sovereign_audit::Event::new("api", "model-loaded", details))
+            .map_err(setup)?;
+    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             Some(sovereign_api::pem_server_config(cert, key).map_err(NodeError::Setup)?)

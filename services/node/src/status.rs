@@ -173,7 +173,7 @@ pub fn render(health: &Value) -> String {
             "{:<16} {:<9} {:>7} MiB {:<8} {}",
             m["name"].as_str().unwrap_or("?"),
             layers,
-            m["memory_budget_mb"],
+            m["memory_budget_mb"].as_u64().unwrap_or(0),
             m["isa"].as_str().unwrap_or("?"),
             models.join(",")
         ));
