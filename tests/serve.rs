@@ -381,7 +381,11 @@ fn concurrent_requests_are_batched_and_each_gets_exactly_its_tokens_alone() {
         body
     };
     let mut requests = [
-        chat("What is the capital of France? Answer in one sentence.", 24, None),
+        chat(
+            "What is the capital of France? Answer in one sentence.",
+            24,
+            None,
+        ),
         chat("Name three colours.", 16, Some(7)),
         chat("Write a haiku about the sea.", 30, Some(42)),
         chat("2+2=", 6, None),
