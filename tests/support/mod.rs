@@ -2,6 +2,8 @@
 //! files, and helpers that run the real `sovereign` binary.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -57,3 +57,12 @@ impl ApiKeys {
             .map(|(n, _)| n.as_str())
     }
 }
+
+/// The key presented as `Authorization: Bearer <key>` (scheme case-insensitive), if any.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    match value.trim_start().split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Some(token.trim()),
+        _ => None,
+    }
+}

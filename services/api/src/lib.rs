@@ -20,6 +20,7 @@ mod refusals;
 mod server;
 mod tls;
 mod tools;
+mod unavailable;
 
 pub use backend::{Backend, LocalBackend};
 pub use conn::ConnLimits;
@@ -30,6 +31,7 @@ pub use server::{
     router, serve, serve_tls, serve_tls_with, serve_with, AppState, Limits, SEED_HEADER,
 };
 pub use tls::{pem_server_config, ClientAddr, TlsListener};
+pub use unavailable::{serve_unavailable, HealthFields};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

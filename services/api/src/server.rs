@@ -260,14 +260,8 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
     };
     let unauthorized =
         |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", message);
-    let value = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized("missing bearer API key"))?;
-    let presented = match value.trim_start().split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-        _ => return Err(unauthorized("missing bearer API key")),
-    };
+    let presented =
+        crate::keys::bearer(headers).ok_or_else(|| unauthorized("missing bearer API key"))?;
     keys.check(presented)
         .map(str::to_owned)
         .ok_or_else(|| unauthorized("invalid API key"))

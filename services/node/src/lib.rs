@@ -9,7 +9,9 @@ runs this node's layers ([`stage`]), fed by frames of the ring protocol
 steps of its sequences through the stages, keeps each sequence's history and
 replays it when the plan changes, so a lost node costs time, not tokens.
 [`run`] is the node service (`sovereign node run`, `sovereign-node`): the
-ring transport, the planner, this node's stage and the API in one process.
+ring transport, replication (`replicate`: models, trust files and revocation
+lists imported on one node spread to every member, each importing them
+itself), the planner, this node's stage and the API in one process.
 */
 #![deny(missing_docs)]
 
@@ -18,6 +20,7 @@ mod core;
 mod executor;
 pub mod plan;
 pub mod protocol;
+mod replicate;
 mod service;
 pub mod stage;
 pub mod status;

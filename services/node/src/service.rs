@@ -1,4 +1,7 @@
-//! `sovereign node run`: the ring, this node's stage and the API in one process.
+//! `sovereign node run`: the ring, replication, this node's stage and the API
+//! in one process. A node whose store holds no model yet runs the ring and
+//! replication (it relays and receives) and answers 503 on its API until a
+//! verified model is live in its store.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,7 +11,9 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use sovereign_identity::Revocations;
+use sovereign_replication::Status as Replication;
 use sovereign_ring::{Advert, Channel, Identity, Membership, Ring, RingConfig};
+use tokio::sync::watch;
 
 use crate::core::{Core, Links};
 use crate::plan::{self, Candidate, Isa, Plan};
@@ -52,9 +57,17 @@ pub struct NodeArgs {
     /// The ring's TCP/UDP port.
     #[arg(long, default_value_t = 7420)]
     pub ring_port: u16,
-    /// The model to serve (default: the only one in the store).
+    /// The model to serve (default: the only one in the store; with none
+    /// yet, the first that becomes live).
     #[arg(long)]
     pub model: Option<String>,
+    /// Where bundles being received or passed on are kept (default: STORE.spool,
+    /// beside the store on the state partition).
+    #[arg(long)]
+    pub spool: Option<PathBuf>,
+    /// The most the spool may hold, in MiB (a bundle per version in flight).
+    #[arg(long, default_value_t = 20480)]
+    pub spool_capacity_mb: u64,
     /// Generations this node's API runs at once (pipelined through the ring).
     #[arg(long, default_value_t = 4)]
     pub max_concurrency: usize,
@@ -96,20 +109,31 @@ struct Model {
     footprint: sovereign_inference::Footprint,
 }
 
-fn load_model(args: &NodeArgs) -> Result<Model, NodeError> {
+/// The model this node serves, if its store holds it yet.
+fn find_model(args: &NodeArgs) -> Result<Option<Model>, NodeError> {
     let model = match &args.model {
-        Some(name) => sovereign_store::live_model(&args.store, name).map_err(setup)?,
+        Some(name) => match sovereign_store::live_model(&args.store, name) {
+            Ok(model) => model,
+            Err(sovereign_store::StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(setup(e)),
+        },
         None => {
             let mut all = sovereign_store::live_models(&args.store).map_err(setup)?;
-            if all.len() != 1 {
-                return Err(NodeError::Setup(format!(
-                    "the store holds {} models; choose one with --model",
-                    all.len()
-                )));
+            match all.len() {
+                0 => return Ok(None),
+                1 => all.remove(0),
+                n => {
+                    return Err(NodeError::Setup(format!(
+                        "the store holds {n} models; choose one with --model"
+                    )))
+                }
             }
-            all.remove(0)
         }
     };
+    model_of(model).map(Some)
+}
+
+fn model_of(model: sovereign_store::LiveModel) -> Result<Model, NodeError> {
     let path = sovereign_inference::Engine::locate(&model.dir, &model.files).map_err(setup)?;
     Ok(Model {
         footprint: sovereign_inference::Footprint::of(&path).map_err(setup)?,
@@ -117,6 +141,20 @@ fn load_model(args: &NodeArgs) -> Result<Model, NodeError> {
         version: model.version,
         path,
     })
+}
+
+/// Version `version` of `name` if it is live in `store`.
+fn model_version(
+    store: &std::path::Path,
+    name: &str,
+    version: &semver::Version,
+) -> Result<Model, NodeError> {
+    let live = sovereign_store::live_versions(store)
+        .map_err(setup)?
+        .into_iter()
+        .find(|m| m.name == name && m.version == *version)
+        .ok_or_else(|| NodeError::Setup(format!("this node does not hold {name}@{version}")))?;
+    model_of(live)
 }
 
 /// Hands frames to the ring's sender task (callers are blocking threads).
@@ -136,6 +174,24 @@ struct Seen {
     members: BTreeMap<String, Value>,
     plan: Option<Plan>,
     problem: Option<String>,
+}
+
+/// Each member as `/health` shows it (its layers are added from the plan).
+fn members_json(view: &Membership) -> BTreeMap<String, Value> {
+    view.members
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                json!({
+                    "memory_budget_mb": m.advert.memory_budget_mb,
+                    "models": m.advert.models.iter().map(|(n, v)| format!("{n}@{v}")).collect::<Vec<_>>(),
+                    "isa": m.advert.isa,
+                    "neighbours": m.neighbours,
+                }),
+            )
+        })
+        .collect()
 }
 
 /// The candidates of a membership view for `model`.
@@ -158,11 +214,14 @@ fn candidates(view: &Membership, model: &str) -> Vec<Candidate> {
 }
 
 /// Re-plans whenever the membership changes; records plans, joins and
-/// leaves in the audit log.
+/// leaves in the audit log. When the ring moves to a newer version that this
+/// node holds too, the node takes it (layers and tokenizer).
 async fn planner(
     mut membership: tokio::sync::watch::Receiver<Membership>,
     core: Arc<Core>,
-    model: Model,
+    mut model: Model,
+    store: PathBuf,
+    backend: Arc<RingBackend>,
     view: Arc<Mutex<Seen>>,
     state: Arc<sovereign_api::AppState>,
 ) {
@@ -179,7 +238,23 @@ async fn planner(
         }
         known = names;
         let candidates = candidates(&members, &model.name);
-        let outcome = match plan::choose_version(&candidates) {
+        let chosen = plan::choose_version(&candidates);
+        if let Some(version) = chosen.as_ref().filter(|v| **v != model.version) {
+            match tokio::task::block_in_place(|| switch(&store, &model, version, &core)) {
+                Ok((next, front)) => {
+                    tracing::info!(version = %version, "ring: serving a newer version");
+                    record(
+                        audit,
+                        "model-loaded",
+                        json!({ "model": format!("{}@{version}", model.name) }),
+                    );
+                    backend.replace_front(front);
+                    model = next;
+                }
+                Err(e) => tracing::debug!("ring: staying on {}: {e}", model.version),
+            }
+        }
+        let outcome = match chosen {
             Some(version) if version == model.version => {
                 plan::compute(&version, &model.footprint, &candidates).map_err(|e| e.to_string())
             }
@@ -192,21 +267,7 @@ async fn planner(
         let previous = core.active().map(|a| a.plan);
         {
             let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
-            v.members = members
-                .members
-                .iter()
-                .map(|(name, m)| {
-                    (
-                        name.clone(),
-                        json!({
-                            "memory_budget_mb": m.advert.memory_budget_mb,
-                            "models": m.advert.models.iter().map(|(n, v)| format!("{n}@{v}")).collect::<Vec<_>>(),
-                            "isa": m.advert.isa,
-                            "neighbours": m.neighbours,
-                        }),
-                    )
-                })
-                .collect();
+            v.members = members_json(&members);
             v.plan = outcome.as_ref().ok().cloned();
             v.problem = outcome.as_ref().err().cloned();
         }
@@ -250,6 +311,25 @@ async fn planner(
     }
 }
 
+/// Version `version` of the served model from `store`, if it is live here and
+/// has the architecture the core runs.
+fn switch(
+    store: &std::path::Path,
+    model: &Model,
+    version: &semver::Version,
+    core: &Core,
+) -> Result<(Model, sovereign_inference::Front), NodeError> {
+    let next = model_version(store, &model.name, version)?;
+    let front = sovereign_inference::Front::load(&next.path).map_err(setup)?;
+    if front.config() != core.config() {
+        return Err(NodeError::Setup(format!(
+            "{}@{version} has another architecture: restart the node to serve it",
+            model.name
+        )));
+    }
+    Ok((next, front))
+}
+
 fn record(audit: &Option<sovereign_audit::Auditor>, kind: &str, details: Value) {
     if let Some(audit) = audit {
         if let Err(e) = audit.record(sovereign_audit::Event::new("node", kind, details)) {
@@ -263,11 +343,16 @@ struct Shown {
     seen: Arc<Mutex<Seen>>,
     core: Arc<Core>,
     ring: Arc<Ring>,
+    replication: watch::Receiver<Replication>,
 }
 
 impl RingView for Shown {
     fn health(&self, detailed: bool) -> Map<String, Value> {
-        health(&self.seen, &self.core, detailed)
+        let mut out = health(&self.seen, &self.core, detailed);
+        if detailed {
+            out.insert("replication".into(), json!(*self.replication.borrow()));
+        }
+        out
     }
 
     fn metrics(&self) -> String {
@@ -361,21 +446,14 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
     let revocations = Revocations::new(
         sovereign_store::installed_revocations(&args.store, node.ca()).map_err(setup)?,
     );
-    let model = load_model(args)?;
-    let front = sovereign_inference::Front::load(&model.path).map_err(setup)?;
+    let found = find_model(args)?;
     let name = node.name().to_owned();
     let audit = sovereign_api::open_audit(
         args.audit_log.as_deref(),
         args.audit_socket.as_deref(),
         &name,
     )?;
-    if let Some(audit) = &audit {
-        let details =
-            json!({ "model": format!("{}@{}", model.name, model.version), "service": "node" });
-        audit
-            .record(sovereign_audit::Event::new("api", "model-loaded", details))
-            .map_err(setup)?;
-    }
+    let replication_audit = share_audit(&audit, args.audit_socket.as_deref())?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             Some(sovereign_api::pem_server_config(cert, key).map_err(NodeError::Setup)?)
@@ -385,6 +463,7 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             .then(|| sovereign_identity::tls::lan_server_config(&node)),
     };
     let ca = node.ca().clone();
+    let age = node.age_identity().cloned();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let heartbeat = Duration::from_millis(args.heartbeat_ms);
@@ -398,11 +477,47 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         config.dead_after = heartbeat * 5;
         config.advert = Advert {
             memory_budget_mb: args.memory_budget_mb,
-            models: vec![(model.name.clone(), model.version.to_string())],
+            models: sovereign_replication::held_models(&args.store),
             isa: Isa::detect().name().into(),
         };
+        let advert = config.advert.clone();
         let ring = Arc::new(Ring::start(config).await?);
-        tokio::spawn(watch_revocations(args.store.clone(), ca, revocations));
+        tokio::spawn(watch_revocations(
+            args.store.clone(),
+            ca.clone(),
+            revocations,
+        ));
+        let spool = args
+            .spool
+            .clone()
+            .unwrap_or_else(|| crate::replicate::default_spool(&args.store));
+        let mut replicate = sovereign_replication::Config::new(
+            &name,
+            &args.store,
+            &spool,
+            args.spool_capacity_mb << 20,
+        );
+        replicate.identity = age;
+        replicate.cluster_ca = Some(ca);
+        replicate.audit = replication_audit;
+        let replication = crate::replicate::start(Arc::clone(&ring), replicate, advert);
+        let model = match found {
+            Some(model) => model,
+            None => {
+                match wait_for_model(args, &ring, &replication, keys.clone(), tls.clone()).await? {
+                    Some(model) => model,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let front = sovereign_inference::Front::load(&model.path).map_err(setup)?;
+        if let Some(audit) = &audit {
+            let details =
+                json!({ "model": format!("{}@{}", model.name, model.version), "service": "node" });
+            audit
+                .record(sovereign_audit::Event::new("api", "model-loaded", details))
+                .map_err(setup)?;
+        }
         let (tx, mut outbox) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let core = Core::start(
             name.clone(),
@@ -448,8 +563,9 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             seen: Arc::clone(&view),
             core: Arc::clone(&core),
             ring: Arc::clone(&ring),
+            replication,
         });
-        let backend = RingBackend::new(Arc::clone(&core), front, shown);
+        let backend = Arc::new(RingBackend::new(Arc::clone(&core), front, shown));
         let limits = sovereign_api::Limits {
             max_concurrency: args.max_concurrency.max(1),
             kv_budget_bytes: plan::KV_POSITIONS
@@ -459,18 +575,11 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         };
         let state = sovereign_api::AppState::new(
             model.name.clone(),
-            Arc::new(backend),
+            Arc::clone(&backend) as Arc<dyn sovereign_api::Backend>,
             keys,
             limits,
             audit,
         );
-        tokio::spawn(planner(
-            ring.membership(),
-            Arc::clone(&core),
-            model.clone(),
-            Arc::clone(&view),
-            Arc::clone(&state),
-        ));
         eprintln!(
             "node {name}: {}@{} on the ring (port {}, interfaces {})",
             model.name,
@@ -478,9 +587,122 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             ring.port(),
             args.ring_interfaces.join(",")
         );
+        tokio::spawn(planner(
+            ring.membership(),
+            Arc::clone(&core),
+            model,
+            args.store.clone(),
+            backend,
+            Arc::clone(&view),
+            Arc::clone(&state),
+        ));
         sovereign_api::serve_until_signal(args.api_listen, tls, state).await?;
         Ok(())
     })
+}
+
+/// A second handle on the node's audit log for replication's records.
+fn share_audit(
+    audit: &Option<sovereign_audit::Auditor>,
+    socket: Option<&std::path::Path>,
+) -> Result<Option<Arc<sovereign_audit::Auditor>>, NodeError> {
+    Ok(match (audit, socket) {
+        (Some(sovereign_audit::Auditor::Local(log)), _) => {
+            Some(Arc::new(sovereign_audit::Auditor::Local(Arc::clone(log))))
+        }
+        (Some(sovereign_audit::Auditor::Remote(_)), Some(socket)) => {
+            Some(Arc::new(sovereign_audit::Auditor::Remote(
+                sovereign_audit::AuditClient::connect(socket).map_err(setup)?,
+            )))
+        }
+        _ => None,
+    })
+}
+
+/// Serves 503 on the API while the store holds no model, until one is live
+/// (replicated or imported); `None` when stopped by Ctrl-C or SIGTERM first.
+async fn wait_for_model(
+    args: &NodeArgs,
+    ring: &Arc<Ring>,
+    replication: &watch::Receiver<Replication>,
+    keys: Option<sovereign_api::ApiKeys>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> Result<Option<Model>, NodeError> {
+    let name = ring.name().to_owned();
+    eprintln!(
+        "node {name}: the store holds no model yet; waiting for one (port {}, interfaces {})",
+        ring.port(),
+        args.ring_interfaces.join(",")
+    );
+    let health: sovereign_api::HealthFields = {
+        let (name, membership, replication) =
+            (name.clone(), ring.membership(), replication.clone());
+        Arc::new(move |_| waiting_health(&name, &membership.borrow(), &replication.borrow()))
+    };
+    let reason = format!(
+        "node {name} holds no model yet: it is waiting for one to be replicated over the ring or imported"
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(sovereign_api::serve_unavailable(
+        args.api_listen,
+        tls,
+        keys,
+        health,
+        reason,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let found = loop {
+        tokio::select! {
+            _ = &mut interrupt => break None,
+            _ = term.recv() => break None,
+            served = &mut server => {
+                served.map_err(setup)??;
+                return Err(NodeError::Setup("the API stopped".into()));
+            }
+            _ = tick.tick() => {
+                if let Some(model) = find_model(args)? {
+                    break Some(model);
+                }
+            }
+        }
+    };
+    let _ = stop.send(());
+    server.await.map_err(setup)??;
+    Ok(found)
+}
+
+/// `/health` of a node without a model: members, no plan, replication.
+fn waiting_health(name: &str, view: &Membership, replication: &Replication) -> Map<String, Value> {
+    let members: Vec<Value> = members_json(view)
+        .into_iter()
+        .map(|(member, mut m)| {
+            m["name"] = json!(member);
+            m["layers"] = Value::Null;
+            m
+        })
+        .collect();
+    let mut out = Map::new();
+    out.insert("node".into(), json!(name));
+    out.insert("model".into(), Value::Null);
+    out.insert("members".into(), json!(members));
+    out.insert(
+        "ring".into(),
+        json!({
+            "serving": false,
+            "order": null,
+            "version": null,
+            "isa": null,
+            "problem": "this node holds no model yet",
+        }),
+    );
+    out.insert("replication".into(), json!(replication));
+    out
 }
 
 /// Puts a revocation list newly installed in the store (from a stick, or

@@ -80,7 +80,8 @@ pub async fn fetch(url: &str, key: &str, cacert: Option<&Path>) -> Result<Value,
         .await
         .map_err(|e| failed(e.to_string()))?
         .to_bytes();
-    if !status.is_success() {
+    // A node without a model yet answers 503 with its status.
+    if !status.is_success() && status != hyper::StatusCode::SERVICE_UNAVAILABLE {
         return Err(failed(format!("HTTP {status}")));
     }
     serde_json::from_slice(&body).map_err(|e| failed(format!("not JSON: {e}")))
@@ -133,7 +134,9 @@ pub fn fetch_blocking(url: &str, key: &str, cacert: Option<&Path>) -> Result<Val
         .block_on(fetch(url, key, cacert))
 }
 
-/// The status as lines for a terminal: the ring, then one line per member.
+/// The status as lines for a terminal: the ring, one line per member (its
+/// layers, budget and the model versions it holds), then this node's
+/// replication (transfers with progress, refusals).
 pub fn render(health: &Value) -> String {
     let ring = &health["ring"];
     let mut out = format!(
@@ -181,6 +184,60 @@ pub fn render(health: &Value) -> String {
             out.push_str(&format!("  (left out: {reason})"));
         }
         out.push('\n');
+    }
+    out.push_str(&render_replication(&health["replication"]));
+    out
+}
+
+/// This node's replication: the spool, transfers in progress, refusals.
+fn render_replication(replication: &Value) -> String {
+    let Some(r) = replication.as_object() else {
+        return String::new();
+    };
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let spooled = names(&r["spooled"]);
+    let mut out = format!(
+        "replication: spool {:.1} of {:.0} MiB{}\n",
+        mib(&r["spool_bytes"]),
+        mib(&r["spool_capacity"]),
+        if spooled.is_empty() {
+            String::new()
+        } else {
+            format!(", passing on {}", spooled.join(","))
+        }
+    );
+    for t in r["transfers"].as_array().into_iter().flatten() {
+        let (received, total) = (mib(&t["received"]), mib(&t["total"]));
+        out.push_str(&format!(
+            "  receiving {} from {}: {received:.1} of {total:.1} MiB ({:.0}%)\n",
+            t["item"].as_str().unwrap_or("?"),
+            t["from"].as_str().unwrap_or("?"),
+            if total > 0.0 {
+                100.0 * received / total
+            } else {
+                100.0
+            }
+        ));
+    }
+    for f in r["refusals"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  refused {} ({}): {}\n",
+            f["item"].as_str().unwrap_or("?"),
+            f["node"].as_str().unwrap_or("?"),
+            f["reason"].as_str().unwrap_or("?")
+        ));
+    }
+    for item in names(&r["relayed_unopened"]) {
+        out.push_str(&format!(
+            "  relaying {item} unopened (no identity opens it)\n"
+        ));
     }
     out
 }

@@ -40,11 +40,12 @@ pub use protocol::Message;
 pub use spool::Spool;
 pub use status::{Refusal, Status, TransferStatus};
 
-/// The newest live version of every model in the store, as `(name, version)`:
+/// Every live version of every model in the store, as `(name, version)`:
 /// what a node puts in its ring advert so the plan only uses nodes holding a
-/// verified copy.
+/// verified copy of the version it serves (older versions stay live, so the
+/// plan in force keeps its nodes while a newer one spreads).
 pub fn held_models(store: &std::path::Path) -> Vec<(String, String)> {
-    sovereign_store::live_models(store)
+    sovereign_store::live_versions(store)
         .map(|models| {
             models
                 .into_iter()

@@ -34,7 +34,7 @@ mod trust_state;
 pub use error::StoreError;
 pub use import::{ImportAudit, ImportEvent, ImportOptions, Imported, Outcome, ReportEntry};
 pub use index::{HistoryRecord, VersionRecord};
-pub use live::{live_model, live_models, LiveModel};
+pub use live::{live_model, live_models, live_versions, LiveModel};
 pub use outbox::OUTBOX;
 pub use revocation_state::installed_revocations;
 pub use store::Store;

@@ -49,6 +49,23 @@ pub fn live_models(store: &Path) -> Result<Vec<LiveModel>, StoreError> {
     Ok(models)
 }
 
+/// Every live version of every model in the store, by name then version
+/// (older versions stay live until removed).
+pub fn live_versions(store: &Path) -> Result<Vec<LiveModel>, StoreError> {
+    let root = layout::models(store);
+    let mut names = read_names(&root)?;
+    names.sort();
+    let mut models = Vec::new();
+    for name in names {
+        let mut versions = versions_in(&root.join(&name))?;
+        versions.sort();
+        for version in versions {
+            models.push(load(store, &name, version)?);
+        }
+    }
+    Ok(models)
+}
+
 fn load(store: &Path, name: &str, version: semver::Version) -> Result<LiveModel, StoreError> {
     let dir = layout::version_dir(store, name, &version);
     let manifest_path = dir.join(layout::MANIFEST);
