@@ -17,8 +17,9 @@ use crate::firewall::nftables_ruleset;
 use crate::spec::{ImageSpec, Profile, Service};
 use crate::tool;
 use crate::units::{
-    firewall_audit_timer, firewall_audit_unit, hostname_unit, stick_unit, unit_file, unit_name,
-    CLUSTER_CA, FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT, STICK_UNIT,
+    firewall_audit_timer, firewall_audit_unit, hostname_unit, lock_modules_unit, stick_unit,
+    unit_file, unit_name, CLUSTER_CA, FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT,
+    LOCK_MODULES_UNIT, STICK_UNIT,
 };
 
 const TEST_AGENT: &str = include_str!("../../vm-tests/agent/sovereign-test-agent");
@@ -256,6 +257,24 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
     )?;
     put(
         &root,
+        "usr/lib/udev/rules.d/89-sovereign-usb-authorize.rules",
+        config::usb_authorize_rule().as_bytes(),
+        0o644,
+    )?;
+    put(
+        &root,
+        "usr/lib/modules-load.d/sovereign.conf",
+        config::modules_load().as_bytes(),
+        0o644,
+    )?;
+    put(
+        &root,
+        &format!("usr/lib/systemd/system/{LOCK_MODULES_UNIT}"),
+        lock_modules_unit().as_bytes(),
+        0o644,
+    )?;
+    put(
+        &root,
         "usr/lib/udev/rules.d/91-sovereign-thunderbolt.rules",
         config::thunderbolt_rule().as_bytes(),
         0o644,
@@ -318,6 +337,7 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
         "nftables.service",
         "systemd-networkd.service",
         HOSTNAME_UNIT,
+        LOCK_MODULES_UNIT,
     ];
     for service in &spec.services {
         if *service != Service::Import {

@@ -181,6 +181,32 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
         "the kernel lives in the UKI only"
     );
 
+    // Issue 14 (11): no USB network driver is in the image; every module the
+    // node preloads (for sticks and Thunderbolt cables, before module loading
+    // is locked) is.
+    let modules: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|p| p.starts_with("/usr/lib/modules/") && p.ends_with(".ko"))
+        .collect();
+    assert!(
+        !modules
+            .iter()
+            .any(|p| p.contains("/kernel/drivers/net/usb/")),
+        "USB network drivers are pruned"
+    );
+    for module in sovereign_image::PRELOAD_MODULES {
+        let file = format!("/{}.ko", module.replace('-', "_"));
+        assert!(
+            modules.iter().any(|p| p.replace('-', "_").ends_with(&file)),
+            "{module} is not in the image"
+        );
+    }
+    assert!(
+        has("/etc/systemd/system/multi-user.target.wants/sovereign-lock-modules.service"),
+        "module loading is locked after boot"
+    );
+
     // Issue 14 (12, 13): the node takes its name from its identity, and the
     // built root carries exactly the rendered hardening files.
     assert!(!has("/etc/hostname"), "no fixed host name");
@@ -213,6 +239,14 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
         (
             "/usr/lib/systemd/system/sovereign-hostname.service",
             sovereign_image::hostname_unit(),
+        ),
+        (
+            "/usr/lib/udev/rules.d/89-sovereign-usb-authorize.rules",
+            sovereign_image::usb_authorize_rule(),
+        ),
+        (
+            "/usr/lib/modules-load.d/sovereign.conf",
+            sovereign_image::modules_load(),
         ),
     ] {
         assert_eq!(

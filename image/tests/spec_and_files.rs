@@ -130,10 +130,16 @@ fn services_have_exposure_at_most_2_0_and_root_helpers_at_most_4_0() {
     std::fs::write(units.join(STICK_UNIT), stick_unit(&spec)).unwrap();
     std::fs::write(units.join(FIREWALL_AUDIT_UNIT), firewall_audit_unit()).unwrap();
     std::fs::write(units.join(HOSTNAME_UNIT), hostname_unit()).unwrap();
+    std::fs::write(
+        units.join(sovereign_image::LOCK_MODULES_UNIT),
+        sovereign_image::lock_modules_unit(),
+    )
+    .unwrap();
     for unit in [
         "sovereign-stick@sda.service",
         FIREWALL_AUDIT_UNIT,
         HOSTNAME_UNIT,
+        sovereign_image::LOCK_MODULES_UNIT,
     ] {
         let level = exposure(root.path(), unit);
         eprintln!("{unit}: exposure {level}");
@@ -263,6 +269,43 @@ fn the_ruleset_loads_and_drops_every_egress_packet() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(dropped >= 1, "egress drop not counted: {text}");
+
+    // Issue 14 (11): the API port opens only on the interface networkd
+    // matched as the LAN (a PCI NIC, put in the LAN's group), not on any
+    // interface whose name matches: a SYN from the LAN is dropped (curl
+    // times out) until the link is in the group, then it reaches the node
+    // (refused: nothing listens here).
+    let connect = || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &sink,
+                "curl",
+                "--silent",
+                "--connect-timeout",
+                "2",
+            ])
+            .arg(format!("http://192.0.2.1:{}/", spec.network.api_port))
+            .status()
+            .expect("run curl")
+            .code()
+    };
+    assert_eq!(
+        connect(),
+        Some(28),
+        "the API port is open outside the LAN group"
+    );
+    ip(&[
+        "-n",
+        &node,
+        "link",
+        "set",
+        "sov-lan0",
+        "group",
+        &sovereign_image::LAN_LINK_GROUP.to_string(),
+    ]);
+    assert_eq!(connect(), Some(7), "the LAN's API port is reachable");
 }
 
 #[test]
@@ -388,4 +431,113 @@ fn issue_14_13_the_stick_unit_mounts_only_fat_and_exfat_without_links_or_program
     assert!(!mounted.status.success(), "nothing is mounted");
     // (The FAT mount with these options, and the remount, run on the node's
     // own kernel in vm-tests/tests/node_image.rs.)
+}
+
+/// Whether udev's glob `pattern` (fnmatch(3), `|` separating alternatives)
+/// matches `value`, by Python's fnmatch, which has the same `*`, `?` and
+/// `[!...]` semantics.
+fn udev_glob(pattern: &str, value: &str) -> bool {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import fnmatch, sys; print(any(fnmatch.fnmatchcase(sys.argv[2], p) for p in sys.argv[1].split('|')))",
+            pattern,
+            value,
+        ])
+        .output()
+        .expect("run python3");
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "True" => true,
+        "False" => false,
+        other => panic!("python3: {other} {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+#[test]
+fn issue_14_11_only_usb_mass_storage_and_hubs_are_authorized() {
+    assert!(
+        sovereign_image::KERNEL_HARDENING.contains("usbcore.authorized_default=0"),
+        "the kernel authorizes no USB device by itself"
+    );
+    let rule = sovereign_image::usb_authorize_rule();
+    let refuse = rule
+        .lines()
+        .find(|l| l.starts_with("ENV{ID_USB_INTERFACES}==") && l.contains("sovereign_usb_refuse"))
+        .and_then(|l| l.split('"').nth(1))
+        .expect("the refusing glob");
+    // ID_USB_INTERFACES as udev's usb_id builds it from the descriptors of
+    // every configuration: `:CCSSPP:` per distinct interface.
+    for (interfaces, authorized) in [
+        (":080650:", true),                // a stick (SCSI, bulk-only)
+        (":080662:080650:", true),         // a UAS stick with its fallback
+        (":090000:", true),                // a hub
+        (":090001:090002:", true),         // a multi-TT hub
+        (":030101:", false),               // QEMU usb-kbd, any keyboard
+        (":020600:0a0000:e00103:", false), // a CDC Ethernet / RNDIS adapter (QEMU usb-net)
+        (":080650:030101:", false),        // a "stick" that is also a keyboard
+        (":ff0000:", false),               // vendor-specific
+        (":0a0000:", false),               // CDC data
+        (":e00101:", false),               // a Bluetooth radio
+    ] {
+        assert_eq!(
+            !udev_glob(refuse, interfaces),
+            authorized,
+            "{interfaces} authorized: {}",
+            !authorized
+        );
+    }
+    assert!(rule.contains("IMPORT{builtin}=\"usb_id\""));
+    assert!(rule.contains("ATTR{authorized}=\"1\""));
+    assert!(rule.contains("ATTR{authorized}!=\"0\", ATTR{authorized}=\"0\""));
+}
+
+#[test]
+fn issue_14_11_a_usb_adapter_is_never_the_lan_and_modules_lock_after_boot() {
+    let spec = ImageSpec::parse(DEFAULT).unwrap();
+    let lan = lan_network(&spec);
+    let section = |name: &str| {
+        lan.split(&format!("[{name}]\n"))
+            .nth(1)
+            .and_then(|rest| rest.split("\n[").next())
+            .unwrap_or_else(|| panic!("no [{name}] in {lan}"))
+            .to_owned()
+    };
+    assert!(
+        section("Match").lines().any(|l| l == "Property=ID_BUS=pci"),
+        "{lan}"
+    );
+    assert!(
+        section("Link")
+            .lines()
+            .any(|l| l == format!("Group={}", sovereign_image::LAN_LINK_GROUP)),
+        "{lan}"
+    );
+    let ruleset = nftables_ruleset(&spec);
+    assert!(
+        ruleset.contains(&format!(
+            "iifname \"en*\" iifgroup {} tcp dport 8443 accept",
+            sovereign_image::LAN_LINK_GROUP
+        )),
+        "{ruleset}"
+    );
+    let lock = sovereign_image::lock_modules_unit();
+    assert!(
+        lock.contains("ExecStart=/usr/bin/sh -c 'echo 1 > /proc/sys/kernel/modules_disabled'\n")
+            && lock.contains("After=multi-user.target"),
+        "{lock}"
+    );
+    let preload = sovereign_image::modules_load();
+    for module in [
+        "usb-storage",
+        "uas",
+        "vfat",
+        "exfat",
+        "thunderbolt",
+        "thunderbolt_net",
+    ] {
+        assert!(
+            preload.lines().any(|l| l == module),
+            "{module} not preloaded"
+        );
+    }
 }

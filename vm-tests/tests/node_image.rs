@@ -204,6 +204,14 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         "node: UEFI boot to services ready in {:.1} s",
         booted.elapsed().as_secs_f64()
     );
+    // Units ordered after multi-user.target (utmp's runlevel record, the
+    // module lock) print status lines on the console the agent shares until
+    // the boot has finished; none come after.
+    node.execute(
+        "systemctl is-system-running --wait",
+        Duration::from_secs(300),
+    )
+    .expect("the boot finishes");
 
     let wait = Duration::from_secs(60);
     let root = node
@@ -295,6 +303,91 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         std::thread::sleep(Duration::from_secs(2));
     }
     assert!(node.is_running(), "Ctrl-Alt-Del did not reboot the node");
+
+    // Issue 14 (11): once the node is up, no kernel module loads (what
+    // sticks and Thunderbolt cables need was loaded at boot) ...
+    node.wait_for_unit("sovereign-lock-modules.service", Duration::from_secs(300))
+        .expect("module loading locked after boot");
+    let preloaded = node
+        .succeed(
+            "systemctl is-active systemd-modules-load.service; \
+             for m in usb_storage vfat exfat thunderbolt_net; do test -d /sys/module/$m && echo $m; done; \
+             cat /proc/sys/kernel/modules_disabled; modinfo -n dummy",
+            wait,
+        )
+        .expect("preloaded modules");
+    let words: Vec<&str> = preloaded.split_whitespace().collect();
+    assert_eq!(
+        words.get(..6),
+        Some(
+            &[
+                "active",
+                "usb_storage",
+                "vfat",
+                "exfat",
+                "thunderbolt_net",
+                "1"
+            ][..]
+        ),
+        "{preloaded}"
+    );
+    let late = node.execute("modprobe dummy", wait).expect("modprobe");
+    assert_ne!(late.0, 0, "a module loaded after boot: {}", late.1);
+    // ... and a USB network adapter and a USB keyboard are not authorized:
+    // no driver binds to them, no network interface or input device appears
+    // (the sticks plugged after them still import).
+    for (driver, id) in [("usb-net", "usbnet0"), ("usb-kbd", "usbkbd0")] {
+        node.qmp(
+            "device_add",
+            serde_json::json!({ "driver": driver, "bus": "xhci.0", "id": id }),
+        )
+        .unwrap_or_else(|e| panic!("plug {driver}: {e}"));
+    }
+    const USB_DEVICES: &str = "udevadm settle; for d in /sys/bus/usb/devices/*; do \
+        [ -f $d/idVendor ] && echo $(cat $d/idVendor):$(cat $d/idProduct) \
+        authorized=$(cat $d/authorized) interfaces=$(ls -d $d/*:* 2>/dev/null | wc -l); done; true";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let devices = loop {
+        let devices = node.succeed(USB_DEVICES, wait).expect("usb devices");
+        // QEMU's usb-net is 0525:a4a2, its usb-kbd 0627:0001.
+        if devices.contains("0525:a4a2") && devices.contains("0627:0001") {
+            break devices;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the USB devices never appeared: {devices}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    for device in ["0525:a4a2", "0627:0001"] {
+        assert!(
+            devices.contains(&format!("{device} authorized=0 interfaces=0")),
+            "{device} is authorized: {devices}"
+        );
+    }
+    let after = node
+        .succeed(
+            "ls /sys/class/net; readlink -f /sys/class/input/* | grep -c /usb; true",
+            wait,
+        )
+        .expect("links");
+    assert_eq!(
+        after.split_whitespace().collect::<Vec<_>>(),
+        ["enp0s24", "lo", "thunderbolt0", "thunderbolt1", "0"],
+        "no USB network interface, no USB input device"
+    );
+    // The LAN is the PCI NIC networkd matched, in the group the firewall opens.
+    let lan = node
+        .succeed(
+            "udevadm info -q property /sys/class/net/enp0s24 | grep -x ID_BUS=pci; \
+             cat /sys/class/net/enp0s24/netdev_group",
+            wait,
+        )
+        .expect("LAN link");
+    assert!(
+        lan.split_whitespace().collect::<Vec<_>>() == ["ID_BUS=pci", "10"],
+        "{lan}"
+    );
 
     // A stick with a signed bundle: mounted read-only, imported, unmounted.
     let good_id = node.attach_stick(&good_stick).expect("plug the good stick");
