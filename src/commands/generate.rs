@@ -82,12 +82,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             serde_json::json!({ "model": format!("{}@{}", model.name, model.version), "layers": engine.config().layers }),
         ))?;
     }
-    let prompt = if args.raw {
-        args.prompt.clone()
+    let tokens = if args.raw {
+        engine.tokenize(&args.prompt)?
     } else {
-        engine.chat_prompt(&[ChatMessage::new("user", args.prompt.clone())])?
+        engine.chat_tokens(&[ChatMessage::new("user", args.prompt.clone())])?
     };
-    let tokens = engine.tokenize(&prompt)?;
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         sampler: Sampler {

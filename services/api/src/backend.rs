@@ -19,8 +19,9 @@ pub trait Backend: Send + Sync + 'static {
     /// The model's configuration.
     fn config(&self) -> &ModelConfig;
 
-    /// The prompt text for a conversation, from the model's chat template.
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError>;
+    /// The prompt tokens for a conversation, from the model's chat template
+    /// (control tokens only from the template's own text, never from messages).
+    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError>;
 
     /// Token ids of `text`.
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError>;
@@ -90,8 +91,8 @@ impl Backend for LocalBackend {
         self.engine.config()
     }
 
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
-        self.engine.chat_prompt(messages)
+    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
+        self.engine.chat_tokens(messages)
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError> {

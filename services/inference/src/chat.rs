@@ -1,4 +1,10 @@
 //! Chat prompts from the model's own Jinja chat template (minijinja).
+//!
+//! The text of system, user and tool messages (content and name) reaches
+//! the template wrapped in [`TEXT_OPEN`]..[`TEXT_CLOSE`], so the tokenizer
+//! can tell it from the template's own markup and never reads a control
+//! token in it. Assistant turns are passed as they are: templates cut them
+//! (reasoning split off at `</think>`), and they are the model's own words.
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +39,51 @@ impl ChatMessage {
             tool_call_id: None,
             name: None,
         }
+    }
+}
+
+/// Opens message text in a rendered prompt: a Unicode noncharacter
+/// (reserved for a program's internal use), refused in messages.
+pub(crate) const TEXT_OPEN: char = '\u{FDD0}';
+/// Closes message text in a rendered prompt.
+pub(crate) const TEXT_CLOSE: char = '\u{FDD1}';
+
+/// `text` wrapped in the marks (empty text stays empty, so templates that
+/// test a message for content see the same thing).
+fn mark(text: &str) -> Result<String, InferenceError> {
+    if text.contains([TEXT_OPEN, TEXT_CLOSE]) {
+        return Err(InferenceError::Request(
+            "message text holds U+FDD0 or U+FDD1, noncharacters the server reserves".into(),
+        ));
+    }
+    Ok(if text.is_empty() {
+        String::new()
+    } else {
+        format!("{TEXT_OPEN}{text}{TEXT_CLOSE}")
+    })
+}
+
+/// Jinja's `trim`, applied inside the marks of a marked text.
+fn trim(value: String, chars: Option<String>) -> String {
+    let trim = |s: &str| -> String {
+        match &chars {
+            Some(chars) => s.trim_matches(|c| chars.contains(c)).to_owned(),
+            None => s.trim().to_owned(),
+        }
+    };
+    match value
+        .strip_prefix(TEXT_OPEN)
+        .and_then(|v| v.strip_suffix(TEXT_CLOSE))
+    {
+        Some(inner) if !inner.contains([TEXT_OPEN, TEXT_CLOSE]) => {
+            let inner = trim(inner);
+            if inner.is_empty() {
+                inner
+            } else {
+                format!("{TEXT_OPEN}{inner}{TEXT_CLOSE}")
+            }
+        }
+        _ => trim(&value),
     }
 }
 
@@ -72,6 +123,7 @@ impl ChatTemplate {
                 ))
             },
         );
+        env.add_filter("trim", trim);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| InferenceError::Template(e.to_string()))?;
         Ok(Self {
@@ -95,8 +147,10 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` with the generation prompt for the assistant
-    /// appended; `tools` (OpenAI tool definitions) are passed to templates
-    /// that render them.
+    /// appended; the text of system, user and tool messages comes out
+    /// between U+FDD0 and U+FDD1 (see the module doc: tokenize it with
+    /// `Engine::chat_tokens`, not as plain text); `tools` (OpenAI tool
+    /// definitions) are passed to templates that render them.
     pub fn render(
         &self,
         messages: &[ChatMessage],
@@ -106,9 +160,20 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| InferenceError::Template(e.to_string()))?;
+        let marked = messages
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if m.role != "assistant" {
+                    m.content = mark(&m.content)?;
+                    m.name = m.name.as_deref().map(mark).transpose()?;
+                }
+                Ok(m)
+            })
+            .collect::<Result<Vec<_>, InferenceError>>()?;
         template
             .render(minijinja::context! {
-                messages => messages,
+                messages => marked,
                 tools => tools,
                 add_generation_prompt => true,
                 bos_token => self.bos,

@@ -17,7 +17,7 @@ use crate::logits::LogitShaping;
 use crate::model::Stage;
 use crate::sampling::Sampler;
 use crate::sequence::{Sequence, Vocabulary};
-use crate::tokenizer::{encode, load_tokenizer};
+use crate::tokenizer::{encode, load_tokenizer, PromptEncoder};
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -80,6 +80,7 @@ pub struct Engine {
     stage: Arc<Stage>,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
+    prompts: PromptEncoder,
     eos: Vec<u32>,
     /// The token that starts every sequence, if the model asks for one.
     bos: Option<u32>,
@@ -99,6 +100,7 @@ impl Engine {
         let stage = Arc::new(Stage::load(path, 0..config.layers)?);
         Ok(Self {
             stage,
+            prompts: PromptEncoder::new(&tokenizer)?,
             tokenizer,
             template,
             eos,
@@ -147,13 +149,7 @@ impl Engine {
     /// BOS token when the model's file asks for one (`add_bos_token`) and
     /// the text does not already begin with it.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
-        let mut tokens = encode(&self.tokenizer, text)?;
-        if let Some(bos) = self.bos {
-            if tokens.first() != Some(&bos) {
-                tokens.insert(0, bos);
-            }
-        }
-        Ok(tokens)
+        Ok(with_bos(encode(&self.tokenizer, text)?, self.bos))
     }
 
     /// The BOS token, if the model starts every sequence with one.
@@ -186,22 +182,26 @@ impl Engine {
         self.stage.matrix_paths()
     }
 
-    /// The prompt text for a conversation, from the model's chat template.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
-        self.chat_prompt_with_tools(messages, None)
+    /// The prompt tokens for a conversation, from the model's chat
+    /// template: control tokens come only from the template's own text,
+    /// never from message text (a typed `<|im_start|>` is ordinary text).
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
+        self.chat_tokens_with_tools(messages, None)
     }
 
-    /// The prompt text for a conversation with tool definitions, for a
-    /// template that renders them (see [`Engine::template_supports_tools`]).
-    pub fn chat_prompt_with_tools(
+    /// [`Engine::chat_tokens`] with tool definitions, for a template that
+    /// renders them (see [`Engine::template_supports_tools`]).
+    pub fn chat_tokens_with_tools(
         &self,
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
-    ) -> Result<String, InferenceError> {
-        self.template
+    ) -> Result<Vec<u32>, InferenceError> {
+        let marked = self
+            .template
             .as_ref()
             .ok_or_else(|| InferenceError::Template("the model has no chat template".into()))?
-            .render(messages, tools)
+            .render(messages, tools)?;
+        Ok(with_bos(self.prompts.encode(&marked)?, self.bos))
     }
 
     /// Whether the model's chat template renders tool definitions itself.
@@ -295,6 +295,17 @@ impl Engine {
         }
         Ok(sequence.generation())
     }
+}
+
+/// `tokens` starting with `bos` (when the model asks for one and the
+/// tokens do not already start with it).
+pub(crate) fn with_bos(mut tokens: Vec<u32>, bos: Option<u32>) -> Vec<u32> {
+    if let Some(bos) = bos {
+        if tokens.first() != Some(&bos) {
+            tokens.insert(0, bos);
+        }
+    }
+    tokens
 }
 
 pub(crate) type TokenizerParts = (Tokenizer, Option<ChatTemplate>, Vec<u32>, Option<u32>);

@@ -8,14 +8,15 @@ use tokenizers::Tokenizer;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::ModelConfig;
-use crate::engine::tokenizer_parts;
+use crate::engine::{tokenizer_parts, with_bos};
 use crate::error::InferenceError;
-use crate::tokenizer::encode;
+use crate::tokenizer::{encode, PromptEncoder};
 
 /// A model's tokenizer, chat template, end tokens and configuration.
 pub struct Front {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
+    prompts: PromptEncoder,
     eos: Vec<u32>,
     bos: Option<u32>,
     config: ModelConfig,
@@ -27,6 +28,7 @@ impl Front {
         let config = ModelConfig::of(path)?;
         let (tokenizer, template, eos, bos) = tokenizer_parts(path, &config)?;
         Ok(Self {
+            prompts: PromptEncoder::new(&tokenizer)?,
             tokenizer,
             template,
             eos,
@@ -53,20 +55,17 @@ impl Front {
     /// Token ids of `text` (special tokens recognised), starting with the
     /// BOS token when the model asks for one, as [`crate::Engine::tokenize`].
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
-        let mut tokens = encode(&self.tokenizer, text)?;
-        if let Some(bos) = self.bos {
-            if tokens.first() != Some(&bos) {
-                tokens.insert(0, bos);
-            }
-        }
-        Ok(tokens)
+        Ok(with_bos(encode(&self.tokenizer, text)?, self.bos))
     }
 
-    /// The prompt text for a conversation, from the model's chat template.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
-        self.template
+    /// The prompt tokens for a conversation, as [`crate::Engine::chat_tokens`]:
+    /// control tokens only from the template's own text.
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
+        let marked = self
+            .template
             .as_ref()
             .ok_or_else(|| InferenceError::Template("the model has no chat template".into()))?
-            .render(messages, None)
+            .render(messages, None)?;
+        Ok(with_bos(self.prompts.encode(&marked)?, self.bos))
     }
 }

@@ -8,8 +8,15 @@
 //!
 //! and the control and user-defined tokens (`<|im_start|>`, ...) matched as
 //! special tokens.
+//!
+//! [`PromptEncoder`] tokenizes a rendered chat prompt so that only the
+//! template's own text yields control tokens: message text is tokenized
+//! without special-token parsing (llama.cpp's `parse_special = false`), so a
+//! `<|im_start|>` typed by a user stays ordinary text.
 
 use std::collections::HashMap;
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -27,6 +34,7 @@ use tokenizers::{
     Tokenizer,
 };
 
+use crate::chat::{TEXT_CLOSE, TEXT_OPEN};
 use crate::error::InferenceError;
 
 const CONTROL: i32 = 3;
@@ -231,4 +239,119 @@ pub(crate) fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, Infe
         .encode(text, false)
         .map(|e| e.get_ids().to_vec())
         .map_err(|e| InferenceError::Tokenizer(e.to_string()))
+}
+
+/// Tokenizes chat prompts rendered with message text marked
+/// (`TEXT_OPEN`..`TEXT_CLOSE`): control tokens are matched only outside the
+/// marks, as the full tokenizer matches them (leftmost longest); the text
+/// between control tokens, marked or not, goes through the tokenizer with
+/// special-token parsing off. An unmarked prompt gives exactly the tokens of
+/// [`encode`].
+pub(crate) struct PromptEncoder {
+    /// The tokenizer with special tokens treated as text.
+    plain: Tokenizer,
+    /// The special tokens' texts; `ids[pattern]` is each one's id.
+    matcher: Option<AhoCorasick>,
+    ids: Vec<u32>,
+}
+
+impl PromptEncoder {
+    /// The encoder for `tokenizer` (special tokens from its added vocabulary).
+    pub(crate) fn new(tokenizer: &Tokenizer) -> Result<Self, InferenceError> {
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let mut special: Vec<(u32, String)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special && !token.content.is_empty())
+            .map(|(id, token)| (id, token.content))
+            .collect();
+        special.sort();
+        let matcher = if special.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(special.iter().map(|(_, text)| text))
+                    .map_err(|e| InferenceError::Tokenizer(e.to_string()))?,
+            )
+        };
+        Ok(Self {
+            plain,
+            matcher,
+            ids: special.into_iter().map(|(id, _)| id).collect(),
+        })
+    }
+
+    /// Token ids of a marked prompt; an unbalanced or nested mark (a template
+    /// that cut a message's text) is refused rather than guessed at.
+    pub(crate) fn encode(&self, marked: &str) -> Result<Vec<u32>, InferenceError> {
+        let mut tokens = Vec::new();
+        let mut run = String::new();
+        let mut inside = false;
+        let mut rest = marked;
+        while !rest.is_empty() {
+            let cut = rest.find([TEXT_OPEN, TEXT_CLOSE]).unwrap_or(rest.len());
+            let (piece, after) = rest.split_at(cut);
+            if inside {
+                run.push_str(piece);
+            } else {
+                self.template_text(piece, &mut run, &mut tokens)?;
+            }
+            let Some(mark) = after.chars().next() else {
+                break;
+            };
+            if (mark == TEXT_OPEN) == inside {
+                return Err(InferenceError::Template(
+                    "the template cut a message's text apart; the prompt cannot be tokenized safely"
+                        .into(),
+                ));
+            }
+            inside = !inside;
+            rest = &after[mark.len_utf8()..];
+        }
+        if inside {
+            return Err(InferenceError::Template(
+                "the template cut a message's text apart; the prompt cannot be tokenized safely"
+                    .into(),
+            ));
+        }
+        self.flush(&mut run, &mut tokens)?;
+        Ok(tokens)
+    }
+
+    /// Template text: its control tokens end the current run of text.
+    fn template_text(
+        &self,
+        text: &str,
+        run: &mut String,
+        tokens: &mut Vec<u32>,
+    ) -> Result<(), InferenceError> {
+        let Some(matcher) = &self.matcher else {
+            run.push_str(text);
+            return Ok(());
+        };
+        let mut at = 0;
+        for found in matcher.find_iter(text) {
+            run.push_str(&text[at..found.start()]);
+            self.flush(run, tokens)?;
+            tokens.push(self.ids[found.pattern().as_usize()]);
+            at = found.end();
+        }
+        run.push_str(&text[at..]);
+        Ok(())
+    }
+
+    fn flush(&self, run: &mut String, tokens: &mut Vec<u32>) -> Result<(), InferenceError> {
+        if !run.is_empty() {
+            let encoding = self
+                .plain
+                .encode(run.as_str(), false)
+                .map_err(|e| InferenceError::Tokenizer(e.to_string()))?;
+            tokens.extend_from_slice(encoding.get_ids());
+            run.clear();
+        }
+        Ok(())
+    }
 }

@@ -23,10 +23,9 @@ fn demo_model() -> PathBuf {
 }
 
 fn chat(engine: &Engine, text: &str) -> Vec<u32> {
-    let prompt = engine
-        .chat_prompt(&[ChatMessage::new("user", text)])
-        .unwrap();
-    engine.tokenize(&prompt).unwrap()
+    engine
+        .chat_tokens(&[ChatMessage::new("user", text)])
+        .unwrap()
 }
 
 #[test]
@@ -258,14 +257,13 @@ fn a_second_turn_reuses_the_first_turns_cache_and_answers_the_same() {
     let first_turn = chat(&engine, "Which planet is the largest?");
     let answer = generate_blocking(&scheduler, first_turn.clone(), params.clone()).unwrap();
     assert_eq!(answer.finish, FinishReason::Length);
-    let second_prompt = engine
-        .chat_prompt(&[
+    let second = engine
+        .chat_tokens(&[
             ChatMessage::new("user", "Which planet is the largest?"),
             ChatMessage::new("assistant", answer.text.clone()),
             ChatMessage::new("user", "And the smallest?"),
         ])
         .unwrap();
-    let second = engine.tokenize(&second_prompt).unwrap();
     let before = scheduler.stats().prefix_hit_tokens.load(Ordering::Relaxed);
     let reused = generate_blocking(&scheduler, second.clone(), params.clone()).unwrap();
     let hit = scheduler.stats().prefix_hit_tokens.load(Ordering::Relaxed) - before;

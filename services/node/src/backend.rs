@@ -59,8 +59,8 @@ impl Backend for RingBackend {
         &self.config
     }
 
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
-        self.front().chat_prompt(messages)
+    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
+        self.front().chat_tokens(messages)
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
