@@ -24,6 +24,7 @@ mod manifest;
 mod parts;
 mod pipeline;
 mod segments;
+pub mod stick;
 mod trust;
 mod verify;
 

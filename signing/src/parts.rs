@@ -2,25 +2,21 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::BundleError;
 use crate::format::{part_name, MAX_PARTS};
 
-/// Opens a file for reading without following a final symlink.
+/// Opens a bundle part for reading: no symlink followed, no blocking on a
+/// FIFO, a regular file only ([`crate::stick::open_regular`]).
 pub(crate) fn open_no_follow(path: &Path) -> Result<File, BundleError> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-                BundleError::Malformed(format!("{} is a symlink", path.display()))
-            } else {
-                BundleError::io(path, e)
-            }
-        })
+    crate::stick::open_regular(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::InvalidInput {
+            BundleError::Malformed(format!("{} {e}", path.display()))
+        } else {
+            BundleError::io(path, e)
+        }
+    })
 }
 
 /// The part files of a bundle whose first part is `first`, checked against the
@@ -100,13 +96,14 @@ pub(crate) struct PartsReader {
 }
 
 impl PartsReader {
-    /// A reader over `files`, starting `offset` bytes into the first.
-    pub fn new(files: Vec<File>, offset: u64) -> io::Result<Self> {
-        let mut files = files.into_iter();
-        let mut current = files.next();
-        if let Some(file) = current.as_mut() {
-            file.seek(SeekFrom::Start(offset))?;
+    /// A reader over `files`, starting `offset` bytes into the first (and
+    /// at the start of the others, so the same files may be read again).
+    pub fn new(mut files: Vec<File>, offset: u64) -> io::Result<Self> {
+        for (index, file) in files.iter_mut().enumerate() {
+            file.seek(SeekFrom::Start(if index == 0 { offset } else { 0 }))?;
         }
+        let mut files = files.into_iter();
+        let current = files.next();
         Ok(Self { files, current })
     }
 }

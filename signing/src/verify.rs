@@ -150,8 +150,20 @@ impl VerifiedBundle {
     ) -> Result<VerifiedPayload, BundleError> {
         let VerifiedBundle { bundle } = self;
         let offset = bundle.header.len();
-        let mut reader =
-            PartsReader::new(bundle.parts, offset).map_err(|e| BundleError::io(&bundle.path, e))?;
+        let io_error = |e: io::Error| BundleError::io(&bundle.path, e);
+        // A second reading of the parts, for decryption after the ciphertext hash.
+        let again = match (&bundle.manifest.payload.encryption, identity) {
+            (Encryption::Age { .. }, Some(_)) => Some(
+                bundle
+                    .parts
+                    .iter()
+                    .map(File::try_clone)
+                    .collect::<io::Result<Vec<_>>>()
+                    .map_err(io_error)?,
+            ),
+            _ => None,
+        };
+        let mut reader = PartsReader::new(bundle.parts, offset).map_err(io_error)?;
         let files = &bundle.manifest.files;
         let content_checked = match (&bundle.manifest.payload.encryption, identity) {
             (Encryption::None, _) => {
@@ -172,18 +184,35 @@ impl VerifiedBundle {
                 check_payload_hash(hashing.finish(), blake3)?;
                 false
             }
-            (Encryption::Age { segments, .. }, Some(identity)) => {
-                // Every segment is authenticated by age and every plaintext
-                // byte is hashed against the signed manifest, and the segment
-                // table (checked against the part sizes) accounts for every
-                // stored byte: the ciphertext hash would add nothing here.
-                let mut plaintext = SegmentReader::new(&mut reader, segments, identity)?;
+            (
+                Encryption::Age {
+                    segments, blake3, ..
+                },
+                Some(identity),
+            ) => {
+                // The signed ciphertext hash first (as TUF checks a target's
+                // hash before parsing it): no byte reaches the decryptor
+                // before the whole ciphertext matched the signature.
+                let mut hashing = HashingReader::new(&mut reader);
+                io::copy(&mut hashing, &mut io::sink()).map_err(io_error)?;
+                check_payload_hash(hashing.finish(), blake3)?;
+                // Then decrypt, hashing again: a medium that answers a second
+                // read with other bytes is refused at the end (age
+                // authenticates every segment and every plaintext byte is
+                // hashed against the manifest meanwhile).
+                let mut reader =
+                    PartsReader::new(again.unwrap_or_default(), offset).map_err(io_error)?;
+                let mut hashing = HashingReader::new(&mut reader);
+                let mut plaintext = SegmentReader::new(&mut hashing, segments, identity)?;
                 let corrupt = |e: io::Error| {
                     BundleError::Decrypt(format!(
                         "encrypted payload failed authentication (tampered or corrupt): {e}"
                     ))
                 };
                 stream_files(&mut plaintext, files, sink, &corrupt)?;
+                drop(plaintext);
+                io::copy(&mut hashing, &mut io::sink()).map_err(io_error)?;
+                check_payload_hash(hashing.finish(), blake3)?;
                 true
             }
         };

@@ -168,3 +168,36 @@ fn refuses_to_overwrite_an_existing_bundle() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+/// Issue 14 item 9: with an age identity, the signed ciphertext hash is
+/// checked before any byte reaches the decryptor, so a tampered segment is
+/// refused as a hash mismatch (not by the decryptor) and nothing is written.
+#[test]
+fn r14_ciphertext_hash_is_checked_before_decryption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let out = tmp.path().join("demo-1.2.3.sovb");
+    let identity = age::x25519::Identity::generate();
+    let mut spec = spec(vec![model], DEFAULT_PART_SIZE);
+    spec.recipients = vec![identity.to_public()];
+    spec.segment_size = 256 * 1024;
+    create_bundle(&spec, &out).unwrap();
+    let a = signer(1);
+    sign_bundle(&out, &a).unwrap();
+    // Flip one byte of the last segment's ciphertext.
+    let mut raw = fs::read(&out).unwrap();
+    let at = raw.len() - 100;
+    raw[at] ^= 0x40;
+    fs::write(&out, &raw).unwrap();
+    let dest = tmp.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    let err = UnverifiedBundle::open(&out)
+        .unwrap()
+        .verify(&trust(&[&a], 1))
+        .unwrap()
+        .unpack(&dest, Some(&identity))
+        .err()
+        .unwrap();
+    assert!(matches!(err, BundleError::PayloadHashMismatch), "{err}");
+    assert_eq!(fs::read_dir(&dest).unwrap().count(), 0);
+}
