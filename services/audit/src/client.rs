@@ -3,11 +3,14 @@
 //! One JSON [`Event`] per line in; one line out: `{"seq": N}` once the record
 //! is on disk, or `{"error": "..."}`. A line `{"courier": {"previous": NOTE}}`
 //! (NOTE: the checkpoint a stick carries, or null) asks for a fresh checkpoint
-//! and the consistency proof from NOTE: `{"courier": CourierPackage}`.
+//! and the consistency proof from NOTE: `{"courier": CourierPackage}`. A
+//! line `{"imported": {}}` asks for every model id the log records as
+//! imported (the store's rollback anchor): `{"imported": [ID, ...]}`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::courier::{courier_package, CourierPackage};
@@ -19,9 +22,12 @@ use crate::record::Event;
 /// Longest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
 
-/// A connection to the audit daemon.
+/// A connection to the audit daemon. A connection the daemon closed (it
+/// stopped or restarted) is replaced by a fresh one on the next request, so
+/// a restarted daemon is used again; a request is never sent twice.
 pub struct AuditClient {
-    stream: Mutex<BufReader<UnixStream>>,
+    path: PathBuf,
+    stream: Mutex<Option<BufReader<UnixStream>>>,
 }
 
 impl AuditClient {
@@ -29,26 +35,73 @@ impl AuditClient {
     pub fn connect(path: &Path) -> Result<Self, AuditError> {
         let stream = UnixStream::connect(path).map_err(|e| AuditError::io(path, e))?;
         Ok(Self {
-            stream: Mutex::new(BufReader::new(stream)),
+            path: path.to_owned(),
+            stream: Mutex::new(Some(BufReader::new(stream))),
         })
     }
 
-    /// Sends one request line and reads the reply line.
+    fn reconnect(&self) -> Result<BufReader<UnixStream>, AuditError> {
+        UnixStream::connect(&self.path)
+            .map(BufReader::new)
+            .map_err(|e| AuditError::Closed(format!("audit daemon: {e}")))
+    }
+
+    /// Whether the daemon is there: the connection is open (the daemon never
+    /// speaks unasked, so a readable socket means it was closed), or a new
+    /// one could be made. Records nothing.
+    pub fn is_connected(&self) -> bool {
+        let Ok(mut guard) = self.stream.lock() else {
+            return false;
+        };
+        if let Some(stream) = guard.as_mut() {
+            let socket = stream.get_mut();
+            let alive = socket.set_nonblocking(true).is_ok()
+                && matches!(socket.read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock)
+                && socket.set_nonblocking(false).is_ok();
+            if alive {
+                return true;
+            }
+            *guard = None;
+        }
+        match self.reconnect() {
+            Ok(stream) => {
+                *guard = Some(stream);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sends one request line and reads the reply line. A line that could
+    /// not be written on an old connection (the daemon restarted) is written
+    /// once on a new one; after a failed read the connection is dropped.
     fn request(&self, request: &serde_json::Value) -> Result<serde_json::Value, AuditError> {
-        let mut stream = self
+        let mut guard = self
             .stream
             .lock()
             .map_err(|_| AuditError::Closed("client poisoned".into()))?;
         let closed = |e: std::io::Error| AuditError::Closed(format!("audit daemon: {e}"));
         let line = format!("{request}\n");
-        stream
-            .get_mut()
-            .write_all(line.as_bytes())
-            .map_err(closed)?;
+        let fresh = guard.is_none();
+        let mut stream = match guard.take() {
+            Some(stream) => stream,
+            None => self.reconnect()?,
+        };
+        if let Err(e) = stream.get_mut().write_all(line.as_bytes()) {
+            if fresh {
+                return Err(closed(e));
+            }
+            stream = self.reconnect()?;
+            stream
+                .get_mut()
+                .write_all(line.as_bytes())
+                .map_err(closed)?;
+        }
         let mut reply = String::new();
         stream.read_line(&mut reply).map_err(closed)?;
         let reply: serde_json::Value = serde_json::from_str(&reply)
             .map_err(|_| AuditError::Closed("audit daemon closed the connection".into()))?;
+        *guard = Some(stream);
         match reply["error"].as_str() {
             Some(error) => Err(AuditError::Closed(error.to_owned())),
             None => Ok(reply),
@@ -61,6 +114,13 @@ impl AuditClient {
         self.request(&request)?["seq"]
             .as_u64()
             .ok_or_else(|| AuditError::Closed("audit daemon sent a bad reply".into()))
+    }
+
+    /// Every model id the log records as imported ([`AuditLog::imported_models`]).
+    pub fn imported_models(&self) -> Result<BTreeSet<String>, AuditError> {
+        let reply = self.request(&serde_json::json!({ "imported": {} }))?;
+        serde_json::from_value(reply["imported"].clone())
+            .map_err(|e| AuditError::Closed(format!("audit daemon sent a bad reply: {e}")))
     }
 
     /// A fresh checkpoint and the proof from `previous` (the checkpoint a stick carries).
@@ -96,8 +156,14 @@ pub fn serve(listener: UnixListener, log: Arc<AuditLog>, gate: Arc<Gate>) {
 #[serde(untagged)]
 enum Request {
     Courier { courier: CourierRequest },
+    Imported { imported: ImportedRequest },
     Event(Event),
 }
+
+/// The import-records request's (empty) body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportedRequest {}
 
 /// The courier request's body.
 #[derive(serde::Deserialize)]
@@ -127,6 +193,16 @@ fn handle(stream: UnixStream, log: &AuditLog, gate: &Gate) -> std::io::Result<()
                 .and_then(|()| courier_package(log, courier.previous.as_deref()))
             {
                 Ok(package) => serde_json::json!({ "courier": package }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
+            Ok(Request::Imported {
+                imported: ImportedRequest {},
+            }) => match gate
+                .admit_anchor(&peer)
+                .map_err(AuditError::Refused)
+                .and_then(|()| log.imported_models())
+            {
+                Ok(models) => serde_json::json!({ "imported": models }),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             },
             Ok(Request::Event(event)) => match gate
@@ -161,6 +237,23 @@ impl Auditor {
         match self {
             Self::Local(log) => log.record(event),
             Self::Remote(client) => client.record(&event),
+        }
+    }
+
+    /// Every model id the log records as imported (the store's rollback anchor).
+    pub fn imported_models(&self) -> Result<BTreeSet<String>, AuditError> {
+        match self {
+            Self::Local(log) => log.imported_models(),
+            Self::Remote(client) => client.imported_models(),
+        }
+    }
+
+    /// Whether records can be made now (the log is open; the daemon is
+    /// connected or reachable). Records nothing.
+    pub fn is_available(&self) -> bool {
+        match self {
+            Self::Local(log) => log.is_open(),
+            Self::Remote(client) => client.is_connected(),
         }
     }
 }

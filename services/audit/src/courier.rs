@@ -11,6 +11,11 @@
 //!
 //! With the certificate, an auditor who holds only the cluster CA checks a
 //! courier folder ([`verify_courier_with_ca`]).
+//!
+//! Every file of a courier folder is read as from a stick
+//! (`sovereign_signing::stick`): no symlink followed, no FIFO waited on, no
+//! more than its format's bound; the folders written are checked to be real
+//! directories, and files are created anew (never through a planted link).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -55,6 +60,24 @@ pub struct CourierPackage {
     pub certificate: Option<String>,
 }
 
+/// Largest checkpoint note read from a stick (a note and a few signatures).
+const MAX_CHECKPOINT_BYTES: u64 = 16 * 1024;
+/// Largest consistency proof read (64 hashes in JSON need under 5 KiB).
+const MAX_PROOF_BYTES: u64 = 64 * 1024;
+/// Largest node certificate read.
+const MAX_CERTIFICATE_BYTES: u64 = 16 * 1024;
+
+/// The text of courier file `name` in `dir`, bounded by its format.
+fn read_courier_file(dir: &Path, name: &str) -> Result<String, AuditError> {
+    let max = match name {
+        "consistency-proof.json" => MAX_PROOF_BYTES,
+        "certificate.pem" => MAX_CERTIFICATE_BYTES,
+        _ => MAX_CHECKPOINT_BYTES,
+    };
+    let path = dir.join(name);
+    sovereign_signing::stick::read_bounded_text(&path, max).map_err(|e| AuditError::io(&path, e))
+}
+
 /// The courier folder of `node` on `stick`.
 pub fn courier_dir(stick: &Path, node: &str) -> PathBuf {
     stick.join("sovereign-audit").join(node)
@@ -62,7 +85,7 @@ pub fn courier_dir(stick: &Path, node: &str) -> PathBuf {
 
 /// The checkpoint a stick carries from the last visit, if any.
 pub fn previous_checkpoint(stick: &Path, node: &str) -> Option<String> {
-    fs::read_to_string(courier_dir(stick, node).join("checkpoint")).ok()
+    read_courier_file(&courier_dir(stick, node), "checkpoint").ok()
 }
 
 /// A fresh checkpoint of `log` and the proof from `previous` (the stick's
@@ -105,6 +128,15 @@ pub fn write_package(package: &CourierPackage, stick: &Path) -> Result<PathBuf, 
     }
     let dir = courier_dir(stick, &package.node);
     fs::create_dir_all(&dir).map_err(|e| AuditError::io(&dir, e))?;
+    for folder in [stick.join("sovereign-audit"), dir.clone()] {
+        let meta = fs::symlink_metadata(&folder).map_err(|e| AuditError::io(&folder, e))?;
+        if !meta.is_dir() {
+            return Err(AuditError::Format(format!(
+                "courier: {} is not a directory (a symlink?)",
+                folder.display()
+            )));
+        }
+    }
     if let Some(previous) = &package.previous {
         write_synced(&dir.join("previous-checkpoint"), previous.as_bytes())?;
     }
@@ -127,9 +159,7 @@ pub fn write_courier(log: &AuditLog, stick: &Path) -> Result<PathBuf, AuditError
 /// Checks a courier folder: both checkpoints signed by `key` and the proof
 /// linking them. Returns the new checkpoint.
 pub fn verify_courier(dir: &Path, key: &PublicKey) -> Result<Checkpoint, AuditError> {
-    let read = |name: &str| {
-        fs::read_to_string(dir.join(name)).map_err(|e| AuditError::io(dir.join(name), e))
-    };
+    let read = |name: &str| read_courier_file(dir, name);
     let new = Checkpoint::verify(&read("checkpoint")?, key)?;
     let proof: CourierProof = serde_json::from_str(&read("consistency-proof.json")?)
         .map_err(|e| AuditError::Format(format!("consistency-proof.json: {e}")))?;
@@ -169,7 +199,7 @@ pub fn verify_courier_with_ca(
     revocations: &RevocationList,
     now: SystemTime,
 ) -> Result<(Checkpoint, PeerInfo), AuditError> {
-    let certificate = fs::read_to_string(dir.join("certificate.pem")).ok();
+    let certificate = read_courier_file(dir, "certificate.pem").ok();
     let peer = certified_key(certificate.as_deref(), ca, revocations, now)?;
     let key = PublicKey::from_bytes(&peer.public_key.to_bytes())?;
     Ok((verify_courier(dir, &key)?, peer))

@@ -29,8 +29,8 @@ mod verify;
 pub use checkpoint::Checkpoint;
 pub use client::{serve, AuditClient, Auditor};
 pub use courier::{
-    courier_package, previous_checkpoint, verify_courier, verify_courier_with_ca, write_courier,
-    write_package, CourierPackage, CourierProof,
+    courier_dir, courier_package, previous_checkpoint, verify_courier, verify_courier_with_ca,
+    write_courier, write_package, CourierPackage, CourierProof,
 };
 pub use error::AuditError;
 pub use firewall::drop_counters_event;

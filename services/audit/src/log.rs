@@ -14,6 +14,7 @@
 //! If a write or sync fails the log stops accepting records for good, so no
 //! caller is ever told a record is durable when it is not (fail closed).
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -212,6 +213,36 @@ impl AuditLog {
         self.key.public_key()
     }
 
+    /// Every model id (`details.model`) that an `import` service record
+    /// says was imported (`details.outcome` = `imported`), each once: the
+    /// store's rollback anchor, which no one can delete from the log.
+    pub fn imported_models(&self) -> Result<BTreeSet<String>, AuditError> {
+        // Under the writers' lock: no half-appended line is read.
+        let _state = self.lock()?;
+        let path = self.dir.join(RECORDS);
+        let text = fs::read_to_string(&path).map_err(|e| AuditError::io(&path, e))?;
+        let mut models = BTreeSet::new();
+        for line in text.lines() {
+            let stored: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| AuditError::Format(format!("{}: {e}", path.display())))?;
+            let event = &stored["record"];
+            if event["service"] == "import"
+                && event["kind"] == "import"
+                && event["details"]["outcome"] == "imported"
+            {
+                if let Some(model) = event["details"]["model"].as_str() {
+                    models.insert(model.to_owned());
+                }
+            }
+        }
+        Ok(models)
+    }
+
+    /// Whether the log still records (a failed write closes it for good).
+    pub fn is_open(&self) -> bool {
+        self.lock().is_ok_and(|state| state.failed.is_none())
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, State>, AuditError> {
         self.state
             .lock()
@@ -401,9 +432,21 @@ pub(crate) fn read_checkpoints(dir: &Path) -> Result<Vec<String>, AuditError> {
         .collect()
 }
 
+/// Writes `bytes` beside `path`, syncs and renames into place. The temporary
+/// file is made anew (`O_EXCL`): a link planted under its name (on a stick)
+/// is removed, never written through.
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
     let temp = path.with_extension("tmp");
-    let mut file = File::create(&temp).map_err(|e| AuditError::io(&temp, e))?;
+    match fs::remove_file(&temp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AuditError::io(&temp, e)),
+    }
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&temp)
+        .map_err(|e| AuditError::io(&temp, e))?;
     file.write_all(bytes)
         .and_then(|_| file.sync_all())
         .map_err(|e| AuditError::io(&temp, e))?;

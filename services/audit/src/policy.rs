@@ -172,6 +172,19 @@ impl Gate {
         self.charge(peer, size)
     }
 
+    /// Admits a request for the import records (the store's rollback
+    /// anchor) from `peer`: the import service's user (or, on a dev host,
+    /// the daemon's own).
+    pub fn admit_anchor(&self, peer: &Peer) -> Result<(), String> {
+        match self.known(peer)? {
+            Some(rule) if rule.service != "import" => Err(format!(
+                "{:?} may not read the import records",
+                rule.service
+            )),
+            _ => self.charge(peer, COURIER_COST),
+        }
+    }
+
     /// Admits a courier request from `peer`, or says why not.
     pub fn admit_courier(&self, peer: &Peer) -> Result<(), String> {
         self.known(peer)?;

@@ -43,6 +43,18 @@ pub enum StoreError {
         /// Highest version imported so far.
         newest: semver::Version,
     },
+    /// An older version than the audit log's import records (the rollback
+    /// anchor) hold, while the store's index is behind them: it was deleted
+    /// or replaced by an older one.
+    #[error("the audit log records {name}@{anchored} imported, but the store's index has {}: the index was deleted or rolled back (import refused; use --allow-downgrade)", .indexed.as_ref().map_or_else(|| format!("no version of {name}"), |v| format!("{name}@{v} as its newest")))]
+    AnchorMismatch {
+        /// Model name.
+        name: String,
+        /// Highest version the audit log records as imported.
+        anchored: semver::Version,
+        /// Highest version the index holds.
+        indexed: Option<semver::Version>,
+    },
     /// The same version is installed with different content.
     #[error("{0} is already installed with different content")]
     Conflict(String),

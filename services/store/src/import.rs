@@ -21,6 +21,9 @@ use crate::trust_state::{self, Offered};
 pub trait ImportAudit {
     /// Records one event.
     fn record(&self, event: &ImportEvent<'_>) -> Result<(), String>;
+
+    /// Every `NAME@VERSION` the log records as imported: the rollback anchor.
+    fn imported_models(&self) -> Result<Vec<String>, String>;
 }
 
 impl ImportAudit for sovereign_audit::Auditor {
@@ -38,6 +41,22 @@ impl ImportAudit for sovereign_audit::Auditor {
         .map(|_| ())
         .map_err(|e| e.to_string())
     }
+
+    fn imported_models(&self) -> Result<Vec<String>, String> {
+        sovereign_audit::Auditor::imported_models(self)
+            .map(|models| models.into_iter().collect())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The highest version of `name` among the anchor's `NAME@VERSION` ids.
+fn anchored_version(models: &[String], name: &str) -> Option<semver::Version> {
+    models
+        .iter()
+        .filter_map(|id| id.rsplit_once('@'))
+        .filter(|(n, _)| *n == name)
+        .filter_map(|(_, v)| v.parse().ok())
+        .max()
 }
 
 /// One import outcome, as the audit log sees it.
@@ -189,9 +208,12 @@ impl Store {
             let file = path.join(&name);
             let outcome = match options.cluster_ca {
                 None => Outcome::Skipped("no cluster CA to check a revocation list against".into()),
-                Some(ca) => match revocation_state::offer(&self.root, &file, ca) {
+                Some(ca) => match revocation_state::offer(&self.root, &file, ca, &|sequence| {
+                    self.record_first(&file, "revocations-installed", sequence, options)
+                }) {
                     Ok(Some(sequence)) => Outcome::RevocationsInstalled(sequence),
                     Ok(None) => Outcome::Skipped("revocation list is already installed".into()),
+                    Err(StoreError::Audit(reason)) => return Err(StoreError::Audit(reason)),
                     Err(e) => Outcome::Rejected(describe(&e)),
                 },
             };
@@ -206,9 +228,10 @@ impl Store {
         }
         for name in trusts {
             let file = path.join(&name);
-            let outcome = match self.rotate_trust(&file) {
+            let outcome = match self.rotate_trust(&file, options) {
                 Ok(Offered::Installed(sequence)) => Outcome::TrustInstalled(sequence),
                 Ok(Offered::Kept(_)) => Outcome::Skipped("trust file is already installed".into()),
+                Err(StoreError::Audit(reason)) => return Err(StoreError::Audit(reason)),
                 Err(e) => Outcome::Rejected(describe(&e)),
             };
             let (label, reason) = match &outcome {
@@ -254,14 +277,44 @@ impl Store {
 
     fn bootstrap_trust(&self, options: &ImportOptions<'_>) -> Result<(), StoreError> {
         if let Some(path) = options.trust {
-            trust_state::offer(&self.root, &trust_state::read(path)?, true)?;
+            trust_state::offer(&self.root, &trust_state::read(path)?, true, &|_| Ok(()))?;
         }
         Ok(())
     }
 
-    fn rotate_trust(&self, file: &Path) -> Result<Offered, StoreError> {
+    /// Installs a newer trust file from a stick; the audit log records the
+    /// rotation first (fail closed, as for bundles).
+    fn rotate_trust(
+        &self,
+        file: &Path,
+        options: &ImportOptions<'_>,
+    ) -> Result<Offered, StoreError> {
         let offered = trust_state::read(file)?;
-        trust_state::offer(&self.root, &offered, false)
+        trust_state::offer(&self.root, &offered, false, &|sequence| {
+            self.record_first(file, "trust-installed", sequence, options)
+        })
+    }
+
+    /// Records the installation of a trust file or revocation list before it
+    /// is renamed into place; an audit error refuses it.
+    fn record_first(
+        &self,
+        file: &Path,
+        outcome: &'static str,
+        sequence: u64,
+        options: &ImportOptions<'_>,
+    ) -> Result<(), StoreError> {
+        match options.audit {
+            Some(audit) => audit
+                .record(&ImportEvent {
+                    source: file,
+                    model: None,
+                    outcome,
+                    reason: Some(format!("sequence {sequence}")),
+                })
+                .map_err(StoreError::Audit),
+            None => Ok(()),
+        }
     }
 
     /// Records an outcome in the history and the audit log. When `failed` the
@@ -285,8 +338,11 @@ impl Store {
             detail: detail.into(),
         })?;
         self.index.flush()?;
-        if outcome == "imported" {
-            // Recorded before the commit (see `import_verified`).
+        if matches!(
+            outcome,
+            "imported" | "trust-installed" | "revocations-installed"
+        ) {
+            // Recorded before the commit (see `import_verified`, `record_first`).
             return Ok(());
         }
         if let Some(audit) = options.audit {
@@ -327,6 +383,25 @@ impl Store {
             } else {
                 Err(StoreError::Conflict(manifest.id()))
             };
+        }
+        // Rollback protection anchored in the signed audit log: a version
+        // below the newest the log records as imported is refused even when
+        // the index forgot it (deleted, or replaced by an older copy).
+        if let Some(audit) = options.audit {
+            let models = audit.imported_models().map_err(StoreError::Audit)?;
+            if let Some(anchored) = anchored_version(&models, &manifest.name) {
+                let indexed = self.index.high_water(&manifest.name)?;
+                if manifest.version < anchored
+                    && indexed.as_ref().is_none_or(|v| *v < anchored)
+                    && !options.allow_downgrade
+                {
+                    return Err(StoreError::AnchorMismatch {
+                        name: manifest.name.clone(),
+                        anchored,
+                        indexed,
+                    });
+                }
+            }
         }
         let mut downgrade = false;
         if let Some(newest) = self.index.high_water(&manifest.name)? {

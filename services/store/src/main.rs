@@ -28,6 +28,10 @@ struct Args {
     /// The cluster CA certificate that signs revocation lists (`*.crl` on the stick).
     #[arg(long)]
     cluster_ca: Option<PathBuf>,
+    /// Seconds to wait for the store while another import holds it (a
+    /// second stick plugged in meanwhile); 0 fails at once.
+    #[arg(long, default_value_t = 0)]
+    wait_secs: u64,
     /// The mounted stick (or one bundle file).
     path: PathBuf,
 }
@@ -65,7 +69,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .as_deref()
         .map(sovereign_identity::ClusterCa::load)
         .transpose()?;
-    let store = Store::open(&args.store)?;
+    let store = Store::open_waiting(&args.store, std::time::Duration::from_secs(args.wait_secs))?;
     let outbox = store.outbox();
     let options = ImportOptions {
         trust: args.trust.as_deref(),

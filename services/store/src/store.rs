@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::StoreError;
 use crate::index::{HistoryRecord, Index, VersionRecord};
@@ -20,6 +21,12 @@ impl Store {
     /// abandoned staging directories and reconciles the index with the live
     /// model directories (which are the truth after a crash).
     pub fn open(root: &Path) -> Result<Self, StoreError> {
+        Self::open_waiting(root, Duration::ZERO)
+    }
+
+    /// [`Store::open`], waiting up to `wait` for another holder (an import
+    /// of another stick) to release the lock, instead of failing at once.
+    pub fn open_waiting(root: &Path, wait: Duration) -> Result<Self, StoreError> {
         for dir in [root.to_owned(), layout::models(root), layout::staging(root)] {
             fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
@@ -30,8 +37,15 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(|e| StoreError::io(&lock_path, e))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .map_err(|_| StoreError::Busy(root.to_owned()))?;
+        let deadline = Instant::now() + wait;
+        while rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .is_err()
+        {
+            if Instant::now() >= deadline {
+                return Err(StoreError::Busy(root.to_owned()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let index = Index::open(&layout::index(root))?;
         let store = Self {
             root: root.to_owned(),

@@ -10,9 +10,14 @@ use sovereign_signing::{TrustError, TrustFile};
 use crate::error::StoreError;
 use crate::layout;
 
-/// Reads a trust file from disk.
+/// Largest trust file read (a few hundred signers with their signatures).
+pub(crate) const MAX_TRUST_BYTES: u64 = 64 * 1024;
+
+/// Reads a trust file (from a stick or the store): no symlink followed, no
+/// blocking on a FIFO, a regular file of at most [`MAX_TRUST_BYTES`].
 pub(crate) fn read(path: &Path) -> Result<TrustFile, StoreError> {
-    let text = fs::read_to_string(path).map_err(|e| StoreError::io(path, e))?;
+    let text = sovereign_signing::stick::read_bounded_text(path, MAX_TRUST_BYTES)
+        .map_err(|e| StoreError::io(path, e))?;
     TrustFile::parse(&text).map_err(|e| match e {
         TrustError::Malformed(reason) => StoreError::Trust(TrustError::Malformed(format!(
             "{}: {reason}",
@@ -49,11 +54,13 @@ pub(crate) enum Offered {
 /// Offers `offered` as the store's trust. `bootstrap` marks the operator's own
 /// trust file (`--trust`): it is installed when none is, and an older one is
 /// ignored in favour of the installed one; a trust file from a stick must be a
-/// signed successor.
+/// signed successor, and `record` must succeed (the audit log holds the
+/// rotation) before it is renamed into place.
 pub(crate) fn offer(
     root: &Path,
     offered: &TrustFile,
     bootstrap: bool,
+    record: &dyn Fn(u64) -> Result<(), StoreError>,
 ) -> Result<Offered, StoreError> {
     let sequence = offered.trust().sequence;
     match installed(root)? {
@@ -70,6 +77,7 @@ pub(crate) fn offer(
         }
         Some(current) => {
             current.accepts_successor(offered)?;
+            record(sequence)?;
             install(root, offered).map(|()| Offered::Installed(sequence))
         }
     }

@@ -133,3 +133,120 @@ fn the_import_service_records_through_the_audit_socket() {
     assert!(String::from_utf8_lossy(&output.stderr).starts_with("error: "));
     assert!(!tmp.path().join("store2/models/demo").exists());
 }
+
+/// Issue 14 item 8: a trust rotation from a stick is recorded first and
+/// renamed into place only then; when the audit log cannot record it, the
+/// installed trust stays as it was and the import fails closed.
+#[test]
+fn r14_a_trust_rotation_the_audit_log_cannot_record_is_not_installed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_seed(&[4; 32]);
+    let first = TrustFile::new(Trust::new(1, 1, vec![key.public_key()]).unwrap());
+    fs::write(tmp.path().join("node.trust"), first.to_text()).unwrap();
+    let store_dir = tmp.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    store
+        .import_path(
+            &empty,
+            &ImportOptions {
+                trust: Some(&tmp.path().join("node.trust")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+
+    let stick = tmp.path().join("stick");
+    fs::create_dir(&stick).unwrap();
+    let mut next = TrustFile::new(Trust::new(2, 1, vec![key.public_key()]).unwrap());
+    next.sign(&key);
+    fs::write(stick.join("next.trust"), next.to_text()).unwrap();
+
+    let socket = tmp.path().join("audit.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let auditor = Auditor::Remote(AuditClient::connect(&socket).unwrap());
+    drop(listener.accept().unwrap());
+    drop(listener);
+    let options = ImportOptions {
+        audit: Some(&auditor),
+        ..Default::default()
+    };
+    let err = store.import_path(&stick, &options).unwrap_err();
+    assert!(matches!(err, StoreError::Audit(_)), "{err}");
+    let installed = sovereign_store::installed_trust(&store_dir)
+        .unwrap()
+        .unwrap();
+    assert_eq!(installed.trust().sequence, 1);
+}
+
+/// Issue 14 item 10: rollback protection is anchored in the signed audit
+/// log's import records. With the sled index deleted (and the newest
+/// version removed, so nothing live tells), an older version is refused
+/// with one line naming the problem, instead of silently imported again.
+#[test]
+fn r14_a_deleted_index_does_not_reopen_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_seed(&[4; 32]);
+    fs::write(
+        tmp.path().join("node.trust"),
+        TrustFile::new(Trust::new(1, 1, vec![key.public_key()]).unwrap()).to_text(),
+    )
+    .unwrap();
+    let make = |version: &str| {
+        let src = tmp.path().join(format!("model-{version}"));
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("w.bin"), version.as_bytes()).unwrap();
+        let bundle = tmp.path().join(format!("demo-{version}.sovb"));
+        let spec = BundleSpec {
+            name: "demo".into(),
+            version: version.parse().unwrap(),
+            inputs: vec![src],
+            recipients: Vec::new(),
+            part_size: sovereign_signing::DEFAULT_PART_SIZE,
+            segment_size: sovereign_signing::DEFAULT_SEGMENT_SIZE,
+        };
+        create_bundle(&spec, &bundle).unwrap();
+        sign_bundle(&bundle, &key).unwrap();
+        bundle
+    };
+    let (old, new) = (make("1.0.0"), make("2.0.0"));
+
+    // The daemon's own serving code on a socket of this test.
+    let log = std::sync::Arc::new(
+        sovereign_audit::AuditLog::open(&tmp.path().join("audit"), "node-r").unwrap(),
+    );
+    let socket = tmp.path().join("audit.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let gate = std::sync::Arc::new(sovereign_audit::Gate::new(
+        sovereign_audit::Policy::default(),
+        &tmp.path().join("audit"),
+    ));
+    std::thread::spawn(move || sovereign_audit::serve(listener, log, gate));
+    let auditor = Auditor::Remote(AuditClient::connect(&socket).unwrap());
+    let options = ImportOptions {
+        trust: Some(&tmp.path().join("node.trust")),
+        audit: Some(&auditor),
+        ..Default::default()
+    };
+    let root = tmp.path().join("store");
+    {
+        let store = Store::open(&root).unwrap();
+        store.import_bundle(&new, &options).unwrap();
+        store.remove("demo@2.0.0").unwrap();
+    }
+    fs::remove_dir_all(root.join("index")).unwrap();
+    let store = Store::open(&root).unwrap();
+    let err = store.import_bundle(&old, &options).unwrap_err();
+    assert!(matches!(err, StoreError::AnchorMismatch { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("audit log records demo@2.0.0 imported")
+            && message.contains("no version of demo")
+            && !message.contains('\n'),
+        "{message}"
+    );
+    assert!(live_models(&root).unwrap().is_empty());
+    // The newer version itself is still accepted.
+    store.import_bundle(&new, &options).unwrap();
+}

@@ -138,3 +138,75 @@ fn a_lost_index_is_rebuilt_from_the_live_models_and_newest_is_served() {
     assert!(live_model(&store_dir, "../alpha").is_err());
     assert!(live_model(&store_dir, "gamma").is_err());
 }
+
+/// Issue 14 item 7: a second stick's import waits for the store (up to
+/// `--wait-secs`) instead of being dropped, and a FIFO posing as a bundle
+/// part is refused without blocking while the store lock is held.
+#[test]
+fn r14_a_second_import_waits_for_the_store_and_a_fifo_part_never_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = setup(tmp.path());
+    let model = tmp.path().join("src");
+    fs::create_dir_all(&model).unwrap();
+    fs::write(model.join("weights.bin"), vec![7u8; 200_000]).unwrap();
+    let stick = tmp.path().join("stick");
+    fs::create_dir_all(&stick).unwrap();
+    let out = stick.join("alpha-1.0.0.sovb");
+    let spec = BundleSpec {
+        name: "alpha".into(),
+        version: "1.0.0".parse().unwrap(),
+        inputs: vec![model],
+        recipients: Vec::new(),
+        part_size: 64 * 1024,
+        segment_size: sovereign_signing::DEFAULT_SEGMENT_SIZE,
+    };
+    create_bundle(&spec, &out).unwrap();
+    sign_bundle(&out, &key).unwrap();
+    // The second part swapped for a FIFO (nobody will ever write to it).
+    let part = stick.join("alpha-1.0.0.sovb.001");
+    let kept = fs::read(&part).unwrap();
+    fs::remove_file(&part).unwrap();
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &part,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+
+    let busy = Store::open(&tmp.path().join("store")).unwrap();
+    let import = |wait: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sovereign-import"))
+            .arg("--store")
+            .arg(tmp.path().join("store"))
+            .arg("--trust")
+            .arg(tmp.path().join("node.trust"))
+            .args(["--wait-secs", wait])
+            .arg(&stick)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = import("0").wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("in use"), "{stderr}");
+    let mut waiting = import("120");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(waiting.try_wait().unwrap().is_none(), "it did not wait");
+    drop(busy);
+    // It gets the store, and the FIFO part is refused instead of waited on.
+    let output = waiting.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+    assert!(live_models(&tmp.path().join("store")).unwrap().is_empty());
+    fs::remove_file(&part).unwrap();
+    fs::write(&part, kept).unwrap();
+    let output = import("0").wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(live_models(&tmp.path().join("store")).unwrap().len(), 1);
+}
