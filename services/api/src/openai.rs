@@ -36,6 +36,7 @@ pub const CHAT_FIELDS: &[&str] = &[
     "max_completion_tokens",
     "temperature",
     "top_p",
+    "top_k",
     "seed",
     "stop",
     "user",
@@ -59,6 +60,7 @@ pub const COMPLETION_FIELDS: &[&str] = &[
     "max_tokens",
     "temperature",
     "top_p",
+    "top_k",
     "seed",
     "stop",
     "user",
@@ -172,6 +174,9 @@ pub struct Sampling {
     pub temperature: Option<f32>,
     /// Nucleus threshold.
     pub top_p: Option<f32>,
+    /// Only the `top_k` likeliest tokens are drawn from (0: all); an
+    /// extension of llama.cpp's and vLLM's servers.
+    pub top_k: Option<usize>,
     /// Seed of the counter-based sampler (random when absent).
     pub seed: Option<u64>,
     /// Stop texts.

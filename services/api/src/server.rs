@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -134,6 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .method_not_allowed_fallback(wrong_method)
         .fallback(unknown_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             request_context,
@@ -267,23 +268,56 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
         .ok_or_else(|| unauthorized("invalid API key"))
 }
 
-async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<Value> {
+/// `ok`, or 503 `unavailable` when the audit log cannot record (requests
+/// are refused then); `audit` says which.
+async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     // Without a key (when keys are configured) only the status.
     let detailed = state.keys.is_none() || authorize(&state, &headers).is_ok();
     let mut body = state.engine.health(detailed);
-    body.insert("status".into(), json!("ok"));
+    let audit = match state.audit {
+        None => "none",
+        Some(_) => {
+            let audit_state = Arc::clone(&state);
+            let available = tokio::task::spawn_blocking(move || {
+                audit_state.audit.as_ref().is_some_and(|a| a.is_available())
+            })
+            .await
+            .unwrap_or(false);
+            if available {
+                "ok"
+            } else {
+                "unavailable"
+            }
+        }
+    };
+    let ok = audit != "unavailable";
+    body.insert(
+        "status".into(),
+        json!(if ok { "ok" } else { "unavailable" }),
+    );
+    body.insert("audit".into(), json!(audit));
     body.insert("model".into(), json!(state.model_id));
     if !detailed {
-        body.retain(|k, _| k == "status");
+        body.retain(|k, _| k == "status" || k == "audit");
     }
-    Json(Value::Object(body))
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Value::Object(body))).into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    (
+/// Prometheus metrics; they need a key when keys are configured.
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    authorize(&state, &headers)?;
+    Ok((
         [("content-type", "text/plain; version=0.0.4")],
         state.metrics.render() + &state.engine.metrics(),
-    )
+    ))
 }
 
 fn model_object(state: &AppState) -> Value {
@@ -369,7 +403,37 @@ fn max_tokens(state: &AppState, asked: Option<usize>, prompt: usize) -> Result<u
     Ok(asked)
 }
 
-/// The sampler and stop texts of a request (the seed drawn when absent).
+/// Most stop texts a request may give.
+pub const MAX_STOP_TEXTS: usize = 16;
+/// Most bytes the stop texts of a request may hold together.
+pub const MAX_STOP_BYTES: usize = 4096;
+/// Largest request body (bigger ones get 413).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// The stop texts of a request, bounded in number and total length (each
+/// one is searched for in the output at every step).
+fn stop_texts(sampling: &mut Sampling) -> Result<Vec<String>, ApiError> {
+    let stop = std::mem::take(&mut sampling.stop).into_vec();
+    if stop.len() > MAX_STOP_TEXTS {
+        return Err(ApiError::field(
+            "stop",
+            format!(
+                "stop holds {} texts; at most {MAX_STOP_TEXTS} are accepted",
+                stop.len()
+            ),
+        ));
+    }
+    let bytes: usize = stop.iter().map(String::len).sum();
+    if bytes > MAX_STOP_BYTES {
+        return Err(ApiError::field(
+            "stop",
+            format!("stop texts hold {bytes} bytes; at most {MAX_STOP_BYTES} are accepted"),
+        ));
+    }
+    Ok(stop)
+}
+
+/// The sampler of a request (the seed drawn when absent).
 fn sampler(sampling: &Sampling) -> Result<Sampler, ApiError> {
     let temperature = sampling.temperature.unwrap_or(1.0);
     let top_p = sampling.top_p.unwrap_or(1.0);
@@ -384,7 +448,7 @@ fn sampler(sampling: &Sampling) -> Result<Sampler, ApiError> {
     }
     Ok(Sampler {
         temperature,
-        top_k: 0,
+        top_k: sampling.top_k.unwrap_or(0),
         top_p,
         seed: sampling.seed.unwrap_or_else(random_u64),
     })
@@ -564,13 +628,9 @@ async fn chat(
             .map(|schema| state.engine.json_constraint(&schema))
             .transpose()
             .map_err(|e| ApiError::field(param, e.to_string()))?;
-        let text = state
-            .engine
-            .chat_prompt(&messages)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let prompt = state
             .engine
-            .tokenize(&text)
+            .chat_tokens(&messages)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         check_context(&state, &prompt)?;
         let sampling = &request.sampling;
@@ -583,7 +643,7 @@ async fn chat(
             sampler: sampler(sampling)?,
             shaping: shaping(&state, sampling)?,
             logprobs,
-            stop: std::mem::take(&mut request.sampling.stop).into_vec(),
+            stop: stop_texts(&mut request.sampling)?,
         };
         let job = Job {
             route: "chat",
@@ -658,7 +718,7 @@ async fn completions(
         if request.logprobs.is_some_and(|n| n > 5) {
             return Err(ApiError::field("logprobs", "logprobs must be 0 to 5"));
         }
-        let stop = std::mem::take(&mut request.sampling.stop).into_vec();
+        let stop = stop_texts(&mut request.sampling)?;
         let mut params = Vec::with_capacity(prompts.len());
         for prompt in &prompts {
             check_context(&state, prompt)?;
@@ -808,6 +868,24 @@ async fn run(state: Arc<AppState>, job: Job, arrived: Instant) -> Result<Respons
     // The slot (or a place in the queue); the backend admits by the KV cache
     // the sequences actually hold.
     let admission = admit(&state, 0).await?;
+    // The request is recorded before anything is generated: when the audit
+    // log cannot record, it is refused (503), streamed or not.
+    let accepted = json!({
+        "phase": "accepted",
+        "route": job.route,
+        "model": state.model_id,
+        "client": job.client.to_string(),
+        "key": job.key,
+        "user": job.user,
+        "request_id": job.request_id,
+        "seed": job.params[0].sampler.seed,
+        "choices": job.prompts.len(),
+        "prompt_tokens": job.prompts.iter().map(Vec::len).sum::<usize>(),
+    });
+    let recorder = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || audit_request(&recorder, accepted))
+        .await
+        .map_err(ApiError::internal)??;
     let id = format!(
         "{}-{:016x}",
         if job.chat { "chatcmpl" } else { "cmpl" },
@@ -960,6 +1038,7 @@ pub(crate) fn record(
     audit_request(
         state,
         json!({
+            "phase": "completed",
             "route": job.route,
             "model": state.model_id,
             "client": job.client.to_string(),

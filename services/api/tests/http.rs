@@ -111,8 +111,10 @@ fn chat_body(stream: bool, max_tokens: usize) -> String {
     .to_string()
 }
 
+/// A metric's value; `/metrics` needs a key where keys are configured (the
+/// first test's key; a keyless server ignores it).
 fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (_, text) = request(addr, "GET", "/metrics", None, None);
+    let (_, text) = request(addr, "GET", "/metrics", Some("sk-test-1"), None);
     text.lines()
         .find(|l| l.starts_with(name) && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next())
@@ -264,7 +266,7 @@ fn chat_streaming_and_not_agree_and_malformed_requests_get_json_errors() {
         metric(addr, "sovereign_model_matrices{path=\"Q8_0 kernel\"}"),
         1.0
     );
-    let (_, text) = request(addr, "GET", "/metrics", None, None);
+    let (_, text) = request(addr, "GET", "/metrics", key, None);
     assert!(
         text.contains(
             "sovereign_api_requests_total{route=\"/v1/chat/completions\",status=\"401\"} 2"
@@ -896,4 +898,92 @@ fn refused_requests_are_audited_as_counted_summaries() {
         !text.contains("secret prompt"),
         "prompt text in the audit log"
     );
+}
+
+/// Issue 14 items 15 and 16: stop texts are bounded in number and length,
+/// `top_k` is honoured, a body over the limit gets 413, and `/metrics`
+/// needs a key when keys are configured.
+#[test]
+fn r14_stop_texts_top_k_body_size_and_metrics_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys"),
+        format!("{}\n", ApiKeys::line_for("alice", "sk-test-3")),
+    )
+    .unwrap();
+    let keys = ApiKeys::load(&dir.path().join("keys")).unwrap();
+    let addr = start(Some(keys), Limits::default());
+    let chat = "/v1/chat/completions";
+    let send = |body: &str| {
+        exchange(
+            addr,
+            &format!(
+                "POST {chat} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer sk-test-3\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 8, "seed": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body.to_string()
+    };
+    let refused = |body: String| {
+        let (status, _, text) = send(&body);
+        let error: Value = serde_json::from_str(&text).unwrap();
+        (
+            status,
+            error["error"]["param"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+    let many: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    assert_eq!(refused(ask(json!({ "stop": many }))), (400, "stop".into()));
+    assert_eq!(
+        refused(ask(json!({ "stop": ["x".repeat(4097)] }))),
+        (400, "stop".into())
+    );
+    let (status, _, body) = send(&ask(json!({ "stop": ["zzz", "x".repeat(4000)] })));
+    assert_eq!(status, 200, "{body}");
+
+    // top_k 1 draws the likeliest token at any temperature: the greedy text.
+    let text = |extra: Value| {
+        let (status, _, body) = send(&ask(extra));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let greedy = text(json!({"temperature": 0}));
+    assert_ne!(
+        text(json!({"temperature": 2.0})),
+        greedy,
+        "seed 3 at temperature 2"
+    );
+    assert_eq!(text(json!({"temperature": 2.0, "top_k": 1})), greedy);
+    assert_eq!(refused(ask(json!({ "top_k": -1 }))).0, 400);
+
+    // A body over 2 MiB: 413 with a JSON error.
+    let big = ask(json!({ "user": "u".repeat(3 << 20) }));
+    let (status, _, body) = send(&big);
+    assert_eq!(status, 413, "{}", &body[..body.len().min(200)]);
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]["message"].is_string());
+
+    // /metrics: 401 without a key, the counters with one.
+    let metrics = |auth: &str| {
+        exchange(
+            addr,
+            &format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n"),
+        )
+    };
+    assert_eq!(metrics("").0, 401);
+    assert_eq!(metrics("Authorization: Bearer sk-wrong\r\n").0, 401);
+    let (status, _, body) = metrics("Authorization: Bearer sk-test-3\r\n");
+    assert_eq!(status, 200);
+    assert!(body.contains("sovereign_api_requests_total"), "{body}");
 }

@@ -176,13 +176,11 @@ impl Gate {
     /// anchor) from `peer`: the import service's user (or, on a dev host,
     /// the daemon's own).
     pub fn admit_anchor(&self, peer: &Peer) -> Result<(), String> {
-        match self.known(peer)? {
-            Some(rule) if rule.service != "import" => Err(format!(
-                "{:?} may not read the import records",
-                rule.service
-            )),
-            _ => self.charge(peer, COURIER_COST),
+        let rules = self.known(peer)?;
+        if !rules.is_empty() && !rules.iter().any(|r| r.service == "import") {
+            return Err(format!("user {} may not read the import records", peer.uid));
         }
+        self.charge(peer, COURIER_COST)
     }
 
     /// Admits a courier request from `peer`, or says why not.
