@@ -180,10 +180,7 @@ impl Backend for LocalBackend {
                 s.preempted.load(Ordering::Relaxed),
             ),
         ] {
-            let _ = writeln!(
-                text,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            text.push_str(&crate::metrics::single_metric(name, kind, help, value));
         }
         text
     }

@@ -26,7 +26,7 @@ pub use backend::{Backend, LocalBackend};
 pub use conn::ConnLimits;
 pub use error::ApiError;
 pub use keys::ApiKeys;
-pub use metrics::Metrics;
+pub use metrics::{single_metric, Metrics};
 pub use server::{
     router, serve, serve_tls, serve_tls_with, serve_with, AppState, Limits, SEED_HEADER,
 };

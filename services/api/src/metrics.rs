@@ -29,6 +29,12 @@ pub struct Metrics {
 }
 
 /// Counts `seconds` into `histogram`.
+/// One metric with a single value in the Prometheus text format: its
+/// `# HELP` and `# TYPE` lines and the sample (`kind`: `counter` or `gauge`).
+pub fn single_metric(name: &str, kind: &str, help: &str, value: impl std::fmt::Display) -> String {
+    format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
+}
+
 fn count(histogram: &mut Histogram, seconds: f64) {
     for (i, bound) in BUCKETS.iter().enumerate() {
         if seconds <= *bound {
@@ -140,11 +146,12 @@ impl Metrics {
                 &self.in_flight,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
+            out.push_str(&single_metric(
+                name,
+                kind,
+                help,
+                value.load(Ordering::Relaxed),
+            ));
         }
         out
     }

@@ -107,7 +107,7 @@ impl Backend for RingBackend {
         let stage = self.core.stage_state();
         let active = self.core.active();
         let gauge = |name: &str, help: &str, kind: &str, value: u64| {
-            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
+            sovereign_api::single_metric(name, kind, help, value)
         };
         [
             gauge(

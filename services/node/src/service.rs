@@ -359,7 +359,7 @@ impl RingView for Shown {
         let c = self.ring.counters();
         let links = self.ring.links();
         let counter = |name: &str, help: &str, value: u64| {
-            format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n")
+            sovereign_api::single_metric(name, "counter", help, value)
         };
         let mut out = [
             counter(
