@@ -66,7 +66,8 @@ pub enum Service {
     Audit,
     /// The one-shot stick import (`sovereign-import`).
     Import,
-    /// The OpenAI-compatible API (`sovereign-api`).
+    /// The node service: the ring and the OpenAI-compatible API
+    /// (`sovereign-node`, unit `sovereign-api.service`).
     Api,
 }
 

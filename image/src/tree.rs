@@ -98,7 +98,7 @@ pub fn binary_names(service: Service) -> &'static [&'static str] {
     match service {
         Service::Audit => &["sovereign-audit", "sovereign-auditctl"],
         Service::Import => &["sovereign-import"],
-        Service::Api => &["sovereign-api"],
+        Service::Api => &["sovereign-node"],
     }
 }
 

@@ -31,7 +31,10 @@ fn audit_allow(spec: &ImageSpec) -> String {
         rules.push_str(match service {
             Service::Audit => "",
             Service::Import => " --allow sovereign-import=import:import,trust-rotation",
-            Service::Api => " --allow sovereign-api=api:api-request,api-refused,model-loaded",
+            Service::Api => {
+                " --allow sovereign-api=api:api-request,api-refused,model-loaded \
+                 --allow sovereign-api=node:ring-join,ring-leave,ring-plan,ring-replan"
+            }
         });
     }
     rules
@@ -132,17 +135,21 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                 LanAddress::Dhcp => "10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 fc00::/7".into(),
             };
             (
-                "Sovereign OpenAI-compatible API",
+                "Sovereign node: the ring and the OpenAI-compatible API",
                 format!(
                     "Type=simple\nUser=sovereign-api\nGroup=sovereign-api\nSupplementaryGroups=sovereign-audit\n\
+                     LoadCredential=identity.pem:{NODE_DIR}/identity.pem\n\
                      LoadCredential=api-keys:{NODE_DIR}/api-keys\nLoadCredential=cert.pem:{NODE_DIR}/cert.pem\n\
                      LoadCredential=key.pem:{NODE_DIR}/key.pem\n\
-                     ExecStart=/usr/bin/sovereign-api --store /var/lib/sovereign/store --listen [::]:{port} \
+                     ExecStart=/usr/bin/sovereign-node --identity %d/identity.pem --store /var/lib/sovereign/store \
+                     --ring-interface {ring} --ring-port {ring_port} --api-listen [::]:{port} \
                      --keys %d/api-keys --tls-cert %d/cert.pem --tls-key %d/key.pem --audit-socket {AUDIT_SOCKET}\n\
-                     Restart=on-failure\nRestartSec=5\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n\
+                     Restart=on-failure\nRestartSec=5\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
                      LimitNOFILE=4096\n\
-                     IPAddressAllow=localhost link-local {lan}\n",
-                    port = spec.network.api_port
+                     IPAddressAllow=localhost link-local multicast {lan}\n",
+                    port = spec.network.api_port,
+                    ring = spec.network.ring_match,
+                    ring_port = spec.network.ring_port,
                 ),
                 String::new(),
             )
@@ -155,7 +162,7 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
             "After=sovereign-audit.service\nRequires=sovereign-audit.service\n\
              ConditionDirectoryNotEmpty=/var/lib/sovereign/store/models\n\
              ConditionPathExists={NODE_DIR}/api-keys\nConditionPathExists={NODE_DIR}/cert.pem\n\
-             ConditionPathExists={NODE_DIR}/key.pem\n"
+             ConditionPathExists={NODE_DIR}/key.pem\nConditionPathExists={NODE_DIR}/identity.pem\n"
         ),
         Service::Import => {
             "After=sovereign-audit.service\nRequires=sovereign-audit.service\n".to_owned()

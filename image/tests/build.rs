@@ -20,7 +20,7 @@ fn binaries() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    for name in ["sovereign-audit", "sovereign-import", "sovereign-api"] {
+    for name in ["sovereign-audit", "sovereign-import", "sovereign-node"] {
         assert!(
             dir.join(name).is_file(),
             "{} is missing: run `cargo build --workspace` first (cargo test --workspace builds it)",
@@ -169,7 +169,7 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
         assert!(listing.contains(&line), "{masked} is not masked");
     }
     for present in [
-        "/usr/bin/sovereign-api",
+        "/usr/bin/sovereign-node",
         "/etc/nftables.conf",
         "/etc/sovereign/node.trust",
         "/usr/lib/sysctl.d/90-sovereign.conf",
