@@ -123,7 +123,7 @@ fn services_have_exposure_at_most_2_0_and_root_helpers_at_most_4_0() {
         assert!(level <= 2.0, "{unit}: exposure {level}");
     }
     let api = unit_file(Service::Api, &spec);
-    assert!(api.contains("IPAddressDeny=any") && api.contains("--listen [::]:8443"));
+    assert!(api.contains("IPAddressDeny=any") && api.contains("--api-listen [::]:8443"));
 
     // The root helpers (mounting sticks, reading nft counters) hold one or two
     // capabilities and no network; they stay well below an unsandboxed unit (9.6).
