@@ -32,8 +32,9 @@ pub use build::{
     build, BuildReport, BuildRequest, Progress, IMAGE_FILE, LISTING_FILE, LOCK_FILE, MANIFEST_FILE,
 };
 pub use config::{
-    fstab, lan_network, modules_load, ring_network, sysusers, thunderbolt_rule, usb_authorize_rule,
-    usb_rule, KERNEL_HARDENING, LAN_LINK_GROUP, PRELOAD_MODULES, SYSCTL, SYSTEM_CONF,
+    fstab, lan_network, modules_load, ring_network, sysusers, thunderbolt_rule, tmpfiles,
+    usb_authorize_rule, usb_rule, KERNEL_HARDENING, LAN_LINK_GROUP, PRELOAD_MODULES, SYSCTL,
+    SYSTEM_CONF,
 };
 pub use disk::{kernel_cmdline, root_partition_uuids};
 pub use error::{BuildError, VerifyError};
@@ -46,7 +47,8 @@ pub use tree::{listing, MASKED_ALWAYS, PRODUCTION_REMOVED};
 pub use units::{
     firewall_audit_timer, firewall_audit_unit, hostname_unit, lock_modules_unit, stick_unit,
     unit_file, unit_name, AUDIT_SOCKET, CLUSTER_CA, FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT,
-    HOSTNAME_UNIT, LOCK_MODULES_UNIT, STICK_DIR, STICK_MOUNT_OPTIONS, STICK_UNIT,
+    HOSTNAME_UNIT, LOCK_MODULES_UNIT, SPOOL_DIR, STICK_DIR, STICK_MOUNT_OPTIONS, STICK_UNIT,
+    STORE_DIR, STORE_GROUP,
 };
 
 /// The default spec (`image/node.toml`).

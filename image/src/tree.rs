@@ -285,6 +285,12 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
         config::sysusers(spec).as_bytes(),
         0o644,
     )?;
+    put(
+        &root,
+        "usr/lib/tmpfiles.d/sovereign.conf",
+        config::tmpfiles().as_bytes(),
+        0o644,
+    )?;
     tool::run(
         Command::new("systemd-sysusers").arg(format!("--root={}", root.display())),
         epoch,

@@ -12,6 +12,16 @@ pub const AUDIT_SOCKET: &str = "/run/sovereign-audit/audit.sock";
 /// Where the node's identity and credentials live (on the state partition).
 pub const NODE_DIR: &str = "/var/lib/sovereign/node";
 
+/// The model store on the state partition.
+pub const STORE_DIR: &str = "/var/lib/sovereign/store";
+
+/// Where the node keeps what it receives over the ring until it is verified.
+pub const SPOOL_DIR: &str = "/var/lib/sovereign/store.spool";
+
+/// The group of the model store's writers: the stick import and the node
+/// (which imports what it receives over the ring).
+pub const STORE_GROUP: &str = "sovereign-store";
+
 /// The cluster CA certificate in the verified root (when the spec has one).
 pub const CLUSTER_CA: &str = "/etc/sovereign/cluster-ca.pem";
 
@@ -33,7 +43,9 @@ fn audit_allow(spec: &ImageSpec) -> String {
             Service::Import => " --allow sovereign-import=import:import,trust-rotation",
             Service::Api => {
                 " --allow sovereign-api=api:api-request,api-refused,model-loaded \
-                 --allow sovereign-api=node:ring-join,ring-leave,ring-plan,ring-replan"
+                 --allow sovereign-api=node:ring-join,ring-leave,ring-plan,ring-replan \
+                 --allow sovereign-api=replication:offer,receive,refused,no-room,relay-unopened \
+                 --allow sovereign-api=import:import"
             }
         });
     }
@@ -112,10 +124,11 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
         Service::Import => (
             "Sovereign import from the stick %I",
             format!(
-                "Type=oneshot\nUser=sovereign-import\nGroup=sovereign-import\nSupplementaryGroups=sovereign-audit\n\
-                 StateDirectory=sovereign/store\nReadOnlyPaths={STICK_DIR}/%i\n\
+                "Type=oneshot\nUser=sovereign-import\nGroup=sovereign-import\n\
+                 SupplementaryGroups=sovereign-audit {STORE_GROUP}\n\
+                 ReadWritePaths={STORE_DIR}\nReadOnlyPaths={STICK_DIR}/%i\n\
                  LoadCredential=node.age:{NODE_DIR}/node.age\n\
-                 ExecStart=/usr/bin/sovereign-import --store /var/lib/sovereign/store --trust /etc/sovereign/node.trust \
+                 ExecStart=/usr/bin/sovereign-import --store {STORE_DIR} --trust /etc/sovereign/node.trust \
                  --identity %d/node.age --audit-socket {AUDIT_SOCKET}{ca} --wait-secs 10800 {STICK_DIR}/%i\n\
                  TimeoutStartSec=6h\nMemoryMax=3G\n\
                  PrivateNetwork=yes\nRestrictAddressFamilies=AF_UNIX\n",
@@ -126,8 +139,8 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                     format!(" --cluster-ca {CLUSTER_CA}")
                 }
             ),
-            // The API's user reads the models this service writes.
-            "UMask=0022\n".to_owned(),
+            // The node, in the store's group, reads and writes what this service writes.
+            "UMask=0007\n".to_owned(),
         ),
         Service::Api => {
             let lan = match spec.network.lan() {
@@ -137,11 +150,13 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
             (
                 "Sovereign node: the ring and the OpenAI-compatible API",
                 format!(
-                    "Type=simple\nUser=sovereign-api\nGroup=sovereign-api\nSupplementaryGroups=sovereign-audit\n\
+                    "Type=simple\nUser=sovereign-api\nGroup=sovereign-api\n\
+                     SupplementaryGroups=sovereign-audit {STORE_GROUP}\n\
+                     ReadWritePaths={STORE_DIR}\nStateDirectory=sovereign/store.spool\nStateDirectoryMode=0700\n\
                      LoadCredential=identity.pem:{NODE_DIR}/identity.pem\n\
                      LoadCredential=api-keys:{NODE_DIR}/api-keys\nLoadCredential=cert.pem:{NODE_DIR}/cert.pem\n\
                      LoadCredential=key.pem:{NODE_DIR}/key.pem\n\
-                     ExecStart=/usr/bin/sovereign-node --identity %d/identity.pem --store /var/lib/sovereign/store \
+                     ExecStart=/usr/bin/sovereign-node --identity %d/identity.pem --store {STORE_DIR} --spool {SPOOL_DIR} \
                      --ring-interface {ring} --ring-port {ring_port} --api-listen [::]:{port} \
                      --keys %d/api-keys --tls-cert %d/cert.pem --tls-key %d/key.pem --audit-socket {AUDIT_SOCKET}\n\
                      Restart=on-failure\nRestartSec=5\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
@@ -151,16 +166,18 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                     ring = spec.network.ring_match,
                     ring_port = spec.network.ring_port,
                 ),
-                String::new(),
+                // The stick import, in the store's group, reads and writes what this service writes.
+                "UMask=0007\n".to_owned(),
             )
         }
     };
     let unit = match service {
         Service::Audit => String::new(),
-        // Until the node holds a model, its API keys and its certificate, there is nothing to serve.
+        // Without its identity, API keys and certificate the node cannot join a
+        // ring or serve; without a model it still runs (answering 503) and
+        // receives one over the ring.
         Service::Api => format!(
-            "After=sovereign-audit.service\nRequires=sovereign-audit.service\n\
-             ConditionDirectoryNotEmpty=/var/lib/sovereign/store/models\n\
+            "After=sovereign-audit.service systemd-tmpfiles-setup.service\nRequires=sovereign-audit.service\n\
              ConditionPathExists={NODE_DIR}/api-keys\nConditionPathExists={NODE_DIR}/cert.pem\n\
              ConditionPathExists={NODE_DIR}/key.pem\nConditionPathExists={NODE_DIR}/identity.pem\n"
         ),

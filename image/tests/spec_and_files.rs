@@ -6,9 +6,9 @@
 use std::process::Command;
 
 use sovereign_image::{
-    firewall_audit_unit, fstab, hostname_unit, lan_network, nftables_ruleset, stick_unit,
-    unit_file, unit_name, ImageSpec, Service, FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT, MASKED_ALWAYS,
-    STICK_UNIT, SYSTEM_CONF,
+    firewall_audit_unit, fstab, hostname_unit, lan_network, nftables_ruleset, stick_unit, sysusers,
+    tmpfiles, unit_file, unit_name, ImageSpec, Service, FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT,
+    MASKED_ALWAYS, SPOOL_DIR, STICK_UNIT, STORE_DIR, STORE_GROUP, SYSTEM_CONF,
 };
 
 const DEFAULT: &str = include_str!("../node.toml");
@@ -21,6 +21,56 @@ fn the_default_spec_parses() {
         [Service::Audit, Service::Import, Service::Api]
     );
     assert_eq!(spec.network.ring_match, "thunderbolt*");
+}
+
+#[test]
+fn the_stick_import_and_the_node_share_the_store_through_its_group_and_nothing_else_can_write_it() {
+    let spec = ImageSpec::parse(DEFAULT).unwrap();
+    let users = sysusers(&spec);
+    assert!(users.contains(&format!("g {STORE_GROUP} -")), "{users}");
+    let members: Vec<&str> = users
+        .lines()
+        .filter(|l| l.starts_with("m ") && l.ends_with(STORE_GROUP))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            format!("m sovereign-import {STORE_GROUP}"),
+            format!("m sovereign-api {STORE_GROUP}")
+        ]
+    );
+    // Made at boot, writable by the group only, set-group-id so files either
+    // writer makes stay the group's.
+    assert!(tmpfiles().contains(&format!("d {STORE_DIR} 2770 root {STORE_GROUP} -")));
+    for service in [Service::Import, Service::Api] {
+        let unit = unit_file(service, &spec);
+        let last_umask = unit.lines().rfind(|l| l.starts_with("UMask=")).unwrap();
+        assert_eq!(last_umask, "UMask=0007", "{unit}");
+        assert!(
+            unit.contains(&format!("ReadWritePaths={STORE_DIR}\n")),
+            "{unit}"
+        );
+        assert!(unit.contains(&format!(
+            "SupplementaryGroups=sovereign-audit {STORE_GROUP}\n"
+        )));
+        assert!(!unit.contains("StateDirectory=sovereign/store\n"), "{unit}");
+    }
+    let node = unit_file(Service::Api, &spec);
+    // A node with an empty store still starts: it receives models over the ring.
+    assert!(!node.contains("ConditionDirectoryNotEmpty"), "{node}");
+    assert!(node.contains(&format!("--spool {SPOOL_DIR}")), "{node}");
+    assert!(
+        node.contains("StateDirectory=sovereign/store.spool\n"),
+        "{node}"
+    );
+    let audit = unit_file(Service::Audit, &spec);
+    for rule in [
+        "--allow sovereign-api=replication:offer,receive,refused,no-room,relay-unopened",
+        "--allow sovereign-api=import:import",
+        "--allow sovereign-api=node:ring-join,ring-leave,ring-plan,ring-replan",
+    ] {
+        assert!(audit.contains(rule), "{rule} missing: {audit}");
+    }
 }
 
 #[test]

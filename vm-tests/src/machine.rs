@@ -145,6 +145,8 @@ pub struct MachineConfig {
     pub disks: Vec<PathBuf>,
     /// The office LAN stand-in, if any: see [`MachineConfig::lan_forward`].
     pub lan: Option<LanForward>,
+    /// QEMU's CPU model (`-cpu`); `None` for QEMU's default.
+    pub cpu_model: Option<String>,
 }
 
 /// A LAN NIC on QEMU's user-mode network with `restrict=on`: the guest can
@@ -171,7 +173,15 @@ impl MachineConfig {
             accel: Accel::from_env(),
             disks: Vec::new(),
             lan: None,
+            cpu_model: None,
         }
+    }
+
+    /// Emulates CPU model `model` (`max`: every feature TCG emulates, AVX2,
+    /// FMA and F16C among them, so the guest runs the engine's AVX2 kernels).
+    pub fn cpu_model(mut self, model: &str) -> Self {
+        self.cpu_model = Some(model.to_owned());
+        self
     }
 
     /// Adds a LAN NIC (PCI slot 0x18, a `en*` name in the guest) whose guest
@@ -337,12 +347,17 @@ impl Machine {
             format!("socket,id=qmp,path={}", p(&dir.join("qmp.sock"))),
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
+        ];
+        if let Some(model) = &self.config.cpu_model {
+            args.extend(["-cpu".into(), model.clone()]);
+        }
+        args.extend([
             // Never a host network device; ring links below are unix sockets.
             "-nic".into(),
             "none".into(),
             "-device".into(),
             "qemu-xhci,id=xhci".into(),
-        ];
+        ]);
         let machine_byte = blake3::hash(self.config.name.as_bytes()).as_bytes()[0];
         for (i, end) in self.config.links.iter().enumerate() {
             args.push("-netdev".into());
@@ -794,6 +809,22 @@ impl Machine {
                 Err(_) => thread::sleep(Duration::from_millis(200)),
             }
         }
+    }
+
+    /// Pulls (`up == false`) or plugs back the cable of ring link `index`
+    /// (NIC `thunderbolt<index>`): the guest sees its carrier go and come.
+    pub fn set_link(&mut self, index: usize, up: bool) -> Result<(), VmError> {
+        if index >= self.config.links.len() {
+            return Err(VmError::Config {
+                machine: self.config.name.clone(),
+                reason: format!("no ring link {index}"),
+            });
+        }
+        self.qmp(
+            "set_link",
+            json!({ "name": format!("ring{index}"), "up": up }),
+        )
+        .map(|_| ())
     }
 
     /// Kills QEMU at once, like pulling the power cord.

@@ -15,30 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sovereign_vm_tests::{host_tool, workspace_binary, Boot, Link, Machine, MachineConfig};
+use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig};
 
-/// Runs a host tool, failing the test with its output if it fails.
-fn run(command: &mut Command) -> String {
-    host_tool(command).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A FAT32 stick image holding `files`.
-fn stick(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
-    let image = dir.join(name);
-    run(Command::new("mkfs.vfat")
-        .args(["-F", "32", "-n", "STICK", "-C"])
-        .arg(&image)
-        .arg("196608"));
-    for file in files {
-        run(Command::new("mcopy")
-            .arg("-i")
-            .arg(&image)
-            .arg(file)
-            .arg("::/")
-            .env("MTOOLS_SKIP_CHECK", "1"));
-    }
-    image
-}
+mod support;
+use support::{operator_kit, run, stick, API_KEY};
 
 /// A Python with the pinned `openai` client, in a venv under `dir`.
 fn python_with_openai(dir: &Path) -> PathBuf {
@@ -52,55 +32,10 @@ fn python_with_openai(dir: &Path) -> PathBuf {
 fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
-    let sovereign = workspace_binary("sovereign").expect("the sovereign binary");
-    let sov = |args: &[&str]| run(Command::new(&sovereign).args(args).current_dir(d));
-
-    // The operator: a signer, the node's trust, a build key, the image.
-    sov(&["key", "generate", "--out", "signer"]);
-    sov(&["key", "generate", "--out", "build.key"]);
-    sov(&["cluster", "init", "--name", "test", "--out", "cluster"]);
-    // The LAN stand-in is this host's loopback: the node answers on 127.0.0.1 too.
-    sov(&[
-        "node",
-        "enroll",
-        "--cluster",
-        "cluster",
-        "--name",
-        "node-a",
-        "--lan-ip",
-        "127.0.0.1",
-        "--out",
-        "node-a.identity",
-    ]);
-    sov(&[
-        "trust",
-        "init",
-        "--signer",
-        "signer.pub",
-        "--threshold",
-        "1",
-        "--out",
-        "node.trust",
-    ]);
-    let started = Instant::now();
-    let built = sov(&[
-        "image",
-        "build",
-        "--profile",
-        "test",
-        "--bundle-trust",
-        "node.trust",
-        "--cluster-ca",
-        "cluster/ca.pem",
-        "--key",
-        "build.key",
-        "--out",
-        "out",
-    ]);
-    eprintln!(
-        "image build (test profile): {:.1} s\n{built}",
-        started.elapsed().as_secs_f64()
-    );
+    // The operator's keys, cluster CA, enrolled node-a, trust, the image
+    // (built with `sovereign image build --profile test`) and the bundles.
+    let kit = operator_kit();
+    let sov = |args: &[&str]| kit.sov(&kit.dir, args);
     let verified = sov(&[
         "image",
         "verify",
@@ -111,67 +46,16 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         "out/node.img",
     ]);
     assert!(verified.contains("verified"), "{verified}");
-    let image_size = fs::metadata(d.join("out/node.img")).expect("image").len();
+    let image_size = fs::metadata(kit.path("out/node.img")).expect("image").len();
     assert!(image_size < 500_000_000, "image is {image_size} bytes");
 
-    // The demo model as a signed bundle for the stick, and a tampered release.
-    let model = PathBuf::from(
-        run(&mut Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/fetch-model"
-        )))
-        .trim(),
-    );
-    fs::create_dir_all(d.join("good")).expect("dir");
-    fs::create_dir_all(d.join("bad")).expect("dir");
-    for (name, version) in [("good", "1.0.0"), ("bad", "2.0.0")] {
-        let bundle = format!("{name}/smollm2-{version}.sovb");
-        sov(&[
-            "bundle",
-            "create",
-            "--name",
-            "smollm2",
-            "--version",
-            version,
-            "--out",
-            &bundle,
-            model.to_str().expect("utf8"),
-        ]);
-        sov(&["bundle", "sign", "--key", "signer", &bundle]);
-    }
-    let bad = d.join("bad/smollm2-2.0.0.sovb");
-    let mut bytes = fs::read(&bad).expect("bundle");
-    let middle = bytes.len() - 4096;
-    bytes[middle] ^= 0x55;
-    fs::write(&bad, bytes).expect("tamper");
-    let good_stick = stick(d, "good.img", &[&d.join("good/smollm2-1.0.0.sovb")]);
-    let bad_stick = stick(d, "bad.img", &[&bad]);
+    // The demo model as a signed bundle on one stick, a tampered release on another.
+    let good_stick = stick(d, "good.img", &[&kit.path("good/smollm2-1.0.0.sovb")]);
+    let bad_stick = stick(d, "bad.img", &[&kit.path("bad/smollm2-2.0.0.sovb")]);
 
-    // The node's API key for the operator (its TLS certificate is the enrolled one).
-    fs::write(
-        d.join("api-keys"),
-        format!(
-            "operator blake3:{}\n",
-            blake3::hash(b"sk-node-test").to_hex()
-        ),
-    )
-    .expect("api keys");
+    // node-a: its enrolled identity and the operator's API key.
     let disk = d.join("disk.img");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(1 << 30))
-        .expect("disk");
-    let flashed = sov(&[
-        "flash",
-        "--image",
-        "out/node.img",
-        "--device",
-        disk.to_str().expect("utf8"),
-        "--node",
-        "node-a.identity",
-        "--api-keys",
-        "api-keys",
-    ]);
-    assert!(flashed.contains("verified by read-back"), "{flashed}");
+    kit.flash("node-a", &disk);
 
     let (ring0, ring1) = (Link::new().expect("link"), Link::new().expect("link"));
     let lan_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -525,8 +409,8 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
                 &resolve,
                 "--cacert",
             ])
-            .arg(d.join("cluster/ca.pem"))
-            .args(["-H", "Authorization: Bearer sk-node-test"])
+            .arg(kit.path("cluster/ca.pem"))
+            .args(["-H", &format!("Authorization: Bearer {API_KEY}")])
             .args(args)
             .output()
             .expect("run curl")
@@ -560,7 +444,7 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
             &resolve,
             "--cacert",
         ])
-        .arg(d.join("cluster/ca.pem"))
+        .arg(kit.path("cluster/ca.pem"))
         .arg(format!("{api}/v1/models"))
         .output()
         .expect("curl");
@@ -599,7 +483,7 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     // the node's models (generation under TCG is what curl measured above).
     const LIST_MODELS: &str = "import ssl, sys, httpx, openai\n\
         ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
-        c = openai.OpenAI(base_url=sys.argv[1], api_key='sk-node-test', http_client=httpx.Client(verify=ctx))\n\
+        c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[3], http_client=httpx.Client(verify=ctx))\n\
         print([m.id for m in c.models.list()])\n";
     let listed = run(Command::new(python_with_openai(d))
         .args([
@@ -607,7 +491,8 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
             LIST_MODELS,
             &format!("https://127.0.0.1:{lan_port}/v1"),
         ])
-        .arg(d.join("cluster/ca.pem")));
+        .arg(kit.path("cluster/ca.pem"))
+        .arg(API_KEY));
     assert!(listed.contains("smollm2"), "{listed}");
 
     // The LAN has its DHCP address by now, and still no route beyond it.
@@ -636,7 +521,7 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         .succeed("cat /var/lib/sovereign/audit/records.jsonl", wait)
         .expect("audit");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(d.join("out/node.manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs::read(kit.path("out/node.manifest.json")).expect("manifest"))
             .expect("json");
     let root_hash = manifest["verity_root_hash"].as_str().expect("root hash");
     assert!(

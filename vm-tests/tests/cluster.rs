@@ -1,0 +1,429 @@
+//! Scenario (issue 11): three flashed node images booted as VMs (TCG, one
+//! vCPU each) and cabled in a closed ring of point-to-point links. With no
+//! address configured they find each other; a stick plugged into one node
+//! puts the model live on all three, each verifying it; every node answers
+//! with exactly the tokens one node gives; a cable pulled mid-answer changes
+//! nothing for the client; a node powered off mid-answer costs a replay, not
+//! the answer, and the ring re-forms when it comes back.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig};
+
+mod support;
+use support::{operator_kit, run, stick, Kit, API_KEY, NODES};
+
+const PROMPT: &str = "The capital of France is";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One node of the booted ring and how the LAN stand-in reaches its API.
+struct Node {
+    name: &'static str,
+    machine: Machine,
+    port: u16,
+}
+
+/// The host side of the office LAN: `sovereign ring status` and curl,
+/// trusting only the cluster CA.
+struct Lan<'a> {
+    kit: &'a Kit,
+    key_file: PathBuf,
+}
+
+impl Lan<'_> {
+    /// The node's `/health` as `sovereign ring status --json` shows it.
+    fn status(&self, node: &Node) -> Option<Value> {
+        let output = Command::new(&self.kit.sovereign)
+            .args(["ring", "status", "--json", "--api"])
+            .arg(format!("https://127.0.0.1:{}", node.port))
+            .arg("--cacert")
+            .arg(self.kit.path("cluster/ca.pem"))
+            .arg("--key-file")
+            .arg(&self.key_file)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    /// Waits until `check` holds for the node's status; returns that status.
+    fn wait_for(&self, node: &mut Node, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let status = self.status(node);
+            if let Some(status) = status.as_ref().filter(|s| check(s)) {
+                return status.clone();
+            }
+            if Instant::now() > deadline {
+                let journal = node
+                    .machine
+                    .succeed(
+                        "journalctl -b -u sovereign-api.service --no-pager -o cat | tail -30",
+                        WAIT,
+                    )
+                    .unwrap_or_default();
+                panic!("{}: never {what}: {status:?}\n{journal}", node.name);
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    }
+
+    /// curl against the node's API with the operator's key.
+    fn curl(&self, node: &Node) -> Command {
+        let mut curl = Command::new("curl");
+        curl.args(["--silent", "--show-error", "--no-buffer", "--cacert"])
+            .arg(self.kit.path("cluster/ca.pem"))
+            .args(["-H", &format!("Authorization: Bearer {API_KEY}")])
+            .args(["-H", "Content-Type: application/json"])
+            .arg(format!("https://127.0.0.1:{}/v1/completions", node.port));
+        curl
+    }
+
+    /// A greedy streamed completion of [`PROMPT`], read as it arrives.
+    fn stream(&self, node: &Node, max_tokens: u32) -> Stream {
+        let body = serde_json::json!({
+            "model": "smollm2", "prompt": PROMPT, "max_tokens": max_tokens,
+            "temperature": 0, "stream": true,
+        });
+        let mut child = self
+            .curl(node)
+            .args(["--max-time", "1200", "-d", &body.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, pieces) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    break;
+                }
+                let piece = serde_json::from_str::<Value>(data)
+                    .map(|v| match v["choices"][0]["text"].as_str() {
+                        Some(text) => Ok(text.to_owned()),
+                        None => Err(data.to_owned()),
+                    })
+                    .unwrap_or_else(|_| Err(data.to_owned()));
+                if tx.send(piece).is_err() {
+                    break;
+                }
+            }
+        });
+        Stream {
+            child,
+            pieces,
+            text: String::new(),
+        }
+    }
+}
+
+/// A streamed answer in flight.
+struct Stream {
+    child: Child,
+    pieces: mpsc::Receiver<Result<String, String>>,
+    text: String,
+}
+
+impl Stream {
+    /// Waits for the first streamed piece (the answer is under way).
+    fn wait_for_first_piece(&mut self) {
+        let piece = self
+            .pieces
+            .recv_timeout(Duration::from_secs(900))
+            .expect("a first piece");
+        self.text.push_str(&piece.unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    /// The whole answer; panics on an error event or a cut stream.
+    fn finish(mut self) -> String {
+        for piece in self.pieces.iter() {
+            self.text
+                .push_str(&piece.unwrap_or_else(|e| panic!("error event: {e}")));
+        }
+        let status = self.child.wait().expect("curl");
+        assert!(status.success(), "curl: {status}");
+        self.text
+    }
+}
+
+/// The ring order a node's status shows (empty while it does not serve).
+fn order(status: &Value) -> Vec<String> {
+    status["ring"]["order"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn boot(node: &mut Node) {
+    node.machine.start().expect("start");
+}
+
+fn wait_ready(node: &mut Node) {
+    node.machine
+        .wait_for_console("sovereign-test-agent: ready", Duration::from_secs(900))
+        .expect("agent");
+    node.machine
+        .wait_for_unit("sovereign-api.service", Duration::from_secs(600))
+        .expect("the node service runs, holding no model yet");
+}
+
+/// What one node alone answers: the demo bundle imported into a host store
+/// and `sovereign generate`, greedy.
+fn one_node_answer(kit: &Kit, dir: &Path, max_tokens: u32) -> String {
+    let store = dir.join("reference-store");
+    kit.sov(
+        dir,
+        &[
+            "import",
+            "--store",
+            store.to_str().expect("utf8"),
+            "--trust",
+            kit.path("node.trust").to_str().expect("utf8"),
+            kit.path("good/smollm2-1.0.0.sovb").to_str().expect("utf8"),
+        ],
+    );
+    let text = kit.sov(
+        dir,
+        &[
+            "generate",
+            "--store",
+            store.to_str().expect("utf8"),
+            "--model",
+            "smollm2",
+            "--raw",
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            &max_tokens.to_string(),
+            "--temperature",
+            "0",
+        ],
+    );
+    text.strip_suffix('\n').unwrap_or(&text).to_owned()
+}
+
+#[test]
+fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pulled_cable_and_a_lost_node(
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let kit = operator_kit();
+    const TOKENS: u32 = 12;
+    let reference = one_node_answer(&kit, d, TOKENS);
+    assert!(reference.contains("Paris"), "{reference:?}");
+    let key_file = d.join("api-key");
+    std::fs::write(&key_file, API_KEY).expect("key file");
+    let lan = Lan {
+        kit: &kit,
+        key_file,
+    };
+
+    // Three disks, each flashed with its node's enrolled identity; three
+    // cables: a-b, b-c, c-a (thunderbolt0 to the next node, thunderbolt1 to
+    // the previous one).
+    let cables: Vec<Link> = (0..3).map(|_| Link::new().expect("link")).collect();
+    let mut nodes: Vec<Node> = NODES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let disk = d.join(format!("{name}.img"));
+            kit.flash(name, &disk);
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            // `max` gives the guests AVX2: the ring runs the kernels the
+            // host's one-node answer ran.
+            let config = MachineConfig::new(name, Boot::Uefi { disk })
+                .cpu_model("max")
+                .link(cables[i].ends().0)
+                .link(cables[(i + 2) % 3].ends().1)
+                .lan_forward(port, 8443);
+            Node {
+                name,
+                machine: Machine::new(config).expect("machine"),
+                port,
+            }
+        })
+        .collect();
+
+    // (a) Power on: each boots its verified root and starts the node
+    // service; with nothing configured they find each other over the cables.
+    let booted = Instant::now();
+    nodes.iter_mut().for_each(boot);
+    nodes.iter_mut().for_each(wait_ready);
+    eprintln!(
+        "three nodes booted to a running node service in {:.1} s",
+        booted.elapsed().as_secs_f64()
+    );
+    let names = |s: &Value| -> Vec<String> {
+        let mut names: Vec<String> = s["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    for node in &mut nodes {
+        lan.wait_for(node, "saw all three members", |s| names(s) == NODES);
+    }
+    eprintln!(
+        "the ring formed {:.1} s after power-on",
+        booted.elapsed().as_secs_f64()
+    );
+
+    // (b) The stick goes into node-a only; the model goes live on all three,
+    // each having verified it, and the 3-node plan forms.
+    let model_stick = stick(d, "good.img", &[&kit.path("good/smollm2-1.0.0.sovb")]);
+    let plugged = Instant::now();
+    nodes[0]
+        .machine
+        .attach_stick(&model_stick)
+        .expect("plug the stick");
+    for node in &mut nodes {
+        let status = lan.wait_for(node, "served the 3-node plan", |s| {
+            s["ring"]["serving"] == true && order(s).len() == 3
+        });
+        let mut plan = order(&status);
+        plan.sort();
+        assert_eq!(plan, NODES, "{status}");
+    }
+    eprintln!(
+        "stick in node-a to the 3-node plan serving: {:.1} s",
+        plugged.elapsed().as_secs_f64()
+    );
+    for node in &mut nodes {
+        let records = node
+            .machine
+            .succeed("cat /var/lib/sovereign/audit/records.jsonl", WAIT)
+            .expect("audit log");
+        assert!(
+            records.contains("\"outcome\":\"imported\"") && records.contains("smollm2@1.0.0"),
+            "{}: the import is not audited: {records}",
+            node.name
+        );
+        if node.name != "node-a" {
+            assert!(
+                records.contains("\"replication\"") && records.contains("\"receive\""),
+                "{}: the replicated bundle is not audited: {records}",
+                node.name
+            );
+        }
+    }
+
+    // (c) Any node's API answers exactly what one node alone answers.
+    for node in &nodes {
+        let asked = Instant::now();
+        let answer = lan.stream(node, TOKENS).finish();
+        eprintln!(
+            "{} answered {answer:?} in {:.1} s",
+            node.name,
+            asked.elapsed().as_secs_f64()
+        );
+        assert_eq!(answer, reference, "{}", node.name);
+    }
+
+    // (d) A cable of the closed ring pulled mid-answer: nothing changes for
+    // the client (the ring routes around it); then plugged back.
+    let mut stream = lan.stream(&nodes[1], TOKENS);
+    stream.wait_for_first_piece();
+    nodes[0].machine.set_link(0, false).expect("pull a-b");
+    assert_eq!(stream.finish(), reference, "across a pulled cable");
+    nodes[0].machine.set_link(0, true).expect("plug a-b back");
+
+    // A middle node powered off hard mid-answer: the entry replays what
+    // the lost stages held, the answer completes with the same tokens, and
+    // the plan drops to the two live nodes.
+    let mut stream = lan.stream(&nodes[0], TOKENS);
+    stream.wait_for_first_piece();
+    let lost = Instant::now();
+    nodes[1].machine.crash().expect("power off node-b");
+    assert_eq!(stream.finish(), reference, "across a lost node");
+    let status = lan.wait_for(&mut nodes[0], "served a 2-node plan", |s| {
+        s["ring"]["serving"] == true && order(s).len() == 2
+    });
+    assert!(!order(&status).contains(&"node-b".to_owned()), "{status}");
+    eprintln!(
+        "node-b lost: the 2-node plan serves {:.1} s later",
+        lost.elapsed().as_secs_f64()
+    );
+    let answer = lan.stream(&nodes[2], TOKENS).finish();
+    assert_eq!(answer, reference, "on the 2-node plan");
+
+    // node-b powered on again: it rejoins and the 3-node plan returns.
+    let back = Instant::now();
+    boot(&mut nodes[1]);
+    wait_ready(&mut nodes[1]);
+    lan.wait_for(&mut nodes[0], "served the 3-node plan again", |s| {
+        s["ring"]["serving"] == true && order(s).len() == 3
+    });
+    eprintln!(
+        "node-b back: the 3-node plan serves {:.1} s after power-on",
+        back.elapsed().as_secs_f64()
+    );
+    let answer = lan.stream(&nodes[1], TOKENS).finish();
+    assert_eq!(answer, reference, "node-b after its return");
+
+    // The auditor's courier: an empty stick plugged into node-c comes back
+    // with its signed checkpoint, verified on the host with the cluster CA alone.
+    let courier = stick(d, "courier.img", &[]);
+    let plugged = nodes[2].machine.attach_stick(&courier).expect("plug");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let state = nodes[2]
+            .machine
+            .succeed(
+                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint'; \
+                 findmnt -rn -o TARGET | grep -c sovereign/stick; true",
+                WAIT,
+            )
+            .expect("journal");
+        if state.split_whitespace().collect::<Vec<_>>() == ["1", "0"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "courier: {state}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    nodes[2].machine.detach_stick(&plugged).expect("unplug");
+    let out = d.join("courier");
+    std::fs::create_dir_all(&out).expect("dir");
+    run(Command::new("mcopy")
+        .args(["-s", "-n", "-i"])
+        .arg(&courier)
+        .arg("::/sovereign-audit")
+        .arg(&out)
+        .env("MTOOLS_SKIP_CHECK", "1"));
+    let verified = kit.sov(
+        d,
+        &[
+            "audit",
+            "verify",
+            "--cluster-ca",
+            kit.path("cluster/ca.pem").to_str().expect("utf8"),
+            out.join("sovereign-audit/node-c").to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        verified.contains("ok: courier checkpoint") && verified.contains("of node node-c"),
+        "{verified}"
+    );
+
+    for node in &mut nodes {
+        let status = node
+            .machine
+            .shutdown(Duration::from_secs(180))
+            .expect("powers off");
+        assert!(status.success(), "{}: {status}", node.name);
+    }
+}
