@@ -57,9 +57,10 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
     assert_eq!(waiting["ring"]["serving"], false, "{waiting}");
     assert_eq!(ring.http_status(2, "/v1/models"), 503);
 
-    // The stick goes into node-a only: `sovereign import` into its running store.
+    // The stick goes into node-a only: `sovereign import` into its running
+    // store, with the operator's trust as the image's stick unit gives it.
     #[rustfmt::skip]
-    ring.lab.run(&["import", "--store", "store-node-a", "smollm2-1.0.0.sovb"]).ok();
+    ring.lab.run(&["import", "--store", "store-node-a", "--trust", "node.trust", "smollm2-1.0.0.sovb"]).ok();
 
     // Every node holds it through its own import and the three serve it.
     for i in 0..3 {
@@ -74,6 +75,8 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
         );
     }
     for node in ["node-b", "node-c"] {
+        // Its store held no trust: the node installed its `--trust` first.
+        assert!(ring.lab.path(&format!("store-{node}/trust")).is_file());
         let imports = audited(&ring, node, "import", "import");
         assert!(
             imports

@@ -157,6 +157,7 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                      LoadCredential=api-keys:{NODE_DIR}/api-keys\nLoadCredential=cert.pem:{NODE_DIR}/cert.pem\n\
                      LoadCredential=key.pem:{NODE_DIR}/key.pem\n\
                      ExecStart=/usr/bin/sovereign-node --identity %d/identity.pem --store {STORE_DIR} --spool {SPOOL_DIR} \
+                     --trust /etc/sovereign/node.trust \
                      --ring-interface {ring} --ring-port {ring_port} --api-listen [::]:{port} \
                      --keys %d/api-keys --tls-cert %d/cert.pem --tls-key %d/key.pem --audit-socket {AUDIT_SOCKET}\n\
                      Restart=on-failure\nRestartSec=5\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\

@@ -16,7 +16,7 @@ pub enum NodeCommand {
     /// Run this host as a ring node: find the other nodes on the ring
     /// interfaces, serve this node's share of the model's layers, and answer
     /// the OpenAI-compatible API on the ring (the node image's service).
-    Run(sovereign_node::NodeArgs),
+    Run(Box<sovereign_node::NodeArgs>),
     /// Enroll a node: a fresh ed25519 node key and age identity, a certificate
     /// signed by the cluster CA, all in one identity file (0600) for `sovereign flash --node`.
     Enroll {

@@ -34,7 +34,8 @@ impl Cluster {
     }
 
     /// As [`Cluster::new`], but only the stores of `holders` hold the demo
-    /// model; every other store holds only the trust file (`node.trust`).
+    /// model; every other store is an empty directory (the nodes run with
+    /// `--trust node.trust`, as on the image).
     pub fn with_model_on(
         net: RingNet,
         names: &[&str],
@@ -43,7 +44,6 @@ impl Cluster {
     ) -> Cluster {
         let lab = Lab::new();
         lab.import_demo_model();
-        std::fs::create_dir(lab.path("nothing")).unwrap();
         lab.run(&["cluster", "init", "--name", "acme", "--out", "acme"])
             .ok();
         lab.run(&["cluster", "init", "--name", "other", "--out", "other"])
@@ -58,13 +58,14 @@ impl Cluster {
             #[rustfmt::skip]
             lab.run(&["node", "enroll", "--cluster", cluster, "--name", name, "--out", &identity]).ok();
             let store = format!("store-{name}");
-            let what = if holders.contains(name) {
-                "smollm2-1.0.0.sovb"
+            if holders.contains(name) {
+                #[rustfmt::skip]
+                lab.run(&["import", "--store", &store, "--trust", "node.trust", "smollm2-1.0.0.sovb"]).ok();
             } else {
-                "nothing"
-            };
-            #[rustfmt::skip]
-            lab.run(&["import", "--store", &store, "--trust", "node.trust", what]).ok();
+                // As on a node image: an empty store; the node installs its
+                // `--trust` with the first model it receives.
+                std::fs::create_dir(lab.path(&store)).unwrap();
+            }
         }
         std::fs::write(
             lab.path("keys"),
@@ -97,7 +98,7 @@ impl Cluster {
         command
             .args(["node", "run", "--identity", &format!("{name}.identity"), "--store", &format!("store-{name}")])
             .args(["--ring-interface", "thunderbolt*", "--api-listen", "127.0.0.1:8080", "--keys", "keys"])
-            .args(["--heartbeat-ms", "300", "--audit-log", &format!("audit-{name}")])
+            .args(["--heartbeat-ms", "300", "--audit-log", &format!("audit-{name}"), "--trust", "node.trust"])
             .env("SOVEREIGN_LOG", "info")
             .current_dir(self.lab.dir.path())
             .stdout(Stdio::null())

@@ -65,6 +65,11 @@ pub struct NodeArgs {
     /// beside the store on the state partition).
     #[arg(long)]
     pub spool: Option<PathBuf>,
+    /// The operator's trust file (the image's `/etc/sovereign/node.trust`),
+    /// installed by the first model received over the ring into a store that
+    /// has none: a node that never saw a stick verifies against it.
+    #[arg(long)]
+    pub trust: Option<PathBuf>,
     /// The most the spool may hold, in MiB (a bundle per version in flight).
     #[arg(long, default_value_t = 20480)]
     pub spool_capacity_mb: u64,
@@ -498,6 +503,7 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             args.spool_capacity_mb << 20,
         );
         replicate.identity = age;
+        replicate.trust = args.trust.clone();
         replicate.cluster_ca = Some(ca);
         replicate.audit = replication_audit;
         let replication = crate::replicate::start(Arc::clone(&ring), replicate, advert);

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::{describe, ReplicationError};
-use crate::import::{import_item, Verdict};
+use crate::import::{import_item, ImportKeys, Verdict};
 use crate::item::{ItemMeta, Kind};
 use crate::protocol::{Message, MAX_CHUNK};
 use crate::spool::Spool;
@@ -31,6 +31,10 @@ pub struct Config {
     pub spool_capacity: u64,
     /// The node's age identity, for encrypted bundles.
     pub identity: Option<age::x25519::Identity>,
+    /// The operator's trust file, installed by the first import into a
+    /// store that has none (as a stick import does): a node that never saw
+    /// a stick verifies what it receives against its image's trust.
+    pub trust: Option<PathBuf>,
     /// The cluster CA: revocation lists are checked against it and replicated.
     pub cluster_ca: Option<sovereign_identity::ClusterCa>,
     /// The audit log every outcome goes to.
@@ -54,6 +58,7 @@ impl Config {
             spool: spool.to_owned(),
             spool_capacity,
             identity: None,
+            trust: None,
             cluster_ca: None,
             audit: None,
             chunk: MAX_CHUNK,
@@ -661,15 +666,18 @@ impl Engine {
     fn start_import(&mut self, meta: ItemMeta, from: String, files: PathBuf) {
         self.importing.insert(meta.key());
         let store = self.config.store.clone();
-        let identity = self.config.identity.clone();
-        let ca = self.config.cluster_ca.clone();
+        let keys = ImportKeys {
+            identity: self.config.identity.clone(),
+            trust: self.config.trust.clone(),
+            cluster_ca: self.config.cluster_ca.clone(),
+        };
         let audit = self.config.audit.clone();
         let done = self.done.clone();
         tokio::task::spawn_blocking(move || {
             let audit = audit
                 .as_deref()
                 .map(|a| a as &dyn sovereign_store::ImportAudit);
-            let verdict = import_item(&store, &files, &meta, identity.as_ref(), ca.as_ref(), audit);
+            let verdict = import_item(&store, &files, &meta, &keys, audit);
             let _ = done.blocking_send((meta, from, verdict));
         });
     }

@@ -2,7 +2,7 @@
 //! installed trust file, signatures first, every byte hashed, atomic rename,
 //! rollback refused, every outcome audited exactly as for a stick.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sovereign_signing::{BundleError, UnverifiedBundle};
@@ -41,14 +41,24 @@ fn open_store(store: &Path) -> Result<Store, StoreError> {
     }
 }
 
+/// What an import of a received item checks and opens it with.
+#[derive(Clone, Default)]
+pub struct ImportKeys {
+    /// The node's age identity, for encrypted bundles.
+    pub identity: Option<age::x25519::Identity>,
+    /// The operator's trust file, installed if the store has none.
+    pub trust: Option<PathBuf>,
+    /// The cluster CA revocation lists are checked against.
+    pub cluster_ca: Option<sovereign_identity::ClusterCa>,
+}
+
 /// Imports the complete item whose files are in `files` into the store at
 /// `store` (blocking: it reads every byte).
 pub fn import_item(
     store: &Path,
     files: &Path,
     meta: &ItemMeta,
-    identity: Option<&age::x25519::Identity>,
-    cluster_ca: Option<&sovereign_identity::ClusterCa>,
+    keys: &ImportKeys,
     audit: Option<&dyn ImportAudit>,
 ) -> Verdict {
     let opened = match open_store(store) {
@@ -56,9 +66,10 @@ pub fn import_item(
         Err(e) => return Verdict::Failed(describe(&e)),
     };
     let options = ImportOptions {
-        identity,
+        identity: keys.identity.as_ref(),
+        trust: keys.trust.as_deref(),
         audit,
-        cluster_ca,
+        cluster_ca: keys.cluster_ca.as_ref(),
         ..ImportOptions::default()
     };
     match meta.kind {

@@ -34,7 +34,7 @@ mod status;
 
 pub use engine::{run, Config, Incoming, Outgoing, Peers};
 pub use error::ReplicationError;
-pub use import::{import_item, Verdict};
+pub use import::{import_item, ImportKeys, Verdict};
 pub use item::{FileMeta, ItemMeta, Kind};
 pub use protocol::Message;
 pub use spool::Spool;

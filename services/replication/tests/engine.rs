@@ -441,7 +441,8 @@ fn a_spool_item_survives_a_restart_and_imports_with_the_stores_own_checks() {
     let files = spool.finish(&meta).unwrap();
     let store = tmp.path().join("store");
     install_trust(&store, &keys);
-    let verdict = sovereign_replication::import_item(&store, &files, &meta, None, None, None);
+    let verdict =
+        sovereign_replication::import_item(&store, &files, &meta, &Default::default(), None);
     assert_eq!(verdict, Verdict::Live);
     assert_eq!(
         sovereign_store::live_model(&store, "beta")
@@ -460,7 +461,8 @@ fn a_spool_item_survives_a_restart_and_imports_with_the_stores_own_checks() {
     .unwrap();
     let mut meta2 = meta.clone();
     meta2.version = "0.2.0".into();
-    match sovereign_replication::import_item(&store, &truncated, &meta2, None, None, None) {
+    match sovereign_replication::import_item(&store, &truncated, &meta2, &Default::default(), None)
+    {
         Verdict::Refused(reason) => assert!(
             reason.contains("size") || reason.contains("short") || reason.contains("trunc"),
             "{reason}"
