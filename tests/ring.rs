@@ -142,3 +142,38 @@ fn a_foreign_node_and_a_revoked_node_are_refused() {
     let answer = ring.ask(1, 16, 1, 0.0);
     assert!(!answer.is_empty(), "node-a still serves alone");
 }
+
+#[test]
+fn a_cable_gone_silent_without_losing_carrier_is_noticed_by_heartbeat_and_the_answer_completes() {
+    let names = ["node-a", "node-b", "node-c"];
+    let mut ring = Cluster::new(RingNet::ring(3).unwrap(), &names, &[]);
+    for i in 0..3 {
+        ring.start(i);
+    }
+    for i in 0..3 {
+        ring.wait_for_order(i, &names);
+    }
+    let greedy = ring.ask(1, 48, 1, 0.0);
+
+    // node-a drops everything on its cable to node-b, both ways, while
+    // node-b answers: no carrier changes on either side, so only the
+    // heartbeats tell the two that the link is gone.
+    let mut stream = ring.stream(1, 48, 1, 0.0);
+    stream.pieces(4, &ring);
+    let cable = &ring.net.cables()[0];
+    let iface = &cable.a_if;
+    let rules = format!(
+        "add table inet silent; \
+         add chain inet silent out {{ type filter hook output priority 0; policy accept; }}; \
+         add chain inet silent in {{ type filter hook input priority 0; policy accept; }}; \
+         add rule inet silent out oifname {iface} drop; \
+         add rule inet silent in iifname {iface} drop"
+    );
+    ring.net.node(cable.a).run("nft", &[&rules]).unwrap();
+    assert_eq!(stream.finish(&ring), greedy, "through a silent cable");
+    assert_eq!(
+        ring.order(1),
+        names,
+        "node-a is still reached through node-c"
+    );
+}

@@ -177,8 +177,8 @@ impl MachineConfig {
         }
     }
 
-    /// Emulates CPU model `model` (`max`: every feature TCG emulates, AVX2,
-    /// FMA and F16C among them, so the guest runs the engine's AVX2 kernels).
+    /// Emulates CPU model `model` (`qemu64`, `max`: every feature TCG
+    /// emulates, AVX2 among them).
     pub fn cpu_model(mut self, model: &str) -> Self {
         self.cpu_model = Some(model.to_owned());
         self

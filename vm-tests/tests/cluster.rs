@@ -19,7 +19,19 @@ mod support;
 use support::{operator_kit, run, stick, Kit, API_KEY, NODES};
 
 const PROMPT: &str = "The capital of France is";
+
+/// Prints a progress line: seconds since `$started`, then the message.
+macro_rules! progress {
+    ($started:expr, $($arg:tt)*) => {
+        eprintln!("[{:7.1} s] {}", $started.elapsed().as_secs_f64(), format!($($arg)*))
+    };
+}
 const WAIT: Duration = Duration::from_secs(60);
+
+/// The guests' CPU model. Under TCG the engine's portable kernels on
+/// `qemu64` decode 2.6 times faster than its AVX2 kernels on `-cpu max`
+/// (TCG emulates AVX2 instruction by instruction; BENCHMARKS.md).
+const GUEST_CPU: &str = "qemu64";
 
 /// One node of the booted ring and how the LAN stand-in reaches its API.
 struct Node {
@@ -141,16 +153,44 @@ impl Stream {
         self.text.push_str(&piece.unwrap_or_else(|e| panic!("{e}")));
     }
 
-    /// The whole answer; panics on an error event or a cut stream.
-    fn finish(mut self) -> String {
+    /// The whole answer, or the error event or cut stream that ended it
+    /// (with every node's service log).
+    fn finish(mut self, nodes: &mut [Node]) -> String {
+        let mut failure = None;
         for piece in self.pieces.iter() {
-            self.text
-                .push_str(&piece.unwrap_or_else(|e| panic!("error event: {e}")));
+            match piece {
+                Ok(text) => self.text.push_str(&text),
+                Err(event) => failure = Some(format!("error event: {event}")),
+            }
         }
         let status = self.child.wait().expect("curl");
-        assert!(status.success(), "curl: {status}");
+        if !status.success() {
+            failure = Some(format!("curl: {status}"));
+        }
+        if let Some(failure) = failure {
+            panic!("{failure} after {:?}\n{}", self.text, service_logs(nodes));
+        }
         self.text
     }
+}
+
+/// The last lines of every running node's service log.
+fn service_logs(nodes: &mut [Node]) -> String {
+    let mut logs = String::new();
+    for node in nodes {
+        if !node.machine.is_running() {
+            continue;
+        }
+        let journal = node
+            .machine
+            .succeed(
+                "journalctl -b -u sovereign-api.service --no-pager -o short-monotonic | tail -40",
+                WAIT,
+            )
+            .unwrap_or_default();
+        logs.push_str(&format!("--- {}\n{journal}\n", node.name));
+    }
+    logs
 }
 
 /// The ring order a node's status shows (empty while it does not serve).
@@ -177,7 +217,8 @@ fn wait_ready(node: &mut Node) {
 }
 
 /// What one node alone answers: the demo bundle imported into a host store
-/// and `sovereign generate`, greedy.
+/// and `sovereign generate`, greedy, on the guests' CPU model (user-mode
+/// QEMU, the same TCG), so it runs the kernels the ring runs.
 fn one_node_answer(kit: &Kit, dir: &Path, max_tokens: u32) -> String {
     let store = dir.join("reference-store");
     kit.sov(
@@ -191,9 +232,10 @@ fn one_node_answer(kit: &Kit, dir: &Path, max_tokens: u32) -> String {
             kit.path("good/smollm2-1.0.0.sovb").to_str().expect("utf8"),
         ],
     );
-    let text = kit.sov(
-        dir,
-        &[
+    let text = run(Command::new("qemu-x86_64")
+        .args(["-cpu", GUEST_CPU])
+        .arg(&kit.sovereign)
+        .args([
             "generate",
             "--store",
             store.to_str().expect("utf8"),
@@ -206,20 +248,25 @@ fn one_node_answer(kit: &Kit, dir: &Path, max_tokens: u32) -> String {
             &max_tokens.to_string(),
             "--temperature",
             "0",
-        ],
-    );
+        ]));
     text.strip_suffix('\n').unwrap_or(&text).to_owned()
 }
 
 #[test]
 fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pulled_cable_and_a_lost_node(
 ) {
+    let t0 = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
     let kit = operator_kit();
-    const TOKENS: u32 = 12;
+    progress!(
+        t0,
+        "operator: cluster CA, node-a/b/c enrolled, image built and signed, model bundle signed"
+    );
+    const TOKENS: u32 = 8;
     let reference = one_node_answer(&kit, d, TOKENS);
     assert!(reference.contains("Paris"), "{reference:?}");
+    progress!(t0, "one node alone answers {PROMPT:?} with {reference:?}");
     let key_file = d.join("api-key");
     std::fs::write(&key_file, API_KEY).expect("key file");
     let lan = Lan {
@@ -241,10 +288,8 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
                 .and_then(|l| l.local_addr())
                 .expect("a free loopback port")
                 .port();
-            // `max` gives the guests AVX2: the ring runs the kernels the
-            // host's one-node answer ran.
             let config = MachineConfig::new(name, Boot::Uefi { disk })
-                .cpu_model("max")
+                .cpu_model(GUEST_CPU)
                 .link(cables[i].ends().0)
                 .link(cables[(i + 2) % 3].ends().1)
                 .lan_forward(port, 8443);
@@ -255,14 +300,19 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
             }
         })
         .collect();
+    progress!(
+        t0,
+        "flashed three disks; powering on node-a, node-b, node-c cabled a-b, b-c, c-a"
+    );
 
     // (a) Power on: each boots its verified root and starts the node
     // service; with nothing configured they find each other over the cables.
     let booted = Instant::now();
     nodes.iter_mut().for_each(boot);
     nodes.iter_mut().for_each(wait_ready);
-    eprintln!(
-        "three nodes booted to a running node service in {:.1} s",
+    progress!(
+        t0,
+        "three nodes booted their verified roots to a running node service in {:.1} s",
         booted.elapsed().as_secs_f64()
     );
     let names = |s: &Value| -> Vec<String> {
@@ -278,8 +328,9 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     for node in &mut nodes {
         lan.wait_for(node, "saw all three members", |s| names(s) == NODES);
     }
-    eprintln!(
-        "the ring formed {:.1} s after power-on",
+    progress!(
+        t0,
+        "the ring formed with nothing configured, {:.1} s after power-on",
         booted.elapsed().as_secs_f64()
     );
 
@@ -291,6 +342,7 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
         .machine
         .attach_stick(&model_stick)
         .expect("plug the stick");
+    progress!(t0, "a stick with the signed model plugged into node-a");
     for node in &mut nodes {
         let status = lan.wait_for(node, "served the 3-node plan", |s| {
             s["ring"]["serving"] == true && order(s).len() == 3
@@ -299,8 +351,9 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
         plan.sort();
         assert_eq!(plan, NODES, "{status}");
     }
-    eprintln!(
-        "stick in node-a to the 3-node plan serving: {:.1} s",
+    progress!(
+        t0,
+        "the model is live on all three and the 3-node plan serves, {:.1} s after the stick",
         plugged.elapsed().as_secs_f64()
     );
     for node in &mut nodes {
@@ -321,17 +374,19 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
             );
         }
     }
+    progress!(t0, "every node verified the model itself and audited it");
 
     // (c) Any node's API answers exactly what one node alone answers.
-    for node in &nodes {
+    for i in 0..nodes.len() {
         let asked = Instant::now();
-        let answer = lan.stream(node, TOKENS).finish();
-        eprintln!(
+        let answer = lan.stream(&nodes[i], TOKENS).finish(&mut nodes);
+        progress!(
+            t0,
             "{} answered {answer:?} in {:.1} s",
-            node.name,
+            nodes[i].name,
             asked.elapsed().as_secs_f64()
         );
-        assert_eq!(answer, reference, "{}", node.name);
+        assert_eq!(answer, reference, "{}", nodes[i].name);
     }
 
     // (d) A cable of the closed ring pulled mid-answer: nothing changes for
@@ -339,7 +394,10 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     let mut stream = lan.stream(&nodes[1], TOKENS);
     stream.wait_for_first_piece();
     nodes[0].machine.set_link(0, false).expect("pull a-b");
-    assert_eq!(stream.finish(), reference, "across a pulled cable");
+    progress!(t0, "pulled the a-b cable while node-b answers");
+    let answer = stream.finish(&mut nodes);
+    progress!(t0, "node-b answered {answer:?} across the pulled cable");
+    assert_eq!(answer, reference, "across a pulled cable");
     nodes[0].machine.set_link(0, true).expect("plug a-b back");
 
     // A middle node powered off hard mid-answer: the entry replays what
@@ -349,16 +407,20 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     stream.wait_for_first_piece();
     let lost = Instant::now();
     nodes[1].machine.crash().expect("power off node-b");
-    assert_eq!(stream.finish(), reference, "across a lost node");
+    progress!(t0, "powered node-b off hard while node-a answers");
+    let answer = stream.finish(&mut nodes);
+    progress!(t0, "node-a answered {answer:?} across the lost node");
+    assert_eq!(answer, reference, "across a lost node");
     let status = lan.wait_for(&mut nodes[0], "served a 2-node plan", |s| {
         s["ring"]["serving"] == true && order(s).len() == 2
     });
     assert!(!order(&status).contains(&"node-b".to_owned()), "{status}");
-    eprintln!(
-        "node-b lost: the 2-node plan serves {:.1} s later",
+    progress!(
+        t0,
+        "the 2-node plan serves {:.1} s after node-b was lost",
         lost.elapsed().as_secs_f64()
     );
-    let answer = lan.stream(&nodes[2], TOKENS).finish();
+    let answer = lan.stream(&nodes[2], TOKENS).finish(&mut nodes);
     assert_eq!(answer, reference, "on the 2-node plan");
 
     // node-b powered on again: it rejoins and the 3-node plan returns.
@@ -368,11 +430,12 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     lan.wait_for(&mut nodes[0], "served the 3-node plan again", |s| {
         s["ring"]["serving"] == true && order(s).len() == 3
     });
-    eprintln!(
-        "node-b back: the 3-node plan serves {:.1} s after power-on",
+    progress!(
+        t0,
+        "node-b powered on again: the 3-node plan serves {:.1} s later",
         back.elapsed().as_secs_f64()
     );
-    let answer = lan.stream(&nodes[1], TOKENS).finish();
+    let answer = lan.stream(&nodes[1], TOKENS).finish(&mut nodes);
     assert_eq!(answer, reference, "node-b after its return");
 
     // The auditor's courier: an empty stick plugged into node-c comes back
@@ -418,6 +481,11 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
         verified.contains("ok: courier checkpoint") && verified.contains("of node node-c"),
         "{verified}"
     );
+    progress!(
+        t0,
+        "node-c's audit courier verified with the cluster CA alone: {}",
+        verified.trim()
+    );
 
     for node in &mut nodes {
         let status = node
@@ -426,4 +494,5 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
             .expect("powers off");
         assert!(status.success(), "{}: {status}", node.name);
     }
+    progress!(t0, "three nodes powered off cleanly");
 }
