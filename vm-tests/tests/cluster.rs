@@ -153,6 +153,20 @@ impl Stream {
         self.text.push_str(&piece.unwrap_or_else(|e| panic!("{e}")));
     }
 
+    /// Asserts the answer is still streaming (what an event "mid-answer"
+    /// needs), keeping the pieces that arrived so far.
+    fn assert_in_flight(&mut self, event: &str) {
+        loop {
+            match self.pieces.try_recv() {
+                Ok(piece) => self.text.push_str(&piece.unwrap_or_else(|e| panic!("{e}"))),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    panic!("the answer {:?} ended before {event}", self.text)
+                }
+            }
+        }
+    }
+
     /// The whole answer, or the error event or cut stream that ended it
     /// (with every node's service log).
     fn finish(mut self, nodes: &mut [Node]) -> String {
@@ -394,6 +408,7 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     let mut stream = lan.stream(&nodes[1], TOKENS);
     stream.wait_for_first_piece();
     nodes[0].machine.set_link(0, false).expect("pull a-b");
+    stream.assert_in_flight("the cable was pulled");
     progress!(t0, "pulled the a-b cable while node-b answers");
     let answer = stream.finish(&mut nodes);
     progress!(t0, "node-b answered {answer:?} across the pulled cable");
@@ -407,6 +422,7 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     stream.wait_for_first_piece();
     let lost = Instant::now();
     nodes[1].machine.crash().expect("power off node-b");
+    stream.assert_in_flight("node-b was powered off");
     progress!(t0, "powered node-b off hard while node-a answers");
     let answer = stream.finish(&mut nodes);
     progress!(t0, "node-a answered {answer:?} across the lost node");
@@ -427,9 +443,11 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     let back = Instant::now();
     boot(&mut nodes[1]);
     wait_ready(&mut nodes[1]);
-    lan.wait_for(&mut nodes[0], "served the 3-node plan again", |s| {
-        s["ring"]["serving"] == true && order(s).len() == 3
-    });
+    for node in &mut nodes {
+        lan.wait_for(node, "served the 3-node plan again", |s| {
+            s["ring"]["serving"] == true && order(s).len() == 3
+        });
+    }
     progress!(
         t0,
         "node-b powered on again: the 3-node plan serves {:.1} s later",
