@@ -451,7 +451,8 @@ fn the_wrong_age_identity_is_refused() {
     ])
     .refused("age identity is needed");
     assert_eq!(lab.snapshot("store"), before);
-    // A flipped ciphertext byte fails authentication even with the right identity.
+    // A flipped ciphertext byte is refused even with the right identity: the
+    // signed ciphertext hash is checked before any byte reaches the decryptor.
     fs::copy(lab.path("demo-2.0.0.sovb"), lab.path("bad-2.0.0.sovb")).unwrap();
     flip(&lab.path("bad-2.0.0.sovb"), -5000);
     lab.run(&[
@@ -464,7 +465,7 @@ fn the_wrong_age_identity_is_refused() {
         "node.age",
         "bad-2.0.0.sovb",
     ])
-    .refused("tampered or corrupt");
+    .refused("does not match the signed manifest");
     assert_eq!(lab.snapshot("store"), before);
     lab.run(&[
         "import",
