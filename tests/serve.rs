@@ -345,13 +345,13 @@ fn post_json(address: &str, key: &str, path: &str, body: &serde_json::Value) -> 
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-/// The value of metric `name` on `/metrics`.
-fn metric(address: &str, name: &str) -> f64 {
+/// The value of metric `name` on `/metrics` (which needs the API key).
+fn metric(address: &str, key: &str, name: &str) -> f64 {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     write!(
         stream,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
@@ -411,8 +411,12 @@ fn concurrent_requests_are_batched_and_each_gets_exactly_its_tokens_alone() {
         alone[0]
     );
 
-    let steps = metric(&address, "sovereign_scheduler_steps_total");
-    let stepped = metric(&address, "sovereign_scheduler_stepped_sequences_total");
+    let steps = metric(&address, "sk-batch", "sovereign_scheduler_steps_total");
+    let stepped = metric(
+        &address,
+        "sk-batch",
+        "sovereign_scheduler_stepped_sequences_total",
+    );
     let together: Vec<_> = std::thread::scope(|s| {
         let running: Vec<_> = requests
             .iter()
@@ -428,8 +432,18 @@ fn concurrent_requests_are_batched_and_each_gets_exactly_its_tokens_alone() {
     }
     // The concurrent requests shared forward steps: more sequences were
     // stepped than steps were run.
-    let steps = metric(&address, "sovereign_scheduler_steps_total") - steps;
-    let stepped = metric(&address, "sovereign_scheduler_stepped_sequences_total") - stepped;
+    let steps = metric(&address, "sk-batch", "sovereign_scheduler_steps_total") - steps;
+    let stepped = metric(
+        &address,
+        "sk-batch",
+        "sovereign_scheduler_stepped_sequences_total",
+    ) - stepped;
     assert!(stepped > steps, "{stepped} sequences in {steps} steps");
-    assert!(metric(&address, "sovereign_api_time_to_first_token_seconds_count") >= 8.0);
+    assert!(
+        metric(
+            &address,
+            "sk-batch",
+            "sovereign_api_time_to_first_token_seconds_count"
+        ) >= 8.0
+    );
 }
