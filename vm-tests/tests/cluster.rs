@@ -217,10 +217,12 @@ fn order(status: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Powers the node on.
 fn boot(node: &mut Node) {
     node.machine.start().expect("start");
 }
 
+/// Waits until the node's console agent answers and its node service runs.
 fn wait_ready(node: &mut Node) {
     node.machine
         .wait_for_console("sovereign-test-agent: ready", Duration::from_secs(900))
