@@ -45,6 +45,7 @@ mod discovery;
 mod error;
 mod link;
 mod netlink;
+mod periodic;
 mod ratelimit;
 mod ring;
 mod topology;

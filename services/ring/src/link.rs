@@ -141,7 +141,7 @@ pub(crate) fn spawn<S, O>(
     let writer_link = link.clone();
     tokio::spawn(async move {
         let link = writer_link;
-        let mut tick = tokio::time::interval(heartbeat);
+        let mut tick = crate::periodic::every(heartbeat);
         loop {
             let frame = tokio::select! {
                 _ = link.close.cancelled() => break,

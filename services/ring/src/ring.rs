@@ -512,7 +512,7 @@ async fn forward_ifaces(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Ifa
 }
 
 async fn announce(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.heartbeat);
+    let mut tick = crate::periodic::every(shared.heartbeat);
     let mut count = 0u64;
     loop {
         tick.tick().await;
