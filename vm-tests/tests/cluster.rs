@@ -16,7 +16,7 @@ use serde_json::Value;
 use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig};
 
 mod support;
-use support::{operator_kit, run, stick, Kit, API_KEY, NODES};
+use support::{courier_folders, operator_kit, run, stick, wait_for_couriers, Kit, API_KEY, NODES};
 
 const PROMPT: &str = "The capital of France is";
 
@@ -462,31 +462,9 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     // with its signed checkpoint, verified on the host with the cluster CA alone.
     let courier = stick(d, "courier.img", &[]);
     let plugged = nodes[2].machine.attach_stick(&courier).expect("plug");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let state = nodes[2]
-            .machine
-            .succeed(
-                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint'; \
-                 findmnt -rn -o TARGET | grep -c sovereign/stick; true",
-                WAIT,
-            )
-            .expect("journal");
-        if state.split_whitespace().collect::<Vec<_>>() == ["1", "0"] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "courier: {state}");
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    wait_for_couriers(&mut nodes[2].machine, 1, Duration::from_secs(300));
     nodes[2].machine.detach_stick(&plugged).expect("unplug");
-    let out = d.join("courier");
-    std::fs::create_dir_all(&out).expect("dir");
-    run(Command::new("mcopy")
-        .args(["-s", "-n", "-i"])
-        .arg(&courier)
-        .arg("::/sovereign-audit")
-        .arg(&out)
-        .env("MTOOLS_SKIP_CHECK", "1"));
+    let folders = courier_folders(&courier, &d.join("courier"));
     let verified = kit.sov(
         d,
         &[
@@ -494,7 +472,7 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
             "verify",
             "--cluster-ca",
             kit.path("cluster/ca.pem").to_str().expect("utf8"),
-            out.join("sovereign-audit/node-c").to_str().expect("utf8"),
+            folders.join("node-c").to_str().expect("utf8"),
         ],
     );
     assert!(

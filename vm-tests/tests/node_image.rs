@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig};
 
 mod support;
-use support::{operator_kit, run, stick, API_KEY};
+use support::{courier_folders, operator_kit, run, stick, wait_for_couriers, API_KEY};
 
 /// A Python with the pinned `openai` client, in a venv under `dir`.
 fn python_with_openai(dir: &Path) -> PathBuf {
@@ -340,34 +340,13 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
     let again = node
         .attach_stick(&good_stick)
         .expect("plug the good stick again");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let count = node
-            .succeed(
-                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint'; \
-                 findmnt -rn -o TARGET | grep -c sovereign/stick; true",
-                wait,
-            )
-            .expect("journal");
-        // Three couriers written, and the stick unmounted again (safe to unplug).
-        if count.split_whitespace().collect::<Vec<_>>() == ["3", "0"] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "couriers written: {count}");
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    // Three couriers written, and the stick unmounted again (safe to unplug).
+    wait_for_couriers(&mut node, 3, Duration::from_secs(120));
     node.detach_stick(&again).expect("unplug");
     for (image, visits) in [(&good_stick, "second"), (&bad_stick, "first")] {
-        let out = d.join(format!("courier-{visits}"));
-        fs::create_dir_all(&out).expect("dir");
-        run(Command::new("mcopy")
-            .args(["-s", "-n", "-i"])
-            .arg(image)
-            .arg("::/sovereign-audit")
-            .arg(&out)
-            .env("MTOOLS_SKIP_CHECK", "1"));
+        let folders = courier_folders(image, &d.join(format!("courier-{visits}")));
         // The folder is the node's enrolled name: two nodes never collide.
-        let folder = out.join("sovereign-audit/node-a");
+        let folder = folders.join("node-a");
         let verified = sov(&[
             "audit",
             "verify",

@@ -8,8 +8,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use sovereign_vm_tests::{cached_build, host_tool, workspace_binary};
+use sovereign_vm_tests::{cached_build, host_tool, workspace_binary, Machine};
 
 /// The API key every test node accepts (`operator`).
 pub const API_KEY: &str = "sk-node-test";
@@ -153,4 +154,41 @@ pub fn stick(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
             .env("MTOOLS_SKIP_CHECK", "1"));
     }
     image
+}
+
+/// Waits until the node's stick units have left `count` courier checkpoints
+/// in all and no stick is mounted any more (safe to unplug).
+pub fn wait_for_couriers(node: &mut Machine, count: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let wanted = [count.to_string(), "0".to_owned()];
+    loop {
+        let state = node
+            .succeed(
+                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint'; \
+                 findmnt -rn -o TARGET | grep -c sovereign/stick; true",
+                Duration::from_secs(60),
+            )
+            .expect("journal");
+        if state.split_whitespace().collect::<Vec<_>>() == wanted {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "couriers written, sticks mounted: {state}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// Copies the courier folders off the stick image `stick` into `out`;
+/// returns `out/sovereign-audit` (one folder per node, named after it).
+pub fn courier_folders(stick: &Path, out: &Path) -> PathBuf {
+    fs::create_dir_all(out).expect("dir");
+    run(Command::new("mcopy")
+        .args(["-s", "-n", "-i"])
+        .arg(stick)
+        .arg("::/sovereign-audit")
+        .arg(out)
+        .env("MTOOLS_SKIP_CHECK", "1"));
+    out.join("sovereign-audit")
 }
