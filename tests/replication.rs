@@ -10,25 +10,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use sovereign_vm_tests::netns::RingNet;
 use support::cluster::{Cluster, WAIT};
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
-
-/// The audit records of `node` of `service`/`kind`, as JSON.
-fn audited(ring: &Cluster, node: &str, service: &str, kind: &str) -> Vec<Value> {
-    let shown = ring
-        .lab
-        .run(&["audit", "show", "--log", &format!("audit-{node}"), "--json"])
-        .ok()
-        .stdout;
-    shown
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["service"] == service && r["kind"] == kind)
-        .collect()
-}
 
 /// Waits until `check` holds, or fails with `what` and the nodes' logs.
 fn wait_until(ring: &Cluster, what: &str, mut check: impl FnMut() -> bool) {
@@ -77,7 +62,7 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
     for node in ["node-b", "node-c"] {
         // Its store held no trust: the node installed its `--trust` first.
         assert!(ring.lab.path(&format!("store-{node}/trust")).is_file());
-        let imports = audited(&ring, node, "import", "import");
+        let imports = ring.audited(node, "import", "import");
         assert!(
             imports
                 .iter()
@@ -85,7 +70,7 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
                     && r["details"]["outcome"] == "imported"),
             "{node} imported the bundle itself: {imports:?}"
         );
-        let received = audited(&ring, node, "replication", "receive");
+        let received = ring.audited(node, "replication", "receive");
         assert!(
             received.iter().any(|r| r["details"]["from"] == "node-a"),
             "{node} received it from node-a: {received:?}"
@@ -117,7 +102,7 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
                     .any(|r| r["item"] == "tiny@1.0.0" && r["node"] == node)
             })
         });
-        let refused = audited(&ring, node, "replication", "refused");
+        let refused = ring.audited(node, "replication", "refused");
         assert!(
             refused
                 .iter()

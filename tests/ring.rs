@@ -139,6 +139,18 @@ fn a_foreign_node_and_a_revoked_node_are_refused() {
             > 0,
         "node-a counted the refusals"
     );
+    // node-a's audit log says who knocked and why, once per kind a minute.
+    let refused = ring.audited("node-a", "node", "ring-refused");
+    for rogue in ["node-x", "node-r"] {
+        assert!(
+            refused.iter().any(|r| r.to_string().contains(rogue)),
+            "no audited refusal of {rogue}: {refused:#?}"
+        );
+    }
+    assert!(
+        refused.len() <= 8,
+        "refusals are not rate-limited: {refused:#?}"
+    );
     let answer = ring.ask(1, 16, 1, 0.0);
     assert!(!answer.is_empty(), "node-a still serves alone");
 }

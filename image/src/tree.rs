@@ -233,7 +233,7 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
         put(
             &root,
             &format!("usr/lib/systemd/system/{STICK_UNIT}"),
-            stick_unit(spec).as_bytes(),
+            stick_unit().as_bytes(),
             0o644,
         )?;
         put(

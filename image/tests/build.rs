@@ -234,7 +234,7 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
         ),
         (
             "/usr/lib/systemd/system/sovereign-stick@.service",
-            sovereign_image::stick_unit(&f.spec),
+            sovereign_image::stick_unit(),
         ),
         (
             "/usr/lib/systemd/system/sovereign-hostname.service",

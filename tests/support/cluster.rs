@@ -106,6 +106,20 @@ impl Cluster {
         self.running[i] = Some(node.spawn(&mut command).unwrap());
     }
 
+    /// The audit records of `node` of `service`/`kind`, as JSON.
+    pub fn audited(&self, node: &str, service: &str, kind: &str) -> Vec<Value> {
+        let shown = self
+            .lab
+            .run(&["audit", "show", "--log", &format!("audit-{node}"), "--json"])
+            .ok()
+            .stdout;
+        shown
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["service"] == service && r["kind"] == kind)
+            .collect()
+    }
+
     /// Kills node `i` (SIGKILL: its power cut).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut node) = self.running[i].take() {

@@ -18,6 +18,7 @@ mod metrics;
 mod openai;
 mod refusals;
 mod server;
+mod shutdown;
 mod tls;
 mod tools;
 mod unavailable;
@@ -30,6 +31,7 @@ pub use metrics::{single_metric, Metrics};
 pub use server::{
     router, serve, serve_tls, serve_tls_with, serve_with, AppState, Limits, SEED_HEADER,
 };
+pub use shutdown::Shutdown;
 pub use tls::{pem_server_config, ClientAddr, TlsListener};
 pub use unavailable::{serve_unavailable, HealthFields};
 
@@ -199,28 +201,26 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         _ => None,
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(serve_until_signal(args.listen, tls, state))
+    runtime.block_on(async {
+        let stop = Shutdown::on_signal()?;
+        serve_until(args.listen, tls, state, stop).await
+    })
 }
 
 /// Listens on `listen` (HTTPS with `tls`, else plain HTTP) and serves
-/// `state` until Ctrl-C or SIGTERM, saying where on stderr.
-pub async fn serve_until_signal(
+/// `state` until `stop` is requested, saying where on stderr.
+pub async fn serve_until(
     listen: SocketAddr,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     state: Arc<AppState>,
+    stop: Shutdown,
 ) -> Result<(), ServeError> {
     if state.keys.is_none() {
         eprintln!("warning: serving without API keys (allowed on loopback for development only)");
     }
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-    };
+    let shutdown = stop.requested();
     match tls {
         Some(config) => {
             let listener = TlsListener::with_config(listener, config);

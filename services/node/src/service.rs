@@ -3,7 +3,7 @@
 //! replication (it relays and receives) and answers 503 on its API until a
 //! verified model is live in its store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -343,6 +343,49 @@ fn record(audit: &Option<sovereign_audit::Auditor>, kind: &str, details: Value) 
     }
 }
 
+/// How often one kind of ring refusal is written to the audit log: a rogue
+/// host that keeps knocking cannot fill the log (the ring's metrics count
+/// every refusal).
+const REFUSAL_AUDIT_PERIOD: Duration = Duration::from_secs(60);
+
+/// Records what the ring refuses (rogue announcements, connections, frames)
+/// in the audit log: at most one record per kind and cable per
+/// [`REFUSAL_AUDIT_PERIOD`], saying how many were left out since the last one.
+async fn audit_refusals(
+    mut refusals: tokio::sync::broadcast::Receiver<sovereign_ring::Refused>,
+    audit: Arc<sovereign_audit::Auditor>,
+) {
+    let mut last: HashMap<(&'static str, String), (tokio::time::Instant, u64)> = HashMap::new();
+    loop {
+        let refusal = match refusals.recv().await {
+            Ok(refusal) => refusal,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let now = tokio::time::Instant::now();
+        let key = (refusal.kind, refusal.iface.clone());
+        let unrecorded = match last.get_mut(&key) {
+            Some((at, left_out)) if now.duration_since(*at) < REFUSAL_AUDIT_PERIOD => {
+                *left_out += 1;
+                continue;
+            }
+            Some((_, left_out)) => std::mem::take(left_out),
+            None => 0,
+        };
+        last.insert(key, (now, 0));
+        let details = json!({
+            "what": refusal.kind,
+            "iface": refusal.iface,
+            "reason": refusal.reason,
+            "unrecorded_before": unrecorded,
+        });
+        let event = sovereign_audit::Event::new("node", "ring-refused", details);
+        if let Err(e) = tokio::task::block_in_place(|| audit.record(event)) {
+            tracing::error!("audit: recording a ring refusal: {e}");
+        }
+    }
+}
+
 /// The ring as the API shows it.
 struct Shown {
     seen: Arc<Mutex<Seen>>,
@@ -459,6 +502,7 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         &name,
     )?;
     let replication_audit = share_audit(&audit, args.audit_socket.as_deref())?;
+    let refusal_audit = share_audit(&audit, args.audit_socket.as_deref())?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             Some(sovereign_api::pem_server_config(cert, key).map_err(NodeError::Setup)?)
@@ -470,7 +514,8 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
     let ca = node.ca().clone();
     let age = node.age_identity().cloned();
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
+        let stop = sovereign_api::Shutdown::on_signal()?;
         let heartbeat = Duration::from_millis(args.heartbeat_ms);
         let mut config = RingConfig::new(
             Identity::new(Arc::new(node), revocations.clone()),
@@ -487,6 +532,9 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         };
         let advert = config.advert.clone();
         let ring = Arc::new(Ring::start(config).await?);
+        if let Some(audit) = refusal_audit {
+            tokio::spawn(audit_refusals(ring.refusals(), audit));
+        }
         tokio::spawn(watch_revocations(
             args.store.clone(),
             ca.clone(),
@@ -510,7 +558,15 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         let model = match found {
             Some(model) => model,
             None => {
-                match wait_for_model(args, &ring, &replication, keys.clone(), tls.clone()).await? {
+                let waited = wait_for_model(
+                    args,
+                    &ring,
+                    &replication,
+                    keys.clone(),
+                    tls.clone(),
+                    stop.clone(),
+                );
+                match waited.await? {
                     Some(model) => model,
                     None => return Ok(()),
                 }
@@ -602,9 +658,12 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             Arc::clone(&view),
             Arc::clone(&state),
         ));
-        sovereign_api::serve_until_signal(args.api_listen, tls, state).await?;
+        sovereign_api::serve_until(args.api_listen, tls, state, stop).await?;
         Ok(())
-    })
+    });
+    // Stage threads and blocking loads are not waited for: a stop is prompt.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 /// A second handle on the node's audit log for replication's records.
@@ -633,6 +692,7 @@ async fn wait_for_model(
     replication: &watch::Receiver<Replication>,
     keys: Option<sovereign_api::ApiKeys>,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    stop: sovereign_api::Shutdown,
 ) -> Result<Option<Model>, NodeError> {
     let name = ring.name().to_owned();
     eprintln!(
@@ -648,7 +708,7 @@ async fn wait_for_model(
     let reason = format!(
         "node {name} holds no model yet: it is waiting for one to be replicated over the ring or imported"
     );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (close, closed) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(sovereign_api::serve_unavailable(
         args.api_listen,
         tls,
@@ -656,17 +716,15 @@ async fn wait_for_model(
         health,
         reason,
         async move {
-            let _ = stopped.await;
+            let _ = closed.await;
         },
     ));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let stopped = stop.requested();
+    tokio::pin!(stopped);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let found = loop {
         tokio::select! {
-            _ = &mut interrupt => break None,
-            _ = term.recv() => break None,
+            _ = &mut stopped => break None,
             served = &mut server => {
                 served.map_err(setup)??;
                 return Err(NodeError::Setup("the API stopped".into()));
@@ -678,7 +736,7 @@ async fn wait_for_model(
             }
         }
     };
-    let _ = stop.send(());
+    let _ = close.send(());
     server.await.map_err(setup)??;
     Ok(found)
 }

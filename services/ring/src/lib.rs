@@ -55,6 +55,6 @@ pub use auth::Identity;
 pub use config::{Advert, RingConfig, DEFAULT_PORT};
 pub use discovery::GROUP;
 pub use error::RingError;
-pub use ring::{LinkEvent, LinkStats, Message, Ring, RingCounters};
+pub use ring::{LinkEvent, LinkStats, Message, Refused, Ring, RingCounters};
 pub use topology::{Member, Membership};
 pub use wire::Channel;

@@ -68,6 +68,19 @@ pub enum LinkEvent {
     },
 }
 
+/// Something the ring refused (a rogue announcement, connection or frame),
+/// as often as it is logged: at most 5 a second per kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// What was refused: `announcement`, `tls`, `hello`, `frame`, `dial`,
+    /// `iface` or `busy`.
+    pub kind: &'static str,
+    /// The ring interface (cable) it came on; `-` when not on one.
+    pub iface: String,
+    /// The log line: who, on which cable, and why.
+    pub reason: String,
+}
+
 /// The traffic of one link, for metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkStats {
@@ -146,6 +159,7 @@ struct Shared {
     subscribers: Mutex<HashMap<Channel, Vec<mpsc::Sender<Message>>>>,
     membership: watch::Sender<Membership>,
     events: broadcast::Sender<LinkEvent>,
+    refusals: broadcast::Sender<Refused>,
     control: mpsc::UnboundedSender<Control>,
     counters: Counters,
     logs: LogLimit,
@@ -221,6 +235,7 @@ impl Ring {
             subscribers: Mutex::new(HashMap::new()),
             membership,
             events: broadcast::channel(256).0,
+            refusals: broadcast::channel(64).0,
             control: control_tx,
             counters: Counters::default(),
             logs: LogLimit::new(),
@@ -298,6 +313,11 @@ impl Ring {
         self.shared.events.subscribe()
     }
 
+    /// What the ring refuses from now on (rate-limited like its log lines).
+    pub fn refusals(&self) -> broadcast::Receiver<Refused> {
+        self.shared.refusals.subscribe()
+    }
+
     /// Every link now up, with its traffic counters.
     pub fn links(&self) -> Vec<LinkStats> {
         lock(&self.shared.state)
@@ -360,10 +380,21 @@ fn listen(port: u16) -> std::io::Result<TcpListener> {
 }
 
 impl Shared {
-    fn refused(&self, counter: &AtomicU64, kind: &'static str, message: std::fmt::Arguments<'_>) {
+    fn refused(
+        &self,
+        counter: &AtomicU64,
+        kind: &'static str,
+        iface: &str,
+        message: std::fmt::Arguments<'_>,
+    ) {
         counter.fetch_add(1, Ordering::Relaxed);
         if self.logs.allow(kind) {
             tracing::warn!("ring: {message}");
+            let _ = self.refusals.send(Refused {
+                kind,
+                iface: iface.to_owned(),
+                reason: message.to_string(),
+            });
         }
     }
 
@@ -439,6 +470,7 @@ impl Shared {
                     self.refused(
                         &self.counters.connections_refused,
                         "hello",
+                        &iface,
                         format_args!("refused link with {peer} on {iface}: {e}"),
                     );
                     return;
@@ -496,6 +528,7 @@ impl LinkOwner for Shared {
             self.refused(
                 &self.counters.links_refused,
                 "frame",
+                &link.iface,
                 format_args!("closed link with {} on {}: {reason}", link.peer, link.iface),
             );
         }
@@ -553,6 +586,7 @@ async fn receive_announcements(shared: Arc<Shared>) {
             Err(e) => shared.refused(
                 &shared.counters.announcements_refused,
                 "announcement",
+                &iface,
                 format_args!("refused announcement on {iface}: {e}"),
             ),
         }
@@ -575,6 +609,7 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
             shared.refused(
                 &shared.counters.connections_refused,
                 "iface",
+                "-",
                 format_args!("refused connection from {from}: not on a ring interface"),
             );
             continue;
@@ -583,6 +618,7 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
             shared.refused(
                 &shared.counters.connections_refused,
                 "busy",
+                &iface,
                 format_args!("refused connection from {from} on {iface}: too many handshakes"),
             );
             continue;
@@ -598,6 +634,7 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
                     return shared.refused(
                         &shared.counters.connections_refused,
                         "tls",
+                        &iface,
                         format_args!("refused connection from {from} on {iface}: {e}"),
                     )
                 }
@@ -605,6 +642,7 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
                     return shared.refused(
                         &shared.counters.connections_refused,
                         "tls",
+                        &iface,
                         format_args!("refused connection from {from} on {iface}: no TLS handshake within {limit:?}"),
                     )
                 }
@@ -660,11 +698,13 @@ async fn dial(shared: Arc<Shared>, index: u32, iface: String, found: Discovered)
         Ok(Err(e)) => shared.refused(
             &shared.counters.connections_refused,
             "dial",
+            &iface,
             format_args!("no link with {} on {iface}: {e}", found.peer),
         ),
         Err(_) => shared.refused(
             &shared.counters.connections_refused,
             "dial",
+            &iface,
             format_args!(
                 "no link with {} on {iface}: no handshake within {limit:?}",
                 found.peer

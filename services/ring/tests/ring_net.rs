@@ -465,6 +465,7 @@ fn rogue_hosts_on_a_ring_link_are_refused_and_nothing_crashes() {
     let a = Node::start(net.node(0), a_id, ca.revocations());
     let b = Node::start(net.node(1), b_id, ca.revocations());
     wait_members(&a, &["node-a", "node-b"]);
+    let mut refusals = a.ring().refusals();
     let rogue = runtime_in(net.node(1));
     let a_addr = SocketAddrV6::new(
         link_local(net.node(0), "thunderbolt0"),
@@ -578,6 +579,24 @@ fn rogue_hosts_on_a_ring_link_are_refused_and_nothing_crashes() {
         }
     };
     assert!(reason.contains("hangs"), "{reason}");
+
+    // What was refused is reported (for the audit log), with who and why.
+    let mut seen = Vec::new();
+    while let Ok(refusal) = refusals.try_recv() {
+        seen.push(format!("{}: {}", refusal.kind, refusal.reason));
+    }
+    for (kind, what) in [
+        ("announcement", "node-z"),
+        ("announcement", "node-revoked"),
+        ("tls", "refused connection from"),
+        ("frame", "closed link with mallory"),
+    ] {
+        assert!(
+            seen.iter()
+                .any(|r| r.starts_with(&format!("{kind}: ")) && r.contains(what)),
+            "no {kind} refusal naming {what}: {seen:#?}"
+        );
+    }
 
     // Nothing crashed: node-a and node-b still talk.
     wait_members(&a, &["node-a", "node-b"]);
