@@ -124,5 +124,103 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
         })
     });
     assert_eq!(ring.order(0), NODES, "the plan in force keeps serving");
+
+    // node-a passes on an older, validly signed version of the model every
+    // node serves: each receiver refuses the rollback and audits it.
+    ring.lab.model("old", 100_000, 9);
+    #[rustfmt::skip]
+    ring.lab.bundle("smollm2-0.9.0.sovb", "smollm2", "0.9.0", "old", &["alice"], &[]);
+    let outbox = ring.lab.path("store-node-a/outbox/smollm2@0.9.0");
+    std::fs::create_dir_all(ring.lab.path("store-node-a/outbox/.old")).unwrap();
+    std::fs::copy(
+        ring.lab.path("smollm2-0.9.0.sovb"),
+        ring.lab.path("store-node-a/outbox/.old/smollm2-0.9.0.sovb"),
+    )
+    .unwrap();
+    std::fs::rename(ring.lab.path("store-node-a/outbox/.old"), &outbox).unwrap();
+    for node in ["node-b", "node-c"] {
+        wait_until(&ring, &format!("{node} refuses the rollback"), || {
+            ring.audited(node, "replication", "refused")
+                .iter()
+                .any(|r| {
+                    r["details"]["model"] == "smollm2@0.9.0"
+                        && r["details"]["reason"]
+                            .as_str()
+                            .is_some_and(|reason| reason.contains("rollback refused"))
+                })
+        });
+    }
     assert!(!ring.ask(2, 8, 1, 0.0).is_empty(), "node-c answers");
+}
+
+#[test]
+fn a_transfer_cut_by_a_pulled_cable_resumes_where_it_stopped() {
+    // Two cabled nodes serving the demo model; a large bundle imported on
+    // node-a streams to node-b until the only cable is pulled mid-transfer.
+    let mut ring = Cluster::new(RingNet::chain(2).unwrap(), &NODES[..2], &[]);
+    ring.lab.model("large", 384 << 20, 5);
+    #[rustfmt::skip]
+    ring.lab.bundle("large-1.0.0.sovb", "large", "1.0.0", "large", &["alice"], &[]);
+    for i in 0..2 {
+        ring.start(i);
+    }
+    ring.wait_for_order(1, &NODES[..2]);
+    #[rustfmt::skip]
+    ring.lab.run(&["import", "--store", "store-node-a", "--trust", "node.trust", "large-1.0.0.sovb"]).ok();
+
+    let spooled = || spooled_bytes(&ring.lab.path("store-node-b.spool/partial"));
+    let started = Instant::now();
+    while spooled() < 16 << 20 {
+        assert!(
+            started.elapsed() < WAIT,
+            "node-b never started receiving\n{}",
+            ring.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ring.net.cable_down(0).unwrap();
+    // Chunks already on their way may still land; then the spool stops growing.
+    std::thread::sleep(Duration::from_secs(2));
+    let cut_at = spooled();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(spooled(), cut_at, "the spool grew with the cable pulled");
+    assert!(cut_at < 384 << 20, "the transfer finished before the cut");
+
+    ring.net.cable_up(0).unwrap();
+    wait_until(&ring, "node-b imports large@1.0.0", || {
+        ring.audited("node-b", "import", "import").iter().any(|r| {
+            r["details"]["model"] == "large@1.0.0" && r["details"]["outcome"] == "imported"
+        })
+    });
+    // After the cable the stalled transfer asked again from the spool's
+    // length, not from byte 0.
+    let log = std::fs::read_to_string(ring.lab.path("node-node-b.log")).unwrap();
+    let asked_at: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("asking again") && l.contains("item=large@1.0.0"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("at=")))
+        .filter_map(|at| at.parse().ok())
+        .collect();
+    assert!(
+        asked_at.iter().any(|at| *at > 0 && *at <= cut_at),
+        "no resume from the spool's length ({cut_at} bytes at the cut): {asked_at:?}\n{}",
+        ring.logs()
+    );
+}
+
+/// The bytes received so far in a spool's `partial/` directory.
+fn spooled_bytes(dir: &std::path::Path) -> u64 {
+    fn walk(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| match entry.file_type() {
+                Ok(t) if t.is_dir() => walk(&entry.path()),
+                Ok(_) => entry.metadata().map_or(0, |m| m.len()),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(dir)
 }

@@ -24,7 +24,7 @@ use crate::units::{
 
 const TEST_AGENT: &str = include_str!("../../vm-tests/agent/sovereign-test-agent");
 const TEST_AGENT_UNIT: &str = include_str!("../../vm-tests/agent/sovereign-test-agent.service");
-const TEST_LINKS: [(&str, &str); 2] = [
+const TEST_NETWORK: [(&str, &str); 3] = [
     (
         "10-sovereign-test-thunderbolt0.link",
         include_str!("../../vm-tests/agent/10-sovereign-test-thunderbolt0.link"),
@@ -32,6 +32,10 @@ const TEST_LINKS: [(&str, &str); 2] = [
     (
         "10-sovereign-test-thunderbolt1.link",
         include_str!("../../vm-tests/agent/10-sovereign-test-thunderbolt1.link"),
+    ),
+    (
+        "05-sovereign-test-sink.network",
+        include_str!("../../vm-tests/agent/05-sovereign-test-sink.network"),
     ),
 ];
 
@@ -385,7 +389,7 @@ pub fn assemble(base: &Base, inputs: &TreeInputs, work: &Path) -> Result<Tree, B
                 TEST_AGENT_UNIT.as_bytes(),
                 0o644,
             )?;
-            for (name, text) in TEST_LINKS {
+            for (name, text) in TEST_NETWORK {
                 put(
                     &root,
                     &format!("etc/systemd/network/{name}"),

@@ -34,9 +34,11 @@ pub mod host;
 pub mod machine;
 pub mod netns;
 pub mod qmp;
+pub mod sink;
 
 pub use cache::cached_build;
 pub use error::VmError;
 pub use host::{host_tool, workspace_binary};
 pub use machine::{probe_kvm, Accel, Boot, LanForward, Link, LinkEnd, Machine, MachineConfig};
 pub use netns::{enter_namespace, Cabling, NetNode, NsProcess, RingNet};
+pub use sink::{Sink, SinkCounts, SINK_MAC, SINK_V4, SINK_V6};

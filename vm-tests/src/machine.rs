@@ -83,8 +83,8 @@ pub enum Boot {
 /// One end of a point-to-point link; give it to exactly one machine.
 #[derive(Debug, Clone)]
 pub struct LinkEnd {
-    local: PathBuf,
-    remote: PathBuf,
+    pub(crate) local: PathBuf,
+    pub(crate) remote: PathBuf,
     _dir: Arc<tempfile::TempDir>,
 }
 
@@ -318,6 +318,17 @@ impl Machine {
         self.dir.path()
     }
 
+    /// The MAC address of ring link `index` (in [`MachineConfig::link`]
+    /// order): how a test finds that NIC in the guest.
+    pub fn link_mac(&self, index: usize) -> String {
+        format!("52:54:00:5b:{:02x}:{index:02x}", self.machine_byte())
+    }
+
+    /// A byte of the role name's hash that tells this machine's MACs apart.
+    fn machine_byte(&self) -> u8 {
+        blake3::hash(self.config.name.as_bytes()).as_bytes()[0]
+    }
+
     /// The QEMU command line this machine runs (program first).
     pub fn qemu_command(&self) -> Vec<String> {
         let dir = self.dir.path();
@@ -358,7 +369,7 @@ impl Machine {
             "-device".into(),
             "qemu-xhci,id=xhci".into(),
         ]);
-        let machine_byte = blake3::hash(self.config.name.as_bytes()).as_bytes()[0];
+        let machine_byte = self.machine_byte();
         for (i, end) in self.config.links.iter().enumerate() {
             args.push("-netdev".into());
             args.push(format!(
@@ -368,7 +379,8 @@ impl Machine {
             ));
             args.push("-device".into());
             args.push(format!(
-                "virtio-net-pci,netdev=ring{i},mac=52:54:00:5b:{machine_byte:02x}:{i:02x},addr=0x{:x},romfile=",
+                "virtio-net-pci,netdev=ring{i},mac={},addr=0x{:x},romfile=",
+                self.link_mac(i),
                 0x10 + i
             ));
         }

@@ -4,7 +4,12 @@
 //! puts the model live on all three, each verifying it; every node answers
 //! with exactly the tokens one node gives; a cable pulled mid-answer changes
 //! nothing for the client; a node powered off mid-answer costs a replay, not
-//! the answer, and the ring re-forms when it comes back.
+//! the answer, and the ring re-forms when it comes back. Nothing leaves a
+//! node toward a sink host the test cables to it, though the same attempts
+//! reach the sink once the firewall is flushed; a revoked node cabled into
+//! the ring is refused and audited by its neighbours; and a node powered off
+//! hard mid-import, with audit appends in flight, comes back with a whole
+//! model and an audit log that verifies and extends what it had certified.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,7 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig};
+use sovereign_vm_tests::{Boot, Link, Machine, MachineConfig, Sink, SinkCounts};
 
 mod support;
 use support::{courier_folders, operator_kit, run, stick, wait_for_couriers, Kit, API_KEY, NODES};
@@ -222,14 +227,87 @@ fn boot(node: &mut Node) {
     node.machine.start().expect("start");
 }
 
-/// Waits until the node's console agent answers and its node service runs.
-fn wait_ready(node: &mut Node) {
-    node.machine
+/// Waits until the machine's console agent answers and its node service runs.
+fn wait_ready(machine: &mut Machine) {
+    machine
         .wait_for_console("sovereign-test-agent: ready", Duration::from_secs(900))
         .expect("agent");
-    node.machine
+    machine
         .wait_for_unit("sovereign-api.service", Duration::from_secs(600))
-        .expect("the node service runs, holding no model yet");
+        .expect("the node service runs");
+}
+
+/// Writes `bytes` to `path` in the guest through the console agent (in
+/// base64 lines short enough for the console's line discipline).
+pub fn put_file(node: &mut Machine, path: &str, bytes: &[u8]) {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+    node.succeed(&format!(": > {path}.b64"), Duration::from_secs(60))
+        .expect("agent");
+    for chunk in encoded.as_bytes().chunks(2048) {
+        let chunk = std::str::from_utf8(chunk).expect("base64 is ASCII");
+        node.succeed(
+            &format!("printf '%s' '{chunk}' >> {path}.b64"),
+            Duration::from_secs(60),
+        )
+        .expect("agent");
+    }
+    node.succeed(
+        &format!("base64 -d {path}.b64 > {path} && rm {path}.b64"),
+        Duration::from_secs(60),
+    )
+    .expect("agent");
+}
+
+/// The demo model file the kit's bundles carry (fetched once per machine).
+fn demo_model() -> PathBuf {
+    let path = run(&mut Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/fetch-model"
+    )));
+    PathBuf::from(path.trim())
+}
+
+/// The node's firewall drop counter for outgoing packets.
+fn egress_drops(machine: &mut Machine) -> u64 {
+    let counter = machine
+        .succeed("nft list counter inet sovereign egress-drops", WAIT)
+        .expect("nft");
+    regex::Regex::new(r"packets (\d+)")
+        .expect("regex")
+        .captures(&counter)
+        .and_then(|c| c[1].parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {counter}"))
+}
+
+/// Waits until the machine's NIC of link `index` holds the sink network's
+/// addresses (the test image configures it: 10.99.0.2, fd99::2); returns
+/// the NIC's name.
+fn sink_nic(machine: &mut Machine, index: usize) -> String {
+    let mac = machine.link_mac(index);
+    let found = machine
+        .succeed(&format!("grep -l '{mac}' /sys/class/net/*/address"), WAIT)
+        .expect("the sink NIC");
+    let iface = found
+        .trim()
+        .strip_prefix("/sys/class/net/")
+        .and_then(|p| p.strip_suffix("/address"))
+        .unwrap_or_else(|| panic!("no NIC with {mac}: {found}"))
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = machine
+            .succeed("cat /proc/net/if_inet6 /proc/net/fib_trie", WAIT)
+            .unwrap_or_default();
+        if status.contains("10.99.0.2") && status.contains("fd990000000000000000000000000002") {
+            return iface;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{iface} never configured: {status}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// What one node alone answers: the demo bundle imported into a host store
@@ -294,6 +372,8 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     // cables: a-b, b-c, c-a (thunderbolt0 to the next node, thunderbolt1 to
     // the previous one).
     let cables: Vec<Link> = (0..3).map(|_| Link::new().expect("link")).collect();
+    // node-a's third NIC: a cable to the sink host of the egress scenario.
+    let sink_cable = Link::new().expect("link");
     let mut nodes: Vec<Node> = NODES
         .iter()
         .enumerate()
@@ -304,11 +384,14 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
                 .and_then(|l| l.local_addr())
                 .expect("a free loopback port")
                 .port();
-            let config = MachineConfig::new(name, Boot::Uefi { disk })
+            let mut config = MachineConfig::new(name, Boot::Uefi { disk })
                 .cpu_model(GUEST_CPU)
                 .link(cables[i].ends().0)
                 .link(cables[(i + 2) % 3].ends().1)
                 .lan_forward(port, 8443);
+            if i == 0 {
+                config = config.link(sink_cable.ends().0);
+            }
             Node {
                 name,
                 machine: Machine::new(config).expect("machine"),
@@ -325,7 +408,7 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     // service; with nothing configured they find each other over the cables.
     let booted = Instant::now();
     nodes.iter_mut().for_each(boot);
-    nodes.iter_mut().for_each(wait_ready);
+    nodes.iter_mut().for_each(|n| wait_ready(&mut n.machine));
     progress!(
         t0,
         "three nodes booted their verified roots to a running node service in {:.1} s",
@@ -350,9 +433,69 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
         booted.elapsed().as_secs_f64()
     );
 
+    // (f) Egress: node-a is cabled to a sink host that only this test
+    // reaches. TCP, UDP, DNS, ICMP and ICMPv6 attempts from inside the node
+    // all fail and the sink counts nothing; with the ruleset flushed the same
+    // attempts reach it (so the sink would have seen them), then the ruleset
+    // is loaded again.
+    let sink = Sink::start(sink_cable.ends().1).expect("sink");
+    let a = &mut nodes[0].machine;
+    let iface = sink_nic(a, 2);
+    put_file(a, "/run/egress.sh", include_bytes!("support/egress.sh"));
+    let dropped = egress_drops(a);
+    let attempts = Duration::from_secs(300);
+    a.succeed("sh /run/egress.sh", attempts).expect("attempts");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        sink.counts(),
+        SinkCounts::default(),
+        "egress through the firewall"
+    );
+    assert!(
+        egress_drops(a) > dropped,
+        "the firewall counted no dropped egress"
+    );
+    a.succeed("nft flush ruleset && sh /run/egress.sh", attempts)
+        .expect("attempts without the firewall");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let open = loop {
+        let c = sink.counts();
+        if [c.tcp, c.udp, c.dns, c.icmp, c.icmpv6]
+            .iter()
+            .all(|n| *n > 0)
+        {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "anti-test: the sink saw only {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ruleset = a
+        .succeed(
+            "systemctl restart nftables.service && nft list ruleset",
+            WAIT,
+        )
+        .expect("the ruleset loads again");
+    assert!(ruleset.contains("egress-drops"), "{ruleset}");
+    progress!(
+        t0,
+        "egress from node-a on {iface}: the sink counted nothing; with the ruleset flushed it counted {open:?}"
+    );
+
     // (b) The stick goes into node-a only; the model goes live on all three,
-    // each having verified it, and the 3-node plan forms.
-    let model_stick = stick(d, "good.img", &[&kit.path("good/smollm2-1.0.0.sovb")]);
+    // each having verified it, and the 3-node plan forms. The stick also
+    // carries the cluster's revocation list (node-d revoked), which the ring
+    // passes on like the model.
+    let model_stick = stick(
+        d,
+        "good.img",
+        &[
+            &kit.path("good/smollm2-1.0.0.sovb"),
+            &kit.path("cluster/revoked.crl"),
+        ],
+    );
     let plugged = Instant::now();
     nodes[0]
         .machine
@@ -441,10 +584,56 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     let answer = lan.stream(&nodes[2], TOKENS).finish(&mut nodes);
     assert_eq!(answer, reference, "on the 2-node plan");
 
+    // (g) node-d, enrolled in this cluster but revoked, cabled in node-b's
+    // place: node-a and node-c refuse it and audit the refusal.
+    let rogue_disk = d.join("node-d.img");
+    kit.flash("node-d", &rogue_disk);
+    let mut rogue = Machine::new(
+        MachineConfig::new("node-d", Boot::Uefi { disk: rogue_disk })
+            .cpu_model(GUEST_CPU)
+            .link(cables[1].ends().0)
+            .link(cables[0].ends().1),
+    )
+    .expect("machine");
+    rogue.start().expect("start");
+    wait_ready(&mut rogue);
+    for node in [0, 2] {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let refused = loop {
+            let refused = nodes[node]
+                .machine
+                .succeed(
+                    "grep ring-refused /var/lib/sovereign/audit/records.jsonl | grep node-d; true",
+                    WAIT,
+                )
+                .expect("audit log");
+            if !refused.trim().is_empty() {
+                break refused;
+            }
+            if Instant::now() > deadline {
+                let name = nodes[node].name;
+                panic!(
+                    "{name}: no audited refusal of node-d\n{}",
+                    service_logs(&mut nodes)
+                );
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        };
+        assert!(refused.contains("revoked"), "{refused}");
+        let status = lan.status(&nodes[node]).expect("status");
+        assert!(!names(&status).contains(&"node-d".to_owned()), "{status}");
+    }
+    rogue.crash().expect("power off node-d");
+    drop(rogue);
+    progress!(
+        t0,
+        "revoked node-d cabled in node-b's place: refused and audited by node-a and node-c"
+    );
+
     // node-b powered on again: it rejoins and the 3-node plan returns.
     let back = Instant::now();
     boot(&mut nodes[1]);
-    wait_ready(&mut nodes[1]);
+    wait_ready(&mut nodes[1].machine);
     for node in &mut nodes {
         lan.wait_for(node, "served the 3-node plan again", |s| {
             s["ring"]["serving"] == true && order(s).len() == 3
@@ -483,6 +672,125 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
         t0,
         "node-c's audit courier verified with the cluster CA alone: {}",
         verified.trim()
+    );
+
+    // (e) node-c powered off hard in the middle of importing 1.1.0 from a
+    // stick, with audit appends in flight: the moment a model file in the
+    // store's staging area passes 8 MiB, the kernel resets the machine without
+    // syncing (sysrq b; QEMU exits, `-no-reboot`).
+    let c = &mut nodes[2].machine;
+    let counted = "grep -c drop-counters /var/lib/sovereign/audit/records.jsonl; true";
+    let appended = |c: &mut Machine| -> u64 {
+        let count = c.succeed(counted, WAIT).expect("audit log");
+        count.trim().parse().unwrap_or(0)
+    };
+    let before = appended(c);
+    c.succeed(
+        "setsid sh -c 'while :; do sovereign-auditctl --socket /run/sovereign-audit/audit.sock \
+         firewall-counters --nft /usr/sbin/nft; done' </dev/null >/dev/null 2>&1 &",
+        WAIT,
+    )
+    .expect("audit appends");
+    c.succeed(
+        "setsid sh -c 'until find /var/lib/sovereign/store/staging -type f -size +8M | grep -q .; \
+         do sleep 0.05; done; echo sovereign-test: power cut mid-import > /dev/ttyS0; \
+         echo b > /proc/sysrq-trigger' </dev/null >/dev/null 2>&1 &",
+        WAIT,
+    )
+    .expect("power cut trigger");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while appended(c) < before + 2 {
+        assert!(Instant::now() < deadline, "the audit appends never started");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let upgrade = stick(d, "upgrade.img", &[&kit.path("good/smollm2-1.1.0.sovb")]);
+    c.attach_stick(&upgrade).expect("plug");
+    c.wait_for_shutdown(Duration::from_secs(900))
+        .expect("the power cut");
+    assert!(
+        c.console_text().contains("power cut mid-import"),
+        "node-c went down, but not by the power cut mid-import"
+    );
+    progress!(
+        t0,
+        "node-c powered off hard mid-import with audit appends in flight"
+    );
+    boot(&mut nodes[2]);
+    wait_ready(&mut nodes[2].machine);
+    for node in &mut nodes {
+        lan.wait_for(node, "served the 3-node plan after the power cut", |s| {
+            s["ring"]["serving"] == true && order(s).len() == 3
+        });
+    }
+    // The store holds whole models only: 1.0.0, and 1.1.0 at most if its
+    // commit came first; every file is the model's exact bytes.
+    let model_hash = run(Command::new("sha256sum").arg(demo_model()));
+    let model_hash = model_hash.split_whitespace().next().expect("hash");
+    let c = &mut nodes[2].machine;
+    let held = c
+        .succeed(
+            "cd /var/lib/sovereign/store/models/smollm2 && for v in *; do \
+             echo \"$v $(cat $v/files/* | sha256sum | cut -d' ' -f1)\"; done",
+            WAIT,
+        )
+        .expect("store");
+    let versions: Vec<(&str, &str)> = held.lines().filter_map(|l| l.split_once(' ')).collect();
+    assert!(versions.iter().any(|(v, _)| *v == "1.0.0"), "{held}");
+    for (version, hash) in &versions {
+        assert_eq!(*hash, model_hash, "smollm2 {version} is not whole: {held}");
+    }
+    // The audit log verifies as a whole against the cluster CA, and extends
+    // the checkpoint the courier stick carried away before the power cut.
+    let plugged = c.attach_stick(&courier).expect("plug");
+    wait_for_couriers(c, 1, Duration::from_secs(300));
+    c.detach_stick(&plugged).expect("unplug");
+    let folders = courier_folders(&courier, &d.join("courier-after"));
+    let verified = kit.sov(
+        d,
+        &[
+            "audit",
+            "verify",
+            "--cluster-ca",
+            kit.path("cluster/ca.pem").to_str().expect("utf8"),
+            folders.join("node-c").to_str().expect("utf8"),
+        ],
+    );
+    assert!(verified.contains("extends the previous one"), "{verified}");
+    let archive = c
+        .succeed(
+            // Checkpoints before records: every checkpoint copied covers
+            // records that are in the copy (the log only grows).
+            "mkdir -p /run/audit-copy/audit && cd /var/lib/sovereign/audit && \
+             cp node node.pub checkpoints.jsonl /run/audit-copy/audit/ && \
+             cp records.jsonl /run/audit-copy/audit/ && \
+             tar -C /run/audit-copy -czf - audit | base64 -w0",
+            WAIT,
+        )
+        .expect("audit log");
+    let log = d.join("node-c-audit.tar.gz");
+    {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(archive.trim())
+            .expect("base64");
+        std::fs::write(&log, bytes).expect("archive");
+    }
+    run(Command::new("tar").arg("-C").arg(d).arg("-xzf").arg(&log));
+    let whole = kit.sov(
+        d,
+        &[
+            "audit",
+            "verify",
+            "--cluster-ca",
+            kit.path("cluster/ca.pem").to_str().expect("utf8"),
+            "audit",
+        ],
+    );
+    progress!(
+        t0,
+        "after the power cut node-c holds {} whole, its audit log verifies ({}) and extends its last courier checkpoint",
+        versions.iter().map(|(v, _)| *v).collect::<Vec<_>>().join(" and "),
+        whole.trim()
     );
 
     for node in &mut nodes {

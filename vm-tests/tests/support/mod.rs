@@ -25,8 +25,10 @@ pub fn run(command: &mut Command) -> String {
 
 /// The operator's prepared material (a read-only cache dir).
 pub struct Kit {
-    /// The kit's directory: `signer`, `build.key`, `cluster/`, `NODE.identity`,
-    /// `node.trust`, `out/node.img`, `good/` and `bad/` bundles, `api-keys`.
+    /// The kit's directory: `signer`, `build.key`, `cluster/` (with
+    /// `revoked.crl` revoking `node-d`), `NODE.identity` (node-a to node-d),
+    /// `node.trust`, `out/node.img`, `good/` (1.0.0 and 1.1.0) and `bad/`
+    /// bundles, `api-keys`.
     pub dir: PathBuf,
     /// The `sovereign` CLI.
     pub sovereign: PathBuf,
@@ -69,13 +71,16 @@ s cluster init --name test --out cluster
 for node in {nodes}; do
   s node enroll --cluster cluster --name "$node" --lan-ip 127.0.0.1 --out "$node.identity"
 done
+# node-d: enrolled, then revoked (cluster/revoked.crl goes onto the model stick).
+s node enroll --cluster cluster --name node-d --lan-ip 127.0.0.1 --out node-d.identity
+s cluster revoke --cluster cluster node-d
 s trust init --signer signer.pub --threshold 1 --out node.trust
 started=$(date +%s)
 s image build --profile test --bundle-trust node.trust --cluster-ca cluster/ca.pem \
   --key build.key --out out > build.log
 echo "image build (test profile): $(( $(date +%s) - started )) s" >> build.log
 mkdir good bad
-for release in good:1.0.0 bad:2.0.0; do
+for release in good:1.0.0 good:1.1.0 bad:2.0.0; do
   dir=${{release%%:*}} version=${{release#*:}}
   s bundle create --name smollm2 --version "$version" --out "$dir/smollm2-$version.sovb" "{model}"
   s bundle sign --key signer "$dir/smollm2-$version.sovb"
