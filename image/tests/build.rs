@@ -296,9 +296,9 @@ fn builds_from_scratch_and_from_the_lock_are_byte_identical_and_a_stale_lock_is_
     assert_eq!(
         only(&test, &production),
         [
+            "/etc/systemd/network/05-sovereign-test-sink.network",
             "/etc/systemd/network/10-sovereign-test-thunderbolt0.link",
             "/etc/systemd/network/10-sovereign-test-thunderbolt1.link",
-            "/etc/systemd/network/05-sovereign-test-sink.network",
             "/etc/systemd/system/multi-user.target.wants/sovereign-test-agent.service",
             "/usr/bin/dpkg",
             "/usr/bin/dpkg-deb",
