@@ -145,6 +145,8 @@ impl Weights {
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
             InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display()))
         })?;
+        let length = file.metadata().map_err(io(path))?.len();
+        check_tensor_table(&content, length)?;
         let config = ModelConfig::from_gguf(&content)?;
         // llama.cpp's converter permutes Llama's q/k rows for pairwise RoPE;
         // the other architectures keep Hugging Face's halves.
@@ -351,4 +353,32 @@ impl Weights {
             Weights::Safetensors { .. } => Ok(Linear::Dense(self.safetensor(name)?)),
         }
     }
+}
+
+/// Refuses a GGUF tensor table whose entries cannot be real: dimensions
+/// whose product overflows, a size that is not whole blocks of its type, or
+/// data that runs past the end of the file (`length` bytes). Checked once
+/// when the file is opened, so nothing later computes with such a shape.
+fn check_tensor_table(content: &gguf_file::Content, length: u64) -> Result<(), InferenceError> {
+    for (name, info) in &content.tensor_infos {
+        let bad = |why: &str| InferenceError::Model(format!("tensor {name}: {why}"));
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .ok_or_else(|| bad("its dimensions overflow"))?;
+        let block = info.ggml_dtype.block_size() as u64;
+        if elems % block != 0 {
+            return Err(bad("its size is not a whole number of blocks of its type"));
+        }
+        let end = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size() as u64)
+            .and_then(|bytes| bytes.checked_add(info.offset))
+            .and_then(|end| end.checked_add(content.tensor_data_offset));
+        if end.is_none_or(|end| end > length) {
+            return Err(bad("its data runs past the end of the file"));
+        }
+    }
+    Ok(())
 }

@@ -562,3 +562,35 @@ fn unknown_architecture_is_refused_by_name() {
     );
     assert!(!err.contains('\n'), "{err}");
 }
+
+#[test]
+fn a_tensor_whose_dimensions_overflow_or_outrun_the_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = random_weights(Arch::Llama, 4);
+    let path = dir.path().join("good.gguf");
+    write_gguf(&path, Arch::Llama, &w, None);
+    let bytes = std::fs::read(&path).expect("read");
+    // The tensor table entry: name (u64 length, bytes), u32 dimension
+    // count, u64 dimensions, u32 type, u64 offset.
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the tensor's entry")
+        + name.len();
+    let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("u32")) as usize;
+    assert_eq!(dims, 2);
+    for (file, first, second) in [
+        ("overflow.gguf", 1u64 << 40, 1u64 << 40),
+        ("outrun.gguf", 1u64 << 20, 1u64 << 12),
+    ] {
+        let mut patched = bytes.clone();
+        patched[at + 4..at + 12].copy_from_slice(&first.to_le_bytes());
+        patched[at + 12..at + 20].copy_from_slice(&second.to_le_bytes());
+        let path = dir.path().join(file);
+        std::fs::write(&path, patched).expect("write");
+        let err = Engine::load(&path).err().expect("refused").to_string();
+        assert!(err.contains("tensor blk.0.attn_q.weight"), "{file}: {err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
