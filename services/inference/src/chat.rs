@@ -182,3 +182,29 @@ impl ChatTemplate {
             .map_err(|e| InferenceError::Template(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_definitions_render_with_tojson_as_qwen_templates_write_them() {
+        // The shape of Qwen 2.5's and Hermes-style templates' tool section.
+        let template = ChatTemplate::new(
+            "{%- if tools %}<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}</tools>{% endif -%}\
+             {%- for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+        )
+        .expect("compiles");
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        let messages = [ChatMessage {
+            role: "user".into(),
+            content: "Weather?".into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }];
+        let text = template.render(&messages, Some(&tools)).expect("renders");
+        assert!(text.contains("\"name\":\"get_weather\""), "{text}");
+        assert!(template.supports_tools());
+    }
+}

@@ -356,7 +356,8 @@ impl Weights {
 }
 
 /// Refuses a GGUF tensor table whose entries cannot be real: dimensions
-/// whose product overflows, a size that is not whole blocks of its type, or
+/// whose product overflows, no elements at all (candle would build a slice
+/// from an unaligned empty buffer), a size that is not whole blocks of its type, or
 /// data that runs past the end of the file (`length` bytes). Checked once
 /// when the file is opened, so nothing later computes with such a shape.
 fn check_tensor_table(content: &gguf_file::Content, length: u64) -> Result<(), InferenceError> {
@@ -368,6 +369,9 @@ fn check_tensor_table(content: &gguf_file::Content, length: u64) -> Result<(), I
             .iter()
             .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
             .ok_or_else(|| bad("its dimensions overflow"))?;
+        if elems == 0 {
+            return Err(bad("it has no elements"));
+        }
         let block = info.ggml_dtype.block_size() as u64;
         if elems % block != 0 {
             return Err(bad("its size is not a whole number of blocks of its type"));

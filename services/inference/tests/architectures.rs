@@ -564,7 +564,7 @@ fn unknown_architecture_is_refused_by_name() {
 }
 
 #[test]
-fn a_tensor_whose_dimensions_overflow_or_outrun_the_file_is_refused_by_name() {
+fn a_tensor_whose_dimensions_overflow_outrun_the_file_or_hold_nothing_is_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = random_weights(Arch::Llama, 4);
     let path = dir.path().join("good.gguf");
@@ -583,6 +583,7 @@ fn a_tensor_whose_dimensions_overflow_or_outrun_the_file_is_refused_by_name() {
     for (file, first, second) in [
         ("overflow.gguf", 1u64 << 40, 1u64 << 40),
         ("outrun.gguf", 1u64 << 20, 1u64 << 12),
+        ("empty.gguf", 0, 64),
     ] {
         let mut patched = bytes.clone();
         patched[at + 4..at + 12].copy_from_slice(&first.to_le_bytes());
