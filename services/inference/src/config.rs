@@ -133,9 +133,18 @@ impl ModelConfig {
             1.0
         };
         let context = int("context_length").unwrap_or(2048);
+        // Every layer has tensors of its own: a count beyond the tensor
+        // table's is a lie (and would size allocations from it).
+        let layers = int("block_count")?;
+        if layers == 0 || layers > content.tensor_infos.len() {
+            return Err(InferenceError::Model(format!(
+                "block_count {layers} does not fit the file's {} tensors",
+                content.tensor_infos.len()
+            )));
+        }
         Ok(Self {
             arch,
-            layers: int("block_count")?,
+            layers,
             heads,
             kv_heads,
             hidden,

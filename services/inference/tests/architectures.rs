@@ -595,3 +595,28 @@ fn a_tensor_whose_dimensions_overflow_outrun_the_file_or_hold_nothing_is_refused
         assert!(!err.contains('\n'), "{err}");
     }
 }
+
+#[test]
+fn a_block_count_beyond_the_tensor_table_is_refused_before_anything_is_sized_by_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = random_weights(Arch::Llama, 5);
+    let path = dir.path().join("good.gguf");
+    write_gguf(&path, Arch::Llama, &w, None);
+    let mut bytes = std::fs::read(&path).expect("read");
+    // The metadata entry: key, then the u32 type tag, then the u32 value.
+    let key = b"llama.block_count";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the key")
+        + key.len();
+    assert_eq!(
+        u32::from_le_bytes(bytes[at..at + 4].try_into().expect("u32")),
+        4
+    );
+    bytes[at + 4..at + 8].copy_from_slice(&0xffff_ff00u32.to_le_bytes());
+    let path = dir.path().join("layers.gguf");
+    std::fs::write(&path, bytes).expect("write");
+    let err = Engine::load(&path).err().expect("refused").to_string();
+    assert!(err.contains("block_count 4294967040"), "{err}");
+}
