@@ -44,6 +44,15 @@ impl Arch {
     pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, gemma3";
 }
 
+/// The most positions a sequence may hold, whatever a model's metadata
+/// claims (128 Ki: Llama 3.1's window). The RoPE tables are sized by it, so
+/// a file claiming 2^40 positions cannot size an allocation.
+pub const MAX_CONTEXT: usize = 1 << 17;
+
+/// The largest attention head accepted (real models use 64 to 256); it
+/// sizes the RoPE tables too.
+pub const MAX_HEAD_DIM: usize = 1024;
+
 /// The architecture numbers of a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -72,7 +81,8 @@ pub struct ModelConfig {
     /// With a window: every `n`-th layer (`layer % n == n - 1`) attends
     /// globally; 1 means every layer slides (Mistral).
     pub swa_pattern: usize,
-    /// Longest sequence the model was trained for.
+    /// Longest sequence served: what the model was trained for, at most
+    /// [`MAX_CONTEXT`].
     pub context: usize,
     /// Vocabulary size.
     pub vocab: usize,
@@ -116,7 +126,7 @@ impl ModelConfig {
                 )))
             }
         };
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || head_dim > MAX_HEAD_DIM {
             return Err(InferenceError::Model(format!("bad head size {head_dim}")));
         }
         let vocab = match content.metadata.get("tokenizer.ggml.tokens") {
@@ -132,7 +142,7 @@ impl ModelConfig {
         } else {
             1.0
         };
-        let context = int("context_length").unwrap_or(2048);
+        let context = int("context_length").unwrap_or(2048).min(MAX_CONTEXT);
         // Every layer has tensors of its own: a count beyond the tensor
         // table's is a lie (and would size allocations from it).
         let layers = int("block_count")?;

@@ -35,7 +35,7 @@ mod tokenizer;
 mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, MAX_CONTEXT, MAX_HEAD_DIM};
 pub use engine::{Engine, FinishReason, GenerateParams, Generation};
 pub use error::InferenceError;
 pub use executor::{Executor, LocalExecutor, SeqId, Work};

@@ -620,3 +620,23 @@ fn a_block_count_beyond_the_tensor_table_is_refused_before_anything_is_sized_by_
     let err = Engine::load(&path).err().expect("refused").to_string();
     assert!(err.contains("block_count 4294967040"), "{err}");
 }
+
+#[test]
+fn a_context_length_beyond_the_engines_maximum_is_served_up_to_the_maximum() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = random_weights(Arch::Llama, 6);
+    let path = dir.path().join("good.gguf");
+    write_gguf(&path, Arch::Llama, &w, None);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let key = b"llama.context_length";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the key")
+        + key.len();
+    bytes[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let path = dir.path().join("context.gguf");
+    std::fs::write(&path, bytes).expect("write");
+    let engine = Engine::load(&path).expect("loads without sizing 2^32 positions");
+    assert_eq!(engine.config().context, sovereign_inference::MAX_CONTEXT);
+}
