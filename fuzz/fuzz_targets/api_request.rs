@@ -10,9 +10,10 @@
 use std::sync::{Arc, OnceLock};
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use sovereign_api::{router, AppState, Limits};
+use sovereign_api::{router, AppState, ClientAddr, Limits, LocalBackend};
 use tower::ServiceExt;
 
 struct Harness {
@@ -36,7 +37,13 @@ fn harness() -> &'static Harness {
                 .enable_all()
                 .build()
                 .expect("runtime"),
-            state: AppState::new("smollm2".into(), Arc::new(engine), None, limits, None),
+            state: AppState::new(
+                "smollm2".into(),
+                LocalBackend::new(Arc::new(engine), &limits),
+                None,
+                limits,
+                None,
+            ),
         }
     })
 }
@@ -55,6 +62,8 @@ fuzz_target!(|data: &[u8]| {
         .method("POST")
         .uri(path)
         .header("content-type", "application/json")
+        // What the server's connection task attaches to every request.
+        .extension(ConnectInfo(ClientAddr(([127, 0, 0, 1], 40000).into())))
         .body(Body::from(body.to_vec()))
         .expect("request");
     let (status, text) = harness.runtime.block_on(async {
