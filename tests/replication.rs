@@ -208,6 +208,53 @@ fn a_transfer_cut_by_a_pulled_cable_resumes_where_it_stopped() {
     );
 }
 
+#[test]
+fn a_node_without_room_for_a_bundle_refuses_it_with_the_reason_and_audits_it() {
+    // node-b's spool may hold 32 MiB; node-a offers a 96 MiB bundle.
+    let mut ring = Cluster::new(RingNet::chain(2).unwrap(), &NODES[..2], &[]);
+    ring.lab.model("large", 96 << 20, 6);
+    #[rustfmt::skip]
+    ring.lab.bundle("large-1.0.0.sovb", "large", "1.0.0", "large", &["alice"], &[]);
+    ring.start(0);
+    ring.start_with(1, &["--spool-capacity-mb", "32"]);
+    ring.wait_for_order(1, &NODES[..2]);
+    #[rustfmt::skip]
+    ring.lab.run(&["import", "--store", "store-node-a", "--trust", "node.trust", "large-1.0.0.sovb"]).ok();
+
+    wait_until(&ring, "node-b audits that it has no room", || {
+        ring.audited("node-b", "replication", "no-room")
+            .iter()
+            .any(|r| {
+                r["details"]["model"] == "large@1.0.0"
+                    && r["details"]["reason"]
+                        .as_str()
+                        .is_some_and(|reason| reason.contains("no room"))
+            })
+    });
+    wait_until(&ring, "node-a hears the reason", || {
+        ring.status(0).is_some_and(|s| {
+            s["replication"]["refusals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| {
+                    r["item"] == "large@1.0.0"
+                        && r["node"] == "node-b"
+                        && r["reason"]
+                            .as_str()
+                            .is_some_and(|why| why.contains("no room"))
+                })
+        })
+    });
+    let listed = ring
+        .lab
+        .run(&["models", "--store", "store-node-b"])
+        .ok()
+        .stdout;
+    assert!(!listed.contains("large"), "node-b never took it: {listed}");
+    assert_eq!(ring.order(1), NODES[..2], "the plan in force keeps serving");
+}
+
 /// The bytes received so far in a spool's `partial/` directory.
 fn spooled_bytes(dir: &std::path::Path) -> u64 {
     fn walk(dir: &std::path::Path) -> u64 {

@@ -86,6 +86,11 @@ impl Cluster {
 
     /// Starts node `i` the documented way, logging to `node-NAME.log`.
     pub fn start(&mut self, i: usize) {
+        self.start_with(i, &[]);
+    }
+
+    /// As [`Cluster::start`], with `extra` arguments for `sovereign node run`.
+    pub fn start_with(&mut self, i: usize, extra: &[&str]) {
         let name = &self.names[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -99,6 +104,7 @@ impl Cluster {
             .args(["node", "run", "--identity", &format!("{name}.identity"), "--store", &format!("store-{name}")])
             .args(["--ring-interface", "thunderbolt*", "--api-listen", "127.0.0.1:8080", "--keys", "keys"])
             .args(["--heartbeat-ms", "300", "--audit-log", &format!("audit-{name}"), "--trust", "node.trust"])
+            .args(extra)
             .env("SOVEREIGN_LOG", "info")
             .current_dir(self.lab.dir.path())
             .stdout(Stdio::null())
