@@ -1,11 +1,14 @@
 //! Connection handling for the API's listener, plain or TLS: accept, then
 //! do the TLS handshake and serve HTTP/1 in a task of its own, so no client
-//! holds up another; cap connections globally and per client address; close
-//! a connection whose request head does not arrive in time (slow or idle).
+//! holds up another; cap connections globally and per client address; when
+//! full, the oldest connection that has not begun a request makes room for
+//! the newcomer; close a connection whose request head does not arrive in
+//! time (slow or idle).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +16,7 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
 use crate::tls::ClientAddr;
@@ -20,7 +24,8 @@ use crate::tls::ClientAddr;
 /// Limits on connections (the unit's `LimitNOFILE=` sits above `max`).
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
-    /// Connections open at once, all clients together.
+    /// Connections open at once, all clients together (exceeded for an
+    /// instant while a connection that gave its place closes).
     pub max: usize,
     /// Connections open at once from one client address (handshakes included).
     pub per_client: usize,
@@ -42,31 +47,74 @@ impl Default for ConnLimits {
     }
 }
 
-/// Open connections per client address; a [`Slot`] gives its place back on drop.
+/// Open connections per client address, and those that have not yet begun a
+/// request (TLS handshake or first request head still to come), oldest
+/// first: when the table is full, the oldest of those gives its place to the
+/// newcomer, so silent clients cannot keep out clients that talk.
 #[derive(Default)]
 struct Counts {
     total: usize,
     by_client: HashMap<IpAddr, usize>,
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+    next: u64,
 }
 
+/// A connection's place in [`Counts`]; gives it back on drop.
 struct Slot {
     counts: Arc<Mutex<Counts>>,
     client: IpAddr,
+    id: u64,
+    started: AtomicBool,
 }
 
 impl Slot {
-    fn take(counts: &Arc<Mutex<Counts>>, client: IpAddr, limits: &ConnLimits) -> Option<Self> {
+    /// A place for a connection from `client`, and what fires if a newer
+    /// client takes it before this one begins a request; `None` over the
+    /// client's cap, or when full with no connection still waiting to begin.
+    fn take(
+        counts: &Arc<Mutex<Counts>>,
+        client: IpAddr,
+        limits: &ConnLimits,
+    ) -> Option<(Self, oneshot::Receiver<()>)> {
         let mut c = counts.lock().ok()?;
         let mine = c.by_client.get(&client).copied().unwrap_or(0);
-        if c.total >= limits.max || mine >= limits.per_client {
+        if mine >= limits.per_client {
             return None;
+        }
+        if c.total >= limits.max {
+            // The oldest connection that never began a request makes room
+            // (its task ends at once and gives back its count).
+            let (_, evict) = c.waiting.pop_first()?;
+            let _ = evict.send(());
         }
         c.total += 1;
         c.by_client.insert(client, mine + 1);
-        Some(Self {
-            counts: Arc::clone(counts),
-            client,
-        })
+        let id = c.next;
+        c.next += 1;
+        let (evict, evicted) = oneshot::channel();
+        c.waiting.insert(id, evict);
+        Some((
+            Self {
+                counts: Arc::clone(counts),
+                client,
+                id,
+                started: AtomicBool::new(false),
+            },
+            evicted,
+        ))
+    }
+
+    /// The connection began a request: from now on nobody takes its place.
+    fn start(&self) {
+        if !self.started.swap(true, Ordering::Relaxed) {
+            if let Ok(mut c) = self.counts.lock() {
+                c.waiting.remove(&self.id);
+            }
+        }
+    }
+
+    fn is_started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
     }
 }
 
@@ -74,6 +122,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut c) = self.counts.lock() {
             c.total -= 1;
+            c.waiting.remove(&self.id);
             if let Some(n) = c.by_client.get_mut(&self.client) {
                 *n -= 1;
                 if *n == 0 {
@@ -107,29 +156,45 @@ pub async fn serve_connections(
                 }
             },
         };
-        let Some(slot) = Slot::take(&counts, addr.ip(), &limits) else {
+        let Some((slot, evicted)) = Slot::take(&counts, addr.ip(), &limits) else {
             tracing::info!(client = %addr, "connection refused: too many open connections");
             continue;
         };
         let (tls, router) = (tls.clone(), router.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let slot = Arc::new(slot);
             let _ = stream.set_nodelay(true);
-            let result = match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_one(tls, addr, router, &limits).await,
-                        Ok(Err(e)) => {
-                            tracing::info!(client = %addr, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(client = %addr, "TLS handshake timed out");
-                            return;
+            let served = async {
+                match tls {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls)) => serve_one(tls, addr, router, &limits, &slot).await,
+                            Ok(Err(e)) => {
+                                tracing::info!(client = %addr, error = %e, "TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                tracing::info!(client = %addr, "TLS handshake timed out");
+                                Ok(())
+                            }
                         }
                     }
+                    None => serve_one(stream, addr, router, &limits, &slot).await,
                 }
-                None => serve_one(stream, addr, router, &limits).await,
+            };
+            tokio::pin!(served);
+            let result = tokio::select! {
+                result = &mut served => result,
+                Ok(()) = evicted => {
+                    if slot.is_started() {
+                        // Begun just as it was picked: it keeps its place.
+                        served.await
+                    } else {
+                        tracing::info!(client = %addr, "connection closed: a newer client took its place before it began a request");
+                        Ok(())
+                    }
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(client = %addr, error = %e, "connection ended");
@@ -144,12 +209,15 @@ async fn serve_one<I>(
     addr: std::net::SocketAddr,
     router: Router,
     limits: &ConnLimits,
+    slot: &Arc<Slot>,
 ) -> Result<(), hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let slot = Arc::clone(slot);
     let service =
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            slot.start();
             request
                 .extensions_mut()
                 .insert(ConnectInfo(ClientAddr(addr)));

@@ -145,3 +145,67 @@ fn r14_an_unfinished_request_head_is_closed_and_one_client_cannot_take_every_con
     }
     assert!(answered.contains("\"ok\""), "{answered}");
 }
+
+/// A keep-alive connection that has had one `/health` answered.
+fn answered_keep_alive(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("\"ok\"") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before answering");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    stream
+}
+
+#[test]
+fn r14_when_full_a_silent_connection_gives_its_place_to_a_client_that_talks() {
+    let limits = ConnLimits {
+        max: 4,
+        ..ConnLimits::default()
+    };
+    let addr = start(limits, None);
+    // Four connections that never send a byte fill the table...
+    let silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(silent.iter().all(still_open));
+    // ...yet a client that talks is answered: the oldest silent one made room.
+    let answered = health(addr);
+    assert!(answered.contains("\"ok\""), "{answered}");
+    assert!(
+        !still_open(&silent[0]),
+        "the oldest silent client kept its place"
+    );
+    assert!(silent[1..].iter().all(still_open));
+
+    // Connections that have begun a request are never the ones that go:
+    // with the table full of them, a newcomer is refused instead.
+    let addr = start(
+        ConnLimits {
+            max: 2,
+            ..ConnLimits::default()
+        },
+        None,
+    );
+    let talking = [answered_keep_alive(addr), answered_keep_alive(addr)];
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert!(
+        matches!(extra.read(&mut buf), Ok(0) | Err(_)),
+        "a connection over the cap was kept"
+    );
+    assert!(
+        talking.iter().all(still_open),
+        "a talking client lost its place"
+    );
+}
