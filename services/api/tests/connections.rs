@@ -53,14 +53,21 @@ fn still_open(stream: &TcpStream) -> bool {
     open
 }
 
-fn health(addr: SocketAddr) -> String {
+/// A new connection that has sent `request` (reads time out after 60 s).
+fn send(addr: SocketAddr, request: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
+    stream.write_all(request).unwrap();
     stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+}
+
+fn health(addr: SocketAddr) -> String {
+    let mut stream = send(
+        addr,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     response
@@ -112,11 +119,7 @@ fn r14_an_unfinished_request_head_is_closed_and_one_client_cannot_take_every_con
     };
     let addr = start(limits, None);
     // A request whose blank line never comes is closed, not held forever.
-    let mut slow = TcpStream::connect(addr).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        .unwrap();
+    let mut slow = send(addr, b"GET /health HTTP/1.1\r\nHost: x\r\n");
     let mut rest = Vec::new();
     let read = slow.read_to_end(&mut rest);
     assert!(
@@ -148,13 +151,7 @@ fn r14_an_unfinished_request_head_is_closed_and_one_client_cannot_take_every_con
 
 /// A keep-alive connection that has had one `/health` answered.
 fn answered_keep_alive(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    let mut stream = send(addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
     while !String::from_utf8_lossy(&seen).contains("\"ok\"") {
