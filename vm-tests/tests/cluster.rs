@@ -259,6 +259,17 @@ pub fn put_file(node: &mut Machine, path: &str, bytes: &[u8]) {
     .expect("agent");
 }
 
+/// Plugs the courier stick into the node until its stick unit has left
+/// the node's checkpoint, copies the stick's folders into `out` and returns
+/// what the auditor's `sovereign audit verify` (cluster CA alone) says of
+/// the node's folder.
+fn courier_visit(kit: &Kit, node: &mut Node, courier: &Path, out: &Path) -> String {
+    let plugged = node.machine.attach_stick(courier).expect("plug");
+    wait_for_couriers(&mut node.machine, 1, Duration::from_secs(300));
+    node.machine.detach_stick(&plugged).expect("unplug");
+    kit.verify_audit(&courier_folders(courier, out).join(node.name))
+}
+
 /// The demo model file the kit's bundles carry (fetched once per machine).
 fn demo_model() -> PathBuf {
     let path = run(&mut Command::new(concat!(
@@ -650,20 +661,7 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     // The auditor's courier: an empty stick plugged into node-c comes back
     // with its signed checkpoint, verified on the host with the cluster CA alone.
     let courier = stick(d, "courier.img", &[]);
-    let plugged = nodes[2].machine.attach_stick(&courier).expect("plug");
-    wait_for_couriers(&mut nodes[2].machine, 1, Duration::from_secs(300));
-    nodes[2].machine.detach_stick(&plugged).expect("unplug");
-    let folders = courier_folders(&courier, &d.join("courier"));
-    let verified = kit.sov(
-        d,
-        &[
-            "audit",
-            "verify",
-            "--cluster-ca",
-            kit.path("cluster/ca.pem").to_str().expect("utf8"),
-            folders.join("node-c").to_str().expect("utf8"),
-        ],
-    );
+    let verified = courier_visit(&kit, &mut nodes[2], &courier, &d.join("courier"));
     assert!(
         verified.contains("ok: courier checkpoint") && verified.contains("of node node-c"),
         "{verified}"
@@ -741,22 +739,10 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     }
     // The audit log verifies as a whole against the cluster CA, and extends
     // the checkpoint the courier stick carried away before the power cut.
-    let plugged = c.attach_stick(&courier).expect("plug");
-    wait_for_couriers(c, 1, Duration::from_secs(300));
-    c.detach_stick(&plugged).expect("unplug");
-    let folders = courier_folders(&courier, &d.join("courier-after"));
-    let verified = kit.sov(
-        d,
-        &[
-            "audit",
-            "verify",
-            "--cluster-ca",
-            kit.path("cluster/ca.pem").to_str().expect("utf8"),
-            folders.join("node-c").to_str().expect("utf8"),
-        ],
-    );
+    let verified = courier_visit(&kit, &mut nodes[2], &courier, &d.join("courier-after"));
     assert!(verified.contains("extends the previous one"), "{verified}");
-    let archive = c
+    let archive = nodes[2]
+        .machine
         .succeed(
             // Checkpoints before records: every checkpoint copied covers
             // records that are in the copy (the log only grows).
@@ -776,16 +762,7 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
         std::fs::write(&log, bytes).expect("archive");
     }
     run(Command::new("tar").arg("-C").arg(d).arg("-xzf").arg(&log));
-    let whole = kit.sov(
-        d,
-        &[
-            "audit",
-            "verify",
-            "--cluster-ca",
-            kit.path("cluster/ca.pem").to_str().expect("utf8"),
-            "audit",
-        ],
-    );
+    let whole = kit.verify_audit(&d.join("audit"));
     progress!(
         t0,
         "after the power cut node-c holds {} whole, its audit log verifies ({}) and extends its last courier checkpoint",

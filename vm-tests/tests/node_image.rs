@@ -347,13 +347,7 @@ fn the_built_image_flashes_boots_verified_and_imports_from_a_stick() {
         let folders = courier_folders(image, &d.join(format!("courier-{visits}")));
         // The folder is the node's enrolled name: two nodes never collide.
         let folder = folders.join("node-a");
-        let verified = sov(&[
-            "audit",
-            "verify",
-            "--cluster-ca",
-            "cluster/ca.pem",
-            folder.to_str().expect("utf8"),
-        ]);
+        let verified = kit.verify_audit(&folder);
         assert!(
             verified.contains("ok: courier checkpoint") && verified.contains("of node node-a"),
             "{verified}"

@@ -114,6 +114,21 @@ impl Kit {
         run(Command::new(&self.sovereign).args(args).current_dir(cwd))
     }
 
+    /// `sovereign audit verify` of an audit log, export or courier folder
+    /// with the kit's cluster CA alone, as an auditor runs it; its output.
+    pub fn verify_audit(&self, path: &Path) -> String {
+        self.sov(
+            &self.dir,
+            &[
+                "audit",
+                "verify",
+                "--cluster-ca",
+                self.path("cluster/ca.pem").to_str().expect("utf8"),
+                path.to_str().expect("utf8"),
+            ],
+        )
+    }
+
     /// A file of the kit.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
