@@ -1,22 +1,26 @@
 //! Connection handling for the API's listener, plain or TLS: accept, then
 //! do the TLS handshake and serve HTTP/1 in a task of its own, so no client
 //! holds up another; cap connections globally and per client address; when
-//! full, the oldest connection that has not begun a request makes room for
-//! the newcomer; close a connection whose request head does not arrive in
-//! time (slow or idle).
+//! full, the connection idle longest (handshake or request head still to
+//! come, or a keep-alive connection between requests) makes room for the
+//! newcomer, and one in the middle of a request never does; close a
+//! connection whose request head does not arrive in time (slow or idle).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
 use crate::tls::ClientAddr;
@@ -47,74 +51,84 @@ impl Default for ConnLimits {
     }
 }
 
-/// Open connections per client address, and those that have not yet begun a
-/// request (TLS handshake or first request head still to come), oldest
-/// first: when the table is full, the oldest of those gives its place to the
-/// newcomer, so silent clients cannot keep out clients that talk.
+/// Open connections per client address, and the idle ones (no request in
+/// progress), longest idle first: when the table is full, the first of
+/// those gives its place to the newcomer, so silent or idling clients
+/// cannot keep out clients that talk.
 #[derive(Default)]
 struct Counts {
     total: usize,
     by_client: HashMap<IpAddr, usize>,
-    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+    idle: BTreeMap<u64, Arc<Notify>>,
     next: u64,
+}
+
+impl Counts {
+    /// Puts a connection at the end of the idle line; returns its place.
+    fn enqueue_idle(&mut self, evict: &Arc<Notify>) -> u64 {
+        let key = self.next;
+        self.next += 1;
+        self.idle.insert(key, Arc::clone(evict));
+        key
+    }
 }
 
 /// A connection's place in [`Counts`]; gives it back on drop.
 struct Slot {
     counts: Arc<Mutex<Counts>>,
     client: IpAddr,
-    id: u64,
-    started: AtomicBool,
+    /// Its place in the idle line while no request is in progress.
+    idle_key: Mutex<Option<u64>>,
+    /// Requests begun and not yet answered in full.
+    active: AtomicUsize,
+    /// Fires when a newer client takes this connection's place.
+    evict: Arc<Notify>,
 }
 
 impl Slot {
-    /// A place for a connection from `client`, and what fires if a newer
-    /// client takes it before this one begins a request; `None` over the
-    /// client's cap, or when full with no connection still waiting to begin.
-    fn take(
-        counts: &Arc<Mutex<Counts>>,
-        client: IpAddr,
-        limits: &ConnLimits,
-    ) -> Option<(Self, oneshot::Receiver<()>)> {
+    /// A place for a connection from `client`, idle until it begins a
+    /// request; `None` over the client's cap, or when full with no idle
+    /// connection to give its place.
+    fn take(counts: &Arc<Mutex<Counts>>, client: IpAddr, limits: &ConnLimits) -> Option<Self> {
         let mut c = counts.lock().ok()?;
         let mine = c.by_client.get(&client).copied().unwrap_or(0);
         if mine >= limits.per_client {
             return None;
         }
         if c.total >= limits.max {
-            // The oldest connection that never began a request makes room
-            // (its task ends at once and gives back its count).
-            let (_, evict) = c.waiting.pop_first()?;
-            let _ = evict.send(());
+            // The connection idle longest makes room (its task ends at once
+            // and gives back its count).
+            let (_, evict) = c.idle.pop_first()?;
+            evict.notify_one();
         }
         c.total += 1;
         c.by_client.insert(client, mine + 1);
-        let id = c.next;
-        c.next += 1;
-        let (evict, evicted) = oneshot::channel();
-        c.waiting.insert(id, evict);
-        Some((
-            Self {
-                counts: Arc::clone(counts),
-                client,
-                id,
-                started: AtomicBool::new(false),
-            },
-            evicted,
-        ))
+        let evict = Arc::new(Notify::new());
+        let key = c.enqueue_idle(&evict);
+        Some(Self {
+            counts: Arc::clone(counts),
+            client,
+            idle_key: Mutex::new(Some(key)),
+            active: AtomicUsize::new(0),
+            evict,
+        })
     }
 
-    /// The connection began a request: from now on nobody takes its place.
-    fn start(&self) {
-        if !self.started.swap(true, Ordering::Relaxed) {
-            if let Ok(mut c) = self.counts.lock() {
-                c.waiting.remove(&self.id);
+    /// A request began: until it is answered in full (the guard drops with
+    /// the response body) nobody takes this connection's place.
+    fn begin(self: &Arc<Self>) -> InFlight {
+        if self.active.fetch_add(1, Ordering::SeqCst) == 0 {
+            if let (Ok(mut c), Ok(mut key)) = (self.counts.lock(), self.idle_key.lock()) {
+                if let Some(key) = key.take() {
+                    c.idle.remove(&key);
+                }
             }
         }
+        InFlight(Arc::clone(self))
     }
 
-    fn is_started(&self) -> bool {
-        self.started.load(Ordering::Relaxed)
+    fn is_idle(&self) -> bool {
+        self.active.load(Ordering::SeqCst) == 0
     }
 }
 
@@ -122,7 +136,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut c) = self.counts.lock() {
             c.total -= 1;
-            c.waiting.remove(&self.id);
+            if let Some(key) = self.idle_key.get_mut().ok().and_then(|k| k.take()) {
+                c.idle.remove(&key);
+            }
             if let Some(n) = c.by_client.get_mut(&self.client) {
                 *n -= 1;
                 if *n == 0 {
@@ -130,6 +146,50 @@ impl Drop for Slot {
                 }
             }
         }
+    }
+}
+
+/// A request in progress on a connection; when the last one ends, the
+/// connection goes to the end of the idle line.
+struct InFlight(Arc<Slot>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let slot = &self.0;
+        if slot.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if let (Ok(mut c), Ok(mut key)) = (slot.counts.lock(), slot.idle_key.lock()) {
+                if key.is_none() {
+                    *key = Some(c.enqueue_idle(&slot.evict));
+                }
+            }
+        }
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it has been
+/// sent in full (or dropped).
+struct Tracked {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -156,7 +216,7 @@ pub async fn serve_connections(
                 }
             },
         };
-        let Some((slot, evicted)) = Slot::take(&counts, addr.ip(), &limits) else {
+        let Some(slot) = Slot::take(&counts, addr.ip(), &limits) else {
             tracing::info!(client = %addr, "connection refused: too many open connections");
             continue;
         };
@@ -184,15 +244,15 @@ pub async fn serve_connections(
                 }
             };
             tokio::pin!(served);
-            let result = tokio::select! {
-                result = &mut served => result,
-                Ok(()) = evicted => {
-                    if slot.is_started() {
-                        // Begun just as it was picked: it keeps its place.
-                        served.await
-                    } else {
-                        tracing::info!(client = %addr, "connection closed: a newer client took its place before it began a request");
-                        Ok(())
+            let result = loop {
+                tokio::select! {
+                    result = &mut served => break result,
+                    () = slot.evict.notified() => {
+                        if slot.is_idle() {
+                            tracing::info!(client = %addr, "connection closed: a newer client took the place of this idle one");
+                            break Ok(());
+                        }
+                        // A request began just as it was picked: it keeps its place.
                     }
                 }
             };
@@ -217,11 +277,20 @@ where
     let slot = Arc::clone(slot);
     let service =
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            slot.start();
+            let in_flight = slot.begin();
             request
                 .extensions_mut()
                 .insert(ConnectInfo(ClientAddr(addr)));
-            tower::ServiceExt::oneshot(router.clone(), request)
+            let answer = tower::ServiceExt::oneshot(router.clone(), request);
+            async move {
+                let response = answer.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|inner| {
+                    Body::new(Tracked {
+                        inner,
+                        _in_flight: in_flight,
+                    })
+                }))
+            }
         });
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

@@ -149,6 +149,17 @@ fn r14_an_unfinished_request_head_is_closed_and_one_client_cannot_take_every_con
     assert!(answered.contains("\"ok\""), "{answered}");
 }
 
+/// Whether the server closes `stream` within 10 s.
+fn closed_soon(stream: &TcpStream) -> bool {
+    (0..200).any(|_| {
+        let closed = !still_open(stream);
+        if !closed {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        closed
+    })
+}
+
 /// A keep-alive connection that has had one `/health` answered.
 fn answered_keep_alive(addr: SocketAddr) -> TcpStream {
     let mut stream = send(addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -163,7 +174,7 @@ fn answered_keep_alive(addr: SocketAddr) -> TcpStream {
 }
 
 #[test]
-fn r14_when_full_a_silent_connection_gives_its_place_to_a_client_that_talks() {
+fn r14_when_full_a_silent_or_idle_connection_gives_its_place_to_a_client_that_talks() {
     let limits = ConnLimits {
         max: 4,
         ..ConnLimits::default()
@@ -182,8 +193,8 @@ fn r14_when_full_a_silent_connection_gives_its_place_to_a_client_that_talks() {
     );
     assert!(silent[1..].iter().all(still_open));
 
-    // Connections that have begun a request are never the ones that go:
-    // with the table full of them, a newcomer is refused instead.
+    // A keep-alive client idling after its answer gives its place as well,
+    // the one idle longest first...
     let addr = start(
         ConnLimits {
             max: 2,
@@ -191,7 +202,28 @@ fn r14_when_full_a_silent_connection_gives_its_place_to_a_client_that_talks() {
         },
         None,
     );
-    let talking = [answered_keep_alive(addr), answered_keep_alive(addr)];
+    let idling = [answered_keep_alive(addr), answered_keep_alive(addr)];
+    let answered = health(addr);
+    assert!(answered.contains("\"ok\""), "{answered}");
+    assert!(
+        closed_soon(&idling[0]),
+        "the longest idle keep-alive client kept its place"
+    );
+    assert!(still_open(&idling[1]));
+
+    // ...but a connection in the middle of a request never goes: with the
+    // table full of them, a newcomer is refused instead.
+    let addr = start(
+        ConnLimits {
+            max: 2,
+            ..ConnLimits::default()
+        },
+        None,
+    );
+    let unfinished_body = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\
+        Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+    let busy = [send(addr, unfinished_body), send(addr, unfinished_body)];
+    std::thread::sleep(Duration::from_millis(300));
     let mut extra = TcpStream::connect(addr).unwrap();
     extra
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -202,7 +234,7 @@ fn r14_when_full_a_silent_connection_gives_its_place_to_a_client_that_talks() {
         "a connection over the cap was kept"
     );
     assert!(
-        talking.iter().all(still_open),
-        "a talking client lost its place"
+        busy.iter().all(still_open),
+        "a client in the middle of a request lost its place"
     );
 }
