@@ -5,7 +5,7 @@ spreads over the ring, and every node re-verifies and imports it itself.
 ```text
  node A (imported from a stick)            node B
  STORE/outbox/NAME@VER ──adopt──▶ spool ──Offer──▶  space? rollback? ──Fetch(offset)──▶
-                                        ◀──Chunk── each chunk appended + fsynced
+                                        ◀──Chunk── each chunk appended (fsynced every 64 MiB)
                                                    into B's spool (resumes from its length)
                                                    complete ──▶ the store's own import
                                                    (B's trust, signatures first, every byte)

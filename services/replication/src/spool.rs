@@ -2,11 +2,18 @@
 //! partition, bounded by a capacity.
 //!
 //! ```text
-//! SPOOL/partial/KEY/meta.json + files/...   being received; each chunk appended
-//!                                           and fsynced, so the files' lengths
-//!                                           are where a transfer resumes
+//! SPOOL/partial/KEY/meta.json + files/...   being received; chunks appended
+//!                  synced                   the bytes known durable, and the boot
+//!                                           they were written in
 //! SPOOL/items/KEY/meta.json + files/...     complete: imported here, offered on
 //! ```
+//!
+//! A transfer resumes from the files' lengths. Chunks are not fsynced one by
+//! one: every [`SYNC_EVERY`] bytes (and at each file's end) the files are
+//! fsynced and `synced` records how far. In the boot that wrote them the
+//! files' lengths are exact (the page cache holds what was written); after a
+//! reboot the tail past `synced` may not have reached the disk, so it is cut
+//! off and fetched again (at most [`SYNC_EVERY`] bytes).
 //!
 //! A complete item stays until every peer holds that version (or refused it),
 //! so the spool costs up to one bundle's size per version in flight on each node.
@@ -20,6 +27,28 @@ use crate::item::ItemMeta;
 
 const META: &str = "meta.json";
 const FILES: &str = "files";
+const SYNCED: &str = "synced";
+
+/// How many received bytes may wait in the page cache before an fsync.
+pub const SYNC_EVERY: u64 = 64 << 20;
+
+/// How far a partial item is durable, and in which boot that was written.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SyncMark {
+    bytes: u64,
+    boot: Option<String>,
+}
+
+/// This boot's identity (`/proc/sys/kernel/random/boot_id`), if readable.
+fn boot_id() -> Option<String> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+    })
+    .clone()
+}
 
 /// A spool directory.
 #[derive(Debug)]
@@ -131,15 +160,30 @@ impl Spool {
             fs::create_dir_all(&files).map_err(io(&files))?;
             let bytes = serde_json::to_vec(meta).expect("item metadata serializes");
             write_synced(&dir.join(META), &bytes)?;
-            sync_dir(&dir)?;
+            self.mark_synced(&dir, 0)?;
             sync_dir(&self.dir.join("partial"))?;
         }
         self.received(meta)
     }
 
-    /// Bytes of a partial item already in the spool: where its transfer resumes.
+    /// Records that the first `bytes` of the partial item in `dir` are durable.
+    fn mark_synced(&self, dir: &Path, bytes: u64) -> Result<(), ReplicationError> {
+        let mark = serde_json::to_vec(&SyncMark {
+            bytes,
+            boot: boot_id(),
+        })
+        .expect("sync mark serializes");
+        let (path, next) = (dir.join(SYNCED), dir.join("synced.next"));
+        write_synced(&next, &mark)?;
+        fs::rename(&next, &path).map_err(io(&path))?;
+        sync_dir(dir)
+    }
+
+    /// Bytes of a partial item already in the spool: where its transfer
+    /// resumes. After a reboot, bytes past the last fsync are cut off first.
     pub fn received(&self, meta: &ItemMeta) -> Result<u64, ReplicationError> {
-        let files = self.partial_dir(&meta.key()).join(FILES);
+        let dir = self.partial_dir(&meta.key());
+        let files = dir.join(FILES);
         let mut received = 0;
         for file in &meta.files {
             let len = fs::metadata(files.join(&file.name))
@@ -150,12 +194,43 @@ impl Spool {
                 break;
             }
         }
-        Ok(received)
+        let mark = fs::read(dir.join(SYNCED))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SyncMark>(&b).ok());
+        match mark {
+            Some(mark) if received > mark.bytes && mark.boot != boot_id() => {
+                self.truncate(meta, mark.bytes)?;
+                tracing::info!(item = %meta.id(), kept = mark.bytes, dropped = received - mark.bytes, "bytes not known durable before a reboot are fetched again");
+                self.mark_synced(&dir, mark.bytes)?;
+                Ok(mark.bytes)
+            }
+            _ => Ok(received),
+        }
+    }
+
+    /// Cuts a partial item's files back to its first `bytes`.
+    fn truncate(&self, meta: &ItemMeta, bytes: u64) -> Result<(), ReplicationError> {
+        let files = self.partial_dir(&meta.key()).join(FILES);
+        let mut start = 0;
+        for file in &meta.files {
+            let keep = bytes.saturating_sub(start).min(file.size);
+            let path = files.join(&file.name);
+            match fs::metadata(&path) {
+                Ok(m) if m.len() > keep => OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(keep).and_then(|_| f.sync_all()))
+                    .map_err(io(&path))?,
+                _ => {}
+            }
+            start += file.size;
+        }
+        Ok(())
     }
 
     /// Appends `data` at byte `offset` of the partial item (which must be
-    /// exactly the bytes received so far) and fsyncs it. Returns the bytes
-    /// received after it.
+    /// exactly the bytes received so far); fsyncs when it crosses a multiple
+    /// of [`SYNC_EVERY`] or ends a file. Returns the bytes received after it.
     pub fn append(
         &self,
         meta: &ItemMeta,
@@ -187,16 +262,19 @@ impl Spool {
             .open(&path)
             .map_err(io(&path))?;
         if within == 0 {
-            // A new file: make its directory entry durable with the data.
             out.set_len(0).map_err(io(&path))?;
         }
-        out.write_all(data)
-            .and_then(|_| out.sync_data())
-            .map_err(io(&path))?;
-        if within == 0 {
+        out.write_all(data).map_err(io(&path))?;
+        let now = have + data.len() as u64;
+        let file_done = within + data.len() as u64 == file.size;
+        if file_done || now / SYNC_EVERY != have / SYNC_EVERY {
+            // Earlier files were synced when they ended; this one's data and
+            // its directory entry now, then the mark.
+            out.sync_data().map_err(io(&path))?;
             sync_dir(path.parent().unwrap_or(&self.dir))?;
+            self.mark_synced(&self.partial_dir(&meta.key()), now)?;
         }
-        Ok(have + data.len() as u64)
+        Ok(now)
     }
 
     /// Moves a fully received item to the complete items (one rename).
@@ -309,5 +387,93 @@ impl Spool {
         write_synced(&files.join(&meta.files[0].name), text.as_bytes())?;
         self.finish(&meta)?;
         Ok(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::item::{FileMeta, Kind};
+
+    fn meta() -> ItemMeta {
+        ItemMeta {
+            kind: Kind::Bundle,
+            name: "m".into(),
+            version: "1.0.0".into(),
+            digest: "0".repeat(64),
+            content: 0,
+            files: vec![
+                FileMeta {
+                    name: "m.sovb".into(),
+                    size: 3 << 20,
+                },
+                FileMeta {
+                    name: "m.sovb.001".into(),
+                    size: 1 << 20,
+                },
+            ],
+        }
+    }
+
+    /// Pretends the machine rebooted since the mark was written.
+    fn reboot(spool: &Spool, meta: &ItemMeta) {
+        let path = spool.partial_dir(&meta.key()).join(SYNCED);
+        let mut mark: SyncMark = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        mark.boot = Some("an earlier boot".into());
+        fs::write(&path, serde_json::to_vec(&mark).unwrap()).unwrap();
+    }
+
+    fn len(spool: &Spool, meta: &ItemMeta, file: usize) -> u64 {
+        let path = spool.partial_dir(&meta.key()).join(FILES).join(&meta.files[file].name);
+        fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    #[test]
+    fn unsynced_bytes_count_in_the_same_boot_and_are_fetched_again_after_a_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let meta = meta();
+        let mib = vec![7u8; 1 << 20];
+        assert_eq!(spool.begin(&meta).unwrap(), 0);
+        spool.append(&meta, 0, &mib).unwrap();
+        spool.append(&meta, 1 << 20, &mib).unwrap();
+        // Same boot: what was written is there (the page cache holds it).
+        assert_eq!(spool.received(&meta).unwrap(), 2 << 20);
+        // After a reboot nothing was known durable yet: back to byte 0.
+        reboot(&spool, &meta);
+        assert_eq!(spool.received(&meta).unwrap(), 0);
+        assert_eq!(len(&spool, &meta, 0), 0);
+        // A file's end is synced: after a reboot only the next file's tail goes.
+        for at in 0..3u64 {
+            spool.append(&meta, at << 20, &mib).unwrap();
+        }
+        spool.append(&meta, 3 << 20, &mib[..1000]).unwrap();
+        assert_eq!(spool.received(&meta).unwrap(), (3 << 20) + 1000);
+        reboot(&spool, &meta);
+        assert_eq!(spool.received(&meta).unwrap(), 3 << 20);
+        assert_eq!((len(&spool, &meta, 0), len(&spool, &meta, 1)), (3 << 20, 0));
+        // The transfer resumes from there and completes.
+        spool.append(&meta, 3 << 20, &mib).unwrap();
+        assert!(spool.finish(&meta).is_ok());
+    }
+
+    #[test]
+    fn crossing_a_sync_interval_makes_the_bytes_before_it_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let mut meta = meta();
+        meta.files[0].size = SYNC_EVERY + (1 << 20);
+        let chunk = vec![1u8; 8 << 20];
+        spool.begin(&meta).unwrap();
+        let mut at = 0;
+        while at + chunk.len() as u64 <= SYNC_EVERY + (1 << 19) {
+            at = spool.append(&meta, at, &chunk).unwrap();
+        }
+        let tail = vec![1u8; 1 << 19];
+        at = spool.append(&meta, at, &tail).unwrap();
+        assert_eq!(at, SYNC_EVERY + (1 << 19));
+        reboot(&spool, &meta);
+        // Synced up to the crossing; the half MiB after it is fetched again.
+        assert_eq!(spool.received(&meta).unwrap(), SYNC_EVERY);
     }
 }
