@@ -11,6 +11,9 @@ make up the common `Q4_K_M` files, Q5_K and Q6_K the `Q5_K_M` ones.
 
 The AVX2 kernels serve [`Isa::Avx2`] and [`Isa::Avx512`] alike (every
 AVX-512 CPU has AVX2; there is no separate 512-bit k-quant kernel yet).
+They take one weight row with up to four activation rows: a block's quants,
+scales, mins and `d`s are decoded once for all of them, and each row's f32
+operations are those it does alone.
 */
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -18,7 +21,7 @@ use candle_core::{Device, Tensor};
 use half::f16;
 
 use crate::q8k::{Q8KRows, QK_K};
-use crate::{input_rows, par_rows, Isa};
+use crate::{input_rows, par_rows, Isa, RowsDot};
 
 /// A k-quant weight format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,17 +185,28 @@ impl KQuantMatMul {
     /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
     pub fn matmul_q8k(&self, q: &Q8KRows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
-        let row_bytes = self.k / QK_K * self.kind.block_bytes();
-        let (kind, isa) = (self.kind, self.isa);
-        par_rows(self.n, self.k, q.rows(), out, |j, r| {
-            let w = &self.blocks[j * row_bytes..(j + 1) * row_bytes];
-            let x = XRow {
-                qs: q.row_qs(r),
-                d: q.row_d(r),
-                bsums: q.row_bsums(r),
-            };
-            dot(kind, isa, w, &x)
+        par_rows(self.n, self.k, q.rows(), out, KQuantRows { mm: self, q });
+    }
+}
+
+/// The k-quant dot products of one [`KQuantMatMul::matmul_q8k`] call.
+struct KQuantRows<'a> {
+    mm: &'a KQuantMatMul,
+    q: &'a Q8KRows,
+}
+
+impl RowsDot for KQuantRows<'_> {
+    #[inline]
+    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R] {
+        let (mm, q) = (self.mm, self.q);
+        let row_bytes = mm.k / QK_K * mm.kind.block_bytes();
+        let w = &mm.blocks[j * row_bytes..(j + 1) * row_bytes];
+        let xs = std::array::from_fn(|i| XRow {
+            qs: q.row_qs(r + i),
+            d: q.row_d(r + i),
+            bsums: q.row_bsums(r + i),
         });
+        dot(mm.kind, mm.isa, w, &xs)
     }
 }
 
@@ -203,24 +217,26 @@ pub(crate) struct XRow<'a> {
     pub bsums: &'a [i16],
 }
 
-/// The dot product of one weight row (`w`, whole blocks of `kind`) with `x`.
+/// The dot products of one weight row (`w`, whole blocks of `kind`) with
+/// each row of `xs`; element `i` is bit for bit what `xs[i]` alone gives.
 ///
 /// # Panics
 /// If the rows do not hold the same number of blocks, or `isa` is not available.
-fn dot(kind: KQuant, isa: Isa, w: &[u8], x: &XRow<'_>) -> f32 {
-    let nb = x.d.len();
+fn dot<const R: usize>(kind: KQuant, isa: Isa, w: &[u8], xs: &[XRow<'_>; R]) -> [f32; R] {
+    let nb = w.len() / kind.block_bytes();
     assert!(
         w.len() == nb * kind.block_bytes()
-            && x.qs.len() == nb * QK_K
-            && x.bsums.len() == nb * QK_K / 16,
+            && xs.iter().all(|x| x.d.len() == nb
+                && x.qs.len() == nb * QK_K
+                && x.bsums.len() == nb * QK_K / 16),
         "block counts"
     );
     match isa {
-        Isa::Scalar => match kind {
-            KQuant::Q4K => dot_q4k(w, x),
-            KQuant::Q5K => dot_q5k(w, x),
-            KQuant::Q6K => dot_q6k(w, x),
-        },
+        Isa::Scalar => std::array::from_fn(|i| match kind {
+            KQuant::Q4K => dot_q4k(w, &xs[i]),
+            KQuant::Q5K => dot_q5k(w, &xs[i]),
+            KQuant::Q6K => dot_q6k(w, &xs[i]),
+        }),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
             assert!(
@@ -231,14 +247,14 @@ fn dot(kind: KQuant, isa: Isa, w: &[u8], x: &XRow<'_>) -> f32 {
             // every slice holds `nb` blocks (asserted above).
             unsafe {
                 match kind {
-                    KQuant::Q4K => x86::dot_q4k(w, x),
-                    KQuant::Q5K => x86::dot_q5k(w, x),
-                    KQuant::Q6K => x86::dot_q6k(w, x),
+                    KQuant::Q4K => x86::dot_q4k(w, xs),
+                    KQuant::Q5K => x86::dot_q5k(w, xs),
+                    KQuant::Q6K => x86::dot_q6k(w, xs),
                 }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => dot(kind, Isa::Scalar, w, x),
+        _ => dot(kind, Isa::Scalar, w, xs),
     }
 }
 
@@ -357,8 +373,17 @@ fn dot_q6k(w: &[u8], x: &XRow<'_>) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{f16_at, scales_mins, XRow};
+    use super::{scales_mins, XRow};
     use crate::q8k::QK_K;
+
+    /// The f32 value of the f16 at `b[at..at + 2]` with F16C (exact, as
+    /// [`super::f16_at`] but without its run-time feature check).
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    fn f16_at(b: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
 
     /// Sum of the 8 lanes.
     #[inline]
@@ -370,81 +395,116 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// `sum(min_s * (bsum_2s + bsum_2s+1))` in 8 i32 lanes: each min is
-    /// repeated for its two 16-sums and `madd` adds the pair.
-    ///
-    /// Safety: `bsums` holds at least 16 values.
+    /// The 8 mins as 16 i16 lanes, each repeated for its two 16-sums (the
+    /// weights' half of the mins term, see [`mins_lanes`]).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn mins_lanes(mn: &[u8; 8], bsums: &[i16]) -> __m256i {
-        // SAFETY: 8 bytes of `mn`; 16 i16s of `bsums` (caller); unaligned loads.
-        let (m8, bs) = unsafe {
-            (
-                _mm_loadl_epi64(mn.as_ptr() as *const __m128i),
-                _mm256_loadu_si256(bsums.as_ptr() as *const __m256i),
-            )
-        };
+    fn mins_pairs(mn: &[u8; 8]) -> __m256i {
+        let m8 = _mm_set_epi64x(0, i64::from_le_bytes(*mn));
         let dup = _mm_shuffle_epi8(
             m8,
             _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
         );
-        _mm256_madd_epi16(_mm256_cvtepu8_epi16(dup), bs)
+        _mm256_cvtepu8_epi16(dup)
     }
 
-    /// Q4_K: per 64 values one 32-byte load of nibbles; low and high
-    /// nibbles meet their 32 activation bytes in `maddubs` (u8 x i8 pairs,
-    /// at most 2 * 15 * 127), then `madd` with the sub-block's scale widens
-    /// to i32. Exact integer sums per block, one f32 FMA per block.
+    /// `sum(min_s * (bsum_2s + bsum_2s+1))` in 8 i32 lanes: `madd` of the
+    /// [`mins_pairs`] with a row's 16 sums adds each pair.
     ///
-    /// Safety: avx2, fma, f16c available; `w` holds `x.d.len()` blocks and
-    /// `x` their quants and sums.
+    /// Safety: `bsums` points to 16 readable values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mins_lanes(pairs: __m256i, bsums: *const i16) -> __m256i {
+        // SAFETY: 16 i16s at `bsums` (caller); unaligned load.
+        let bs = unsafe { _mm256_loadu_si256(bsums as *const __m256i) };
+        _mm256_madd_epi16(pairs, bs)
+    }
+
+    /// Q4_K and Q5_K: the scale and mins terms of block `b` for each row
+    /// (`accm += dx * dmin * mins`), the block's 32-byte pieces of 64 values
+    /// as `quants(j)` (unpacked once for all rows), and `acc += dx * d *
+    /// sumi` per row. `maddubs` (u8 x i8 pairs, at most 2 * 31 * 127) then
+    /// `madd` with the sub-block's scale widens to i32: exact integer sums
+    /// per block, one f32 FMA per block and row.
+    ///
+    /// Safety: avx2, fma, f16c available; `blk` is a whole Q4_K/Q5_K block,
+    /// and every row of `xs` holds block `b`'s quants and sums.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4k(w: &[u8], x: &XRow<'_>) -> f32 {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut accm = _mm256_setzero_ps();
-        for (b, blk) in w.chunks_exact(144).enumerate() {
-            let (sc, mn) = scales_mins(&blk[4..16]);
-            let dx = x.d[b];
-            // SAFETY: the block's 16 sums exist (caller).
-            let pm = unsafe { mins_lanes(&mn, &x.bsums[b * 16..]) };
-            accm = _mm256_fmadd_ps(
-                _mm256_set1_ps(dx * f16_at(blk, 2)),
-                _mm256_cvtepi32_ps(pm),
-                accm,
+    unsafe fn block_q45k<const R: usize>(
+        blk: &[u8],
+        b: usize,
+        xs: &[XRow<'_>; R],
+        acc: &mut [__m256; R],
+        accm: &mut [__m256; R],
+        mut quants: impl FnMut(usize) -> (__m256i, __m256i),
+    ) {
+        let (sc, mn) = scales_mins(&blk[4..16]);
+        let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let pairs = mins_pairs(&mn);
+        for (x, accm) in xs.iter().zip(accm.iter_mut()) {
+            // SAFETY: block b's 16 sums exist (caller).
+            let pm = unsafe { mins_lanes(pairs, x.bsums.as_ptr().add(b * 16)) };
+            fma_lanes(accm, x.d[b] * dmin, pm);
+        }
+        let mut sumi = [_mm256_setzero_si256(); R];
+        for j in 0..4 {
+            let (lo, hi) = quants(j);
+            let (sl, sh) = (
+                _mm256_set1_epi16(i16::from(sc[2 * j])),
+                _mm256_set1_epi16(i16::from(sc[2 * j + 1])),
             );
-            let qs = blk[16..].as_ptr();
-            let xq = x.qs[b * QK_K..].as_ptr();
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
-                // SAFETY: 32 nibble bytes at 32j < 128 of the block; 64 quants at
-                // 64j < 256 of the block's activations; unaligned loads.
-                let (q4, xl, xh) = unsafe {
+            for (x, sumi) in xs.iter().zip(sumi.iter_mut()) {
+                // SAFETY: 64 quants at 64j < 256 of block b's activations (caller);
+                // unaligned loads.
+                let (xl, xh) = unsafe {
+                    let xq = x.qs.as_ptr().add(b * QK_K + 64 * j);
                     (
-                        _mm256_loadu_si256(qs.add(32 * j) as *const __m256i),
-                        _mm256_loadu_si256(xq.add(64 * j) as *const __m256i),
-                        _mm256_loadu_si256(xq.add(64 * j + 32) as *const __m256i),
+                        _mm256_loadu_si256(xq as *const __m256i),
+                        _mm256_loadu_si256(xq.add(32) as *const __m256i),
                     )
                 };
-                let lo = _mm256_and_si256(q4, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-                let pl = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, xl),
-                    _mm256_set1_epi16(i16::from(sc[2 * j])),
-                );
-                let ph = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, xh),
-                    _mm256_set1_epi16(i16::from(sc[2 * j + 1])),
-                );
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+                let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), sl);
+                let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), sh);
+                *sumi = _mm256_add_epi32(*sumi, _mm256_add_epi32(pl, ph));
             }
-            acc = _mm256_fmadd_ps(
-                _mm256_set1_ps(dx * f16_at(blk, 0)),
-                _mm256_cvtepi32_ps(sumi),
-                acc,
-            );
         }
-        hsum(acc) - hsum(accm)
+        for ((x, acc), sumi) in xs.iter().zip(acc.iter_mut()).zip(sumi) {
+            fma_lanes(acc, x.d[b] * d, sumi);
+        }
+    }
+
+    /// `acc += scale * f32(v)` lane by lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fma_lanes(acc: &mut __m256, scale: f32, v: __m256i) {
+        *acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(v), *acc);
+    }
+
+    /// Q4_K: per 64 values one 32-byte load of nibbles, low and high
+    /// nibbles against their 32 activation bytes (see [`block_q45k`]).
+    ///
+    /// Safety: avx2, fma, f16c available; `w` holds the rows' block count
+    /// of blocks and every row of `xs` their quants and sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4k<const R: usize>(w: &[u8], xs: &[XRow<'_>; R]) -> [f32; R] {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [_mm256_setzero_ps(); R];
+        for (b, blk) in w.chunks_exact(144).enumerate() {
+            let qs = blk[16..].as_ptr();
+            let quants = |j: usize| {
+                // SAFETY: 32 nibble bytes at 16 + 32j < 144 of the block; unaligned load.
+                let q4 = unsafe { _mm256_loadu_si256(qs.add(32 * j) as *const __m256i) };
+                (
+                    _mm256_and_si256(q4, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4),
+                )
+            };
+            // SAFETY: a whole block; the rows hold block b (caller).
+            unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, quants) };
+        }
+        std::array::from_fn(|i| hsum(acc[i]) - hsum(accm[i]))
     }
 
     /// Q5_K: as Q4_K, with each value's fifth bit taken from the block's 32
@@ -452,68 +512,43 @@ mod x86 {
     ///
     /// Safety: as [`dot_q4k`], with 176-byte blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q5k(w: &[u8], x: &XRow<'_>) -> f32 {
+    pub(super) unsafe fn dot_q5k<const R: usize>(w: &[u8], xs: &[XRow<'_>; R]) -> [f32; R] {
         let m4 = _mm256_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut accm = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [_mm256_setzero_ps(); R];
         for (b, blk) in w.chunks_exact(176).enumerate() {
-            let (sc, mn) = scales_mins(&blk[4..16]);
-            let dx = x.d[b];
-            // SAFETY: the block's 16 sums exist (caller).
-            let pm = unsafe { mins_lanes(&mn, &x.bsums[b * 16..]) };
-            accm = _mm256_fmadd_ps(
-                _mm256_set1_ps(dx * f16_at(blk, 2)),
-                _mm256_cvtepi32_ps(pm),
-                accm,
-            );
             let qs = blk[48..].as_ptr();
-            let xq = x.qs[b * QK_K..].as_ptr();
             // SAFETY: the block's 32 `qh` bytes at 16..48; unaligned load.
             let mut qh = unsafe { _mm256_loadu_si256(blk[16..].as_ptr() as *const __m256i) };
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
-                // SAFETY: as in `dot_q4k`.
-                let (q4, xl, xh) = unsafe {
-                    (
-                        _mm256_loadu_si256(qs.add(32 * j) as *const __m256i),
-                        _mm256_loadu_si256(xq.add(64 * j) as *const __m256i),
-                        _mm256_loadu_si256(xq.add(64 * j + 32) as *const __m256i),
-                    )
-                };
+            // Called for j = 0, 1, 2, 3 in order: the fifth bits of piece j are
+            // bits 2j and 2j + 1 of each `qh` byte, shifted down after each piece.
+            let quants = |j: usize| {
+                // SAFETY: 32 nibble bytes at 48 + 32j < 176 of the block; unaligned load.
+                let q4 = unsafe { _mm256_loadu_si256(qs.add(32 * j) as *const __m256i) };
                 let hl = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
                 let hh = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
                 qh = _mm256_srli_epi16(qh, 2);
-                let lo = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);
-                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), hh);
-                let pl = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, xl),
-                    _mm256_set1_epi16(i16::from(sc[2 * j])),
-                );
-                let ph = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, xh),
-                    _mm256_set1_epi16(i16::from(sc[2 * j + 1])),
-                );
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-            }
-            acc = _mm256_fmadd_ps(
-                _mm256_set1_ps(dx * f16_at(blk, 0)),
-                _mm256_cvtepi32_ps(sumi),
-                acc,
-            );
+                (
+                    _mm256_or_si256(_mm256_and_si256(q4, m4), hl),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), hh),
+                )
+            };
+            // SAFETY: a whole block; the rows hold block b (caller).
+            unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, quants) };
         }
-        hsum(acc) - hsum(accm)
+        std::array::from_fn(|i| hsum(acc[i]) - hsum(accm[i]))
     }
 
     /// Q6_K: per 128 values, two loads of low nibbles and one of high bit
-    /// pairs rebuild four vectors of 6-bit quants (0..=63); `maddubs` with
-    /// the activations (at most 2 * 63 * 127), `madd` with the two 16-value
-    /// sub-blocks' scales; the `- 32` is taken back once per block as
-    /// `32 * sum(scale * bsum)`.
+    /// pairs rebuild four vectors of 6-bit quants (0..=63), once for all
+    /// rows; `maddubs` with each row's activations (at most 2 * 63 * 127),
+    /// `madd` with the two 16-value sub-blocks' scales; the `- 32` is taken
+    /// back once per block and row as `32 * sum(scale * bsum)`.
     ///
     /// Safety: as [`dot_q4k`], with 210-byte blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q6k(w: &[u8], x: &XRow<'_>) -> f32 {
+    pub(super) unsafe fn dot_q6k<const R: usize>(w: &[u8], xs: &[XRow<'_>; R]) -> [f32; R] {
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(3);
         // Byte shuffles putting scale 2k in bytes 0..8 and 2k + 1 in 8..16.
@@ -522,33 +557,21 @@ mod x86 {
             let (a, b) = (2 * k as i8, 2 * k as i8 + 1);
             *pick = _mm_setr_epi8(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
         }
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); R];
         for (b, blk) in w.chunks_exact(210).enumerate() {
             let p = blk.as_ptr();
-            let xq = x.qs[b * QK_K..].as_ptr();
-            // SAFETY: 16 scale bytes at 192..208 of the block; the block's 16 sums.
-            let (scales, bs) = unsafe {
-                (
-                    _mm_loadu_si128(p.add(192) as *const __m128i),
-                    _mm256_loadu_si256(x.bsums[b * 16..].as_ptr() as *const __m256i),
-                )
-            };
-            let offset = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), bs);
-            let mut sumi = _mm256_setzero_si256();
+            // SAFETY: 16 scale bytes at 192..208 of the block.
+            let scales = unsafe { _mm_loadu_si128(p.add(192) as *const __m128i) };
+            let scales16 = _mm256_cvtepi8_epi16(scales);
+            let mut sumi = [_mm256_setzero_si256(); R];
             for h in 0..2 {
                 // SAFETY: 64 bytes at 64h < 128 (low nibbles), 32 bytes at
-                // 128 + 32h < 192 (high bits), 128 activations at 128h < 256.
-                let (ql0, ql1, qh, y) = unsafe {
+                // 128 + 32h < 192 (high bits).
+                let (ql0, ql1, qh) = unsafe {
                     (
                         _mm256_loadu_si256(p.add(64 * h) as *const __m256i),
                         _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i),
                         _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i),
-                        [
-                            _mm256_loadu_si256(xq.add(128 * h) as *const __m256i),
-                            _mm256_loadu_si256(xq.add(128 * h + 32) as *const __m256i),
-                            _mm256_loadu_si256(xq.add(128 * h + 64) as *const __m256i),
-                            _mm256_loadu_si256(xq.add(128 * h + 96) as *const __m256i),
-                        ],
                     )
                 };
                 let q = [
@@ -569,19 +592,31 @@ mod x86 {
                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
                     ),
                 ];
-                for i in 0..4 {
+                for (i, q) in q.into_iter().enumerate() {
                     let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, picks[4 * h + i]));
-                    let p16 = _mm256_maddubs_epi16(q[i], y[i]);
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, sc));
+                    for (x, sumi) in xs.iter().zip(sumi.iter_mut()) {
+                        // SAFETY: 32 activations at 128h + 32i < 256 of block b's
+                        // (caller); unaligned load.
+                        let y = unsafe {
+                            _mm256_loadu_si256(
+                                x.qs.as_ptr().add(b * QK_K + 128 * h + 32 * i) as *const __m256i
+                            )
+                        };
+                        let p16 = _mm256_maddubs_epi16(q, y);
+                        *sumi = _mm256_add_epi32(*sumi, _mm256_madd_epi16(p16, sc));
+                    }
                 }
             }
-            let total = _mm256_sub_epi32(sumi, _mm256_slli_epi32(offset, 5));
-            acc = _mm256_fmadd_ps(
-                _mm256_set1_ps(x.d[b] * f16_at(blk, 208)),
-                _mm256_cvtepi32_ps(total),
-                acc,
-            );
+            let d = f16_at(blk, 208);
+            for ((x, acc), sumi) in xs.iter().zip(acc.iter_mut()).zip(sumi) {
+                // SAFETY: block b's 16 sums (caller); unaligned load.
+                let bs =
+                    unsafe { _mm256_loadu_si256(x.bsums.as_ptr().add(b * 16) as *const __m256i) };
+                let offset = _mm256_madd_epi16(scales16, bs);
+                let total = _mm256_sub_epi32(sumi, _mm256_slli_epi32(offset, 5));
+                fma_lanes(acc, x.d[b] * d, total);
+            }
         }
-        hsum(acc)
+        std::array::from_fn(|i| hsum(acc[i]))
     }
 }

@@ -21,6 +21,13 @@ threads, sized by `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`) before the
 first op runs. `SOVEREIGN_KERNELS_POOL=rayon` uses the current rayon pool
 instead (see `use_rayon`).
 
+With several activation rows (a prompt, a batch of sequences), the AVX2
+kernels take them four at a time: a weight row's blocks are loaded and
+unpacked (nibbles, scales) once for the four, and each row keeps its own
+accumulators. Every row does exactly the f32 operations, in the same order,
+that it does alone, so a row's output is bit for bit the same whatever the
+batch or prompt chunk it is computed in (see `RowsDot`).
+
 Use in an engine: where `QMatMul::from_qtensor` would take a Q4_1 tensor,
 `Q41MatMul::from_qtensor(&qtensor)` (then `forward` as with `QMatMul`); for
 projections that share an input, `Q41MatMul::stack_rows(&[&q, &k, &v])` and
@@ -86,7 +93,9 @@ impl Isa {
         }
     }
 
-    /// Whether this CPU can run kernels built for `self`.
+    /// Whether this CPU can run kernels built for `self` (std caches the
+    /// detection; inlined, the check is a few loads in every dot product).
+    #[inline]
     pub fn available(self) -> bool {
         match self {
             Isa::Scalar => true,
@@ -247,21 +256,32 @@ impl Q41MatMul {
     pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
         assert_eq!(out.len(), q.rows() * self.n, "output length");
-        let nb = self.k / QK;
-        let isa = self.isa;
-        par_rows(self.n, self.k, q.rows(), out, |j, r| {
-            let w = simd::WRow {
-                qs: &self.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
-                d: &self.d[j * nb..(j + 1) * nb],
-                m: &self.m[j * nb..(j + 1) * nb],
-            };
-            let x = simd::XRow {
-                qs: q.row_qs(r),
-                d: q.row_d(r),
-                s: q.row_s(r),
-            };
-            simd::dot(isa, &w, &x)
+        par_rows(self.n, self.k, q.rows(), out, Q41Rows { mm: self, q });
+    }
+}
+
+/// The Q4_1 dot products of one [`Q41MatMul::matmul_q8`] call.
+struct Q41Rows<'a> {
+    mm: &'a Q41MatMul,
+    q: &'a Q8Rows,
+}
+
+impl RowsDot for Q41Rows<'_> {
+    #[inline]
+    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R] {
+        let (mm, q) = (self.mm, self.q);
+        let nb = mm.k / QK;
+        let w = simd::WRow {
+            qs: &mm.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
+            d: &mm.d[j * nb..(j + 1) * nb],
+            m: &mm.m[j * nb..(j + 1) * nb],
+        };
+        let xs = std::array::from_fn(|i| simd::XRow {
+            qs: q.row_qs(r + i),
+            d: q.row_d(r + i),
+            s: q.row_s(r + i),
         });
+        simd::dot(mm.isa, &w, &xs)
     }
 }
 
@@ -312,27 +332,53 @@ pub(crate) fn input_rows(
     Ok((xs.to_vec(), m, outer.to_vec()))
 }
 
+/// Activation rows the multi-row kernels take in one call (see [`RowsDot`]).
+const ROW_TILE: usize = 4;
+
+/// The dot products of one matmul: weight row `j` with `R` consecutive
+/// activation rows `r..r + R`, one weight-row unpacking shared by all of them.
+///
+/// Batch invariance: element `i` of the result must be bit for bit what
+/// `dot::<1>(j, r + i)` gives, so a row's output does not depend on the rows
+/// it is computed with (each row does the same f32 operations in the same
+/// order whatever `R` is).
+trait RowsDot: Sync {
+    /// `[dot(j, r), dot(j, r + 1), .., dot(j, r + R - 1)]`.
+    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R];
+}
+
+/// A one-row dot product `f(j, r)` is a [`RowsDot`] that takes its rows one by one.
+impl<F: Fn(usize, usize) -> f32 + Sync> RowsDot for F {
+    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R] {
+        std::array::from_fn(|i| self(j, r + i))
+    }
+}
+
 /// `out[r * n + j] = dot(j, r)` for every weight row `j < n` and activation
 /// row `r < m`, weight rows spread over candle's worker pool (each weight row is
-/// read once while it is hot, for all activation rows).
-fn par_rows<F: Fn(usize, usize) -> f32 + Sync>(
-    n: usize,
-    k: usize,
-    m: usize,
-    out: &mut [f32],
-    dot: F,
-) {
+/// read once while it is hot, for all activation rows): activation rows in
+/// tiles of [`ROW_TILE`], the last `m % ROW_TILE` one at a time.
+fn par_rows<D: RowsDot>(n: usize, k: usize, m: usize, out: &mut [f32], dot: D) {
     assert_eq!(out.len(), m * n, "output length");
     let dst = SharedOut(out.as_mut_ptr());
+    let tiled = m / ROW_TILE * ROW_TILE;
     pool::par_ranges(n, n * m * k, |rows: std::ops::Range<usize>| {
         let dst = &dst;
+        let write = |j: usize, r: usize, vs: &[f32]| {
+            for (i, &v) in vs.iter().enumerate() {
+                // SAFETY: `(r + i) * n + j < m * n == out.len()` (rows below `m`
+                // only), and each weight row `j` belongs to exactly one range
+                // handed out by the pool, so no two workers write the same
+                // element; `out` outlives the pool call.
+                unsafe { dst.0.add((r + i) * n + j).write(v) };
+            }
+        };
         for j in rows {
-            for r in 0..m {
-                let v = dot(j, r);
-                // SAFETY: `r * n + j < m * n == out.len()`, and each weight row `j`
-                // belongs to exactly one range handed out by the pool, so no two
-                // workers write the same element; `out` outlives the pool call.
-                unsafe { dst.0.add(r * n + j).write(v) };
+            for r in (0..tiled).step_by(ROW_TILE) {
+                write(j, r, &dot.dot::<ROW_TILE>(j, r));
+            }
+            for r in tiled..m {
+                write(j, r, &dot.dot::<1>(j, r));
             }
         }
     });

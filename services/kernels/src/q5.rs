@@ -10,7 +10,10 @@ a multiple of 256 long (`Q4_K_M` takes Q5_0, `Q5_K_M` Q5_1): the demo
 model's 576-column matrices, Gemma 3 270M's 640-column ones.
 
 At load the blocks' fields are split into nibbles, fifth bits and scales
-(every bit kept). The AVX2 kernel serves [`Isa::Avx2`] and [`Isa::Avx512`].
+(every bit kept). The AVX2 kernel serves [`Isa::Avx2`] and [`Isa::Avx512`],
+for up to four activation rows at once: the weights' 5-bit quants are
+rebuilt once for all of them, each row's f32 operations are those it does
+alone.
 */
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -18,7 +21,7 @@ use candle_core::{Device, Tensor};
 use half::f16;
 
 use crate::q8::half_offsets;
-use crate::{par_rows, quantize_input, Isa, Q8Rows, QK};
+use crate::{par_rows, quantize_input, Isa, Q8Rows, RowsDot, QK};
 
 /// Bytes of one GGUF Q5_0 block.
 pub const Q5_0_BLOCK_BYTES: usize = 22;
@@ -175,23 +178,34 @@ impl Q5MatMul {
     /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
     pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
-        let nb = self.k / QK;
-        let isa = self.isa;
-        par_rows(self.n, self.k, q.rows(), out, |j, r| {
-            let w = WRow {
-                qs: &self.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
-                qh: &self.qh[j * nb..(j + 1) * nb],
-                d: &self.d[j * nb..(j + 1) * nb],
-                m: self.m.get(j * nb..(j + 1) * nb),
-            };
-            let x = XRow {
-                qs: q.row_qs(r),
-                d: q.row_d(r),
-                s: q.row_s(r),
-                isum: q.row_isum(r),
-            };
-            dot(isa, &w, &x)
+        par_rows(self.n, self.k, q.rows(), out, Q5Rows { mm: self, q });
+    }
+}
+
+/// The Q5_0/Q5_1 dot products of one [`Q5MatMul::matmul_q8`] call.
+struct Q5Rows<'a> {
+    mm: &'a Q5MatMul,
+    q: &'a Q8Rows,
+}
+
+impl RowsDot for Q5Rows<'_> {
+    #[inline]
+    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R] {
+        let (mm, q) = (self.mm, self.q);
+        let nb = mm.k / QK;
+        let w = WRow {
+            qs: &mm.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
+            qh: &mm.qh[j * nb..(j + 1) * nb],
+            d: &mm.d[j * nb..(j + 1) * nb],
+            m: mm.m.get(j * nb..(j + 1) * nb),
+        };
+        let xs = std::array::from_fn(|i| XRow {
+            qs: q.row_qs(r + i),
+            d: q.row_d(r + i),
+            s: q.row_s(r + i),
+            isum: q.row_isum(r + i),
         });
+        dot(mm.isa, &w, &xs)
     }
 }
 
@@ -203,6 +217,7 @@ struct WRow<'a> {
     m: Option<&'a [u16]>,
 }
 
+/// One activation row: quants (grouped layout), `d`, `s` and exact `sum(q)` per block.
 struct XRow<'a> {
     qs: &'a [i8],
     d: &'a [f32],
@@ -210,18 +225,21 @@ struct XRow<'a> {
     isum: &'a [i32],
 }
 
+/// The dot products of `w` with each row of `xs`; element `i` is bit for
+/// bit what `xs[i]` alone gives.
+///
 /// # Panics
 /// If the rows hold different block counts, or `isa` is not available.
-fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
     let nb = w.d.len();
     assert!(
         w.qh.len() == nb
             && w.m.is_none_or(|m| m.len() == nb)
-            && x.s.len() == nb
             && w.qs.len() == nb * QK / 2
-            && x.d.len() == nb
-            && x.isum.len() == nb
-            && x.qs.len() == nb * QK,
+            && xs.iter().all(|x| x.s.len() == nb
+                && x.d.len() == nb
+                && x.isum.len() == nb
+                && x.qs.len() == nb * QK),
         "block counts"
     );
     match isa {
@@ -230,9 +248,9 @@ fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
             assert!(Isa::Avx2.available(), "AVX2 kernel on a CPU without AVX2");
             // SAFETY: avx2, fma, f16c available (checked above); every slice holds
             // `nb` blocks (asserted above).
-            unsafe { x86::dot(w, x) }
+            unsafe { x86::dot(w, xs) }
         }
-        _ => dot_scalar(w, x),
+        _ => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
     }
 }
 
@@ -299,11 +317,13 @@ mod x86 {
     /// halves, high against the second; the fifth bits or-ed in as 16,
     /// `maddubs` (at most 2 * 31 * 127 per pair, halves summed 15748),
     /// `madd` to i32, then (Q5_0) `16 * sum(q_x)` taken off each block
-    /// exactly or (Q5_1) `m_w * s_x` added per block.
+    /// exactly or (Q5_1) `m_w * s_x` added per block. The weights' quants are
+    /// rebuilt once per step for all `R` rows; each row has its own
+    /// accumulators and does the same f32 operations as alone.
     ///
     /// Safety: avx2, fma, f16c available; every slice holds `w.d.len()` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    pub(super) unsafe fn dot<const R: usize>(w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         let nb = w.d.len();
         let full4 = nb / 4 * 4;
         let pairs_end = if nb - full4 >= 2 { full4 + 2 } else { full4 };
@@ -311,9 +331,9 @@ mod x86 {
         let ones = _mm256_set1_epi16(1);
         let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
         let offset = if w.m.is_some() { 0 } else { 16 };
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        let (wq, xq) = (w.qs.as_ptr(), x.qs.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        let wq = w.qs.as_ptr();
         let mut b = 0;
         while b < pairs_end {
             let (lo, hi) = if b < full4 {
@@ -322,43 +342,52 @@ mod x86 {
             } else {
                 (full4 * 32, full4 * 32 + 32)
             };
-            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16, and the pair's
-            // halves (32 bytes each) at `lo`, `hi` < nb * 32; unaligned loads.
-            let (nib, ylo, yhi) = unsafe {
-                (
-                    _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(lo) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(hi) as *const __m256i),
-                )
-            };
+            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16; unaligned load.
+            let nib = unsafe { _mm256_loadu_si256(wq.add(b * (QK / 2)) as *const __m256i) };
             let (h0, h1) = (w.qh[b], w.qh[b + 1]);
             let bl = fifth_bits((h0 & 0xFFFF) | (h1 << 16));
             let bh = fifth_bits((h0 >> 16) | (h1 & 0xFFFF_0000));
             let ql = _mm256_or_si256(_mm256_and_si256(nib, m4), bl);
             let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), m4), bh);
-            let p16 =
-                _mm256_add_epi16(_mm256_maddubs_epi16(ql, ylo), _mm256_maddubs_epi16(qh, yhi));
-            let p = _mm256_madd_epi16(p16, ones);
-            let corr =
-                _mm256_setr_epi32(offset * x.isum[b], 0, 0, 0, offset * x.isum[b + 1], 0, 0, 0);
-            mins += min_term(w, x, b) + min_term(w, x, b + 1);
-            let d0 = half::f16::from_bits(w.d[b]).to_f32() * x.d[b];
-            let d1 = half::f16::from_bits(w.d[b + 1]).to_f32() * x.d[b + 1];
-            let sc = _mm256_permutevar8x32_ps(
-                _mm256_castps128_ps256(_mm_setr_ps(d0, d1, 0.0, 0.0)),
-                spread,
+            let (dw0, dw1) = (
+                half::f16::from_bits(w.d[b]).to_f32(),
+                half::f16::from_bits(w.d[b + 1]).to_f32(),
             );
-            acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(p, corr)), acc);
+            for ((x, acc), mins) in xs.iter().zip(acc.iter_mut()).zip(mins.iter_mut()) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: the pair's halves (32 bytes each) at `lo`, `hi` < nb * 32;
+                // unaligned loads.
+                let (ylo, yhi) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.add(lo) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(hi) as *const __m256i),
+                    )
+                };
+                let p16 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(ql, ylo), _mm256_maddubs_epi16(qh, yhi));
+                let p = _mm256_madd_epi16(p16, ones);
+                let corr =
+                    _mm256_setr_epi32(offset * x.isum[b], 0, 0, 0, offset * x.isum[b + 1], 0, 0, 0);
+                *mins += min_term(w, x, b) + min_term(w, x, b + 1);
+                let sc = _mm256_permutevar8x32_ps(
+                    _mm256_castps128_ps256(_mm_setr_ps(dw0 * x.d[b], dw1 * x.d[b + 1], 0.0, 0.0)),
+                    spread,
+                );
+                *acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(p, corr)), *acc);
+            }
             b += 2;
         }
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        let mut sum = _mm_cvtss_f32(s) + mins;
-        if b < nb {
-            let d = half::f16::from_bits(w.d[b]).to_f32() * x.d[b];
-            sum += block_sumi(w, x, nb, b) as f32 * d + min_term(w, x, b);
-        }
-        sum
+        std::array::from_fn(|i| {
+            let (acc, x) = (acc[i], &xs[i]);
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            let mut sum = _mm_cvtss_f32(s) + mins[i];
+            if b < nb {
+                let d = half::f16::from_bits(w.d[b]).to_f32() * x.d[b];
+                sum += block_sumi(w, x, nb, b) as f32 * d + min_term(w, x, b);
+            }
+            sum
+        })
     }
 }

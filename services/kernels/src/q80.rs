@@ -10,6 +10,10 @@ At load the weight bytes are put in the activations' grouped layout (see
 sign bit), so AVX-512 VNNI's unsigned-by-signed `vpdpbusd` applies; the
 offset is taken back exactly with `128 * sum(q_x)` per block. The values are
 not requantized: every weight is recovered bit for bit by `u - 128`.
+
+The AVX2 kernel takes up to four activation rows at once (the weights' bytes,
+`|w|` and scales taken once for all, each row's f32 operations those it does
+alone); the AVX-512 one takes one row at a time.
 */
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -17,7 +21,7 @@ use candle_core::{Device, Tensor};
 use half::f16;
 
 use crate::q8::half_offsets;
-use crate::{par_rows, quantize_input, Isa, Q8Rows, QK};
+use crate::{par_rows, quantize_input, Isa, Q8Rows, RowsDot, QK};
 
 /// Bytes of one GGUF Q8_0 block: `d` (f16) and 32 signed bytes.
 pub const Q8_0_BLOCK_BYTES: usize = 34;
@@ -122,19 +126,31 @@ impl Q80MatMul {
     /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
     pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
-        let (k, nb, isa) = (self.k, self.k / QK, self.isa);
-        par_rows(self.n, k, q.rows(), out, |j, r| {
-            let w = WRow {
-                u: &self.u[j * k..(j + 1) * k],
-                d: &self.d[j * nb..(j + 1) * nb],
-            };
-            let x = XRow {
-                qs: q.row_qs(r),
-                d: q.row_d(r),
-                isum: q.row_isum(r),
-            };
-            dot(isa, &w, &x)
+        par_rows(self.n, self.k, q.rows(), out, Q80Rows { mm: self, q });
+    }
+}
+
+/// The Q8_0 dot products of one [`Q80MatMul::matmul_q8`] call.
+struct Q80Rows<'a> {
+    mm: &'a Q80MatMul,
+    q: &'a Q8Rows,
+}
+
+impl RowsDot for Q80Rows<'_> {
+    #[inline]
+    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R] {
+        let (mm, q) = (self.mm, self.q);
+        let (k, nb) = (mm.k, mm.k / QK);
+        let w = WRow {
+            u: &mm.u[j * k..(j + 1) * k],
+            d: &mm.d[j * nb..(j + 1) * nb],
+        };
+        let xs = std::array::from_fn(|i| XRow {
+            qs: q.row_qs(r + i),
+            d: q.row_d(r + i),
+            isum: q.row_isum(r + i),
         });
+        dot(mm.isa, &w, &xs)
     }
 }
 
@@ -151,18 +167,22 @@ struct XRow<'a> {
     isum: &'a [i32],
 }
 
-/// The dot product with the kernel for `isa`.
+/// The dot products of `w` with each row of `xs`, with the kernels for
+/// `isa`; element `i` is bit for bit what `xs[i]` alone gives.
 ///
 /// # Panics
 /// If the rows do not hold the same number of blocks, or `isa` is not available.
-fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
     let nb = w.d.len();
     assert!(
-        w.u.len() == nb * QK && x.qs.len() == nb * QK && x.d.len() == nb && x.isum.len() == nb,
+        w.u.len() == nb * QK
+            && xs
+                .iter()
+                .all(|x| x.qs.len() == nb * QK && x.d.len() == nb && x.isum.len() == nb),
         "block counts"
     );
     match isa {
-        Isa::Scalar => dot_scalar(w, x),
+        Isa::Scalar => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             assert!(
@@ -171,7 +191,7 @@ fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
             );
             // SAFETY: the CPU supports avx2, fma, f16c (checked above) and every
             // slice holds `nb` blocks (asserted above).
-            unsafe { x86::dot_avx2(w, x) }
+            unsafe { x86::dot_avx2(w, xs) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
@@ -181,10 +201,10 @@ fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
             );
             // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma, f16c (checked
             // above) and every slice holds `nb` blocks (asserted above).
-            unsafe { x86::dot_avx512(w, x) }
+            std::array::from_fn(|i| unsafe { x86::dot_avx512(w, &xs[i]) })
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => dot_scalar(w, x),
+        _ => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
     }
 }
 
@@ -232,21 +252,27 @@ mod x86 {
         block_sumi(w, x, nb, b) as f32 * (d * x.d[b])
     }
 
-    /// `d_w * d_x` of blocks `b`, `b + 1` spread over lanes 0..4 and 4..8.
+    /// The `d` of weight blocks `b`, `b + 1` in lanes 0, 1 (f32).
     ///
     /// Safety: `b + 1 < nb`.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales2(w: &WRow<'_>, x: &XRow<'_>, b: usize) -> __m256 {
-        // SAFETY: blocks b, b + 1 exist (caller): 2 f16s in `w.d`, 2 f32s in `x.d`.
-        let (dw, dx) = unsafe {
-            (
-                _mm_cvtph_ps(_mm_cvtsi32_si128(
-                    (w.d.as_ptr().add(b) as *const i32).read_unaligned(),
-                )),
-                _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b) as *const f64)),
-            )
-        };
+    unsafe fn wscales2(w: &WRow<'_>, b: usize) -> __m128 {
+        // SAFETY: blocks b, b + 1 exist (caller): 2 f16s in `w.d`.
+        _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe {
+            (w.d.as_ptr().add(b) as *const i32).read_unaligned()
+        }))
+    }
+
+    /// `d_w * d_x` of blocks `b`, `b + 1` spread over lanes 0..4 and 4..8,
+    /// from the weights' `d` of [`wscales2`].
+    ///
+    /// Safety: `b + 1 < nb`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales2(dw: __m128, x: &XRow<'_>, b: usize) -> __m256 {
+        // SAFETY: blocks b, b + 1 exist (caller): 2 f32s in `x.d`.
+        let dx = unsafe { _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b) as *const f64)) };
         _mm256_permutevar8x32_ps(
             _mm256_castps128_ps256(_mm_mul_ps(dw, dx)),
             _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
@@ -256,17 +282,20 @@ mod x86 {
     /// AVX2: two blocks per step, ggml's sign trick: `|w|` (unsigned) times
     /// `sign(w) * x` with `maddubs` (pairs at most 2 * 128 * 127 = 32512, no
     /// saturation), widened to i32 with `madd` before the halves are added.
+    /// The weights' bytes, `|w|` and scales are taken once per step for all
+    /// `R` rows; each row has its own accumulator and does the same f32
+    /// operations as alone.
     ///
     /// Safety: avx2, fma, f16c available; every slice holds `w.d.len()` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx2(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    pub(super) unsafe fn dot_avx2<const R: usize>(w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         let nb = w.d.len();
         let full4 = nb / 4 * 4;
         let pairs_end = if nb - full4 >= 2 { full4 + 2 } else { full4 };
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let (wu, xq) = (w.u.as_ptr(), x.qs.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); R];
+        let wu = w.u.as_ptr();
         let mut b = 0;
         while b < pairs_end {
             let (lo, hi) = if b < full4 {
@@ -275,30 +304,45 @@ mod x86 {
             } else {
                 (full4 * 32, full4 * 32 + 32)
             };
-            // SAFETY: the pair's halves are 32 bytes at `lo` and `hi` (< nb * 32) in
-            // both rows, which share the grouped layout; unaligned loads.
-            let (ulo, uhi, ylo, yhi) = unsafe {
+            // SAFETY: the pair's halves are 32 bytes at `lo` and `hi` (< nb * 32);
+            // unaligned loads.
+            let (ulo, uhi) = unsafe {
                 (
                     _mm256_loadu_si256(wu.add(lo) as *const __m256i),
                     _mm256_loadu_si256(wu.add(hi) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(lo) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(hi) as *const __m256i),
                 )
             };
             let (wlo, whi) = (_mm256_xor_si256(ulo, flip), _mm256_xor_si256(uhi, flip));
-            let plo = _mm256_maddubs_epi16(_mm256_abs_epi8(wlo), _mm256_sign_epi8(ylo, wlo));
-            let phi = _mm256_maddubs_epi16(_mm256_abs_epi8(whi), _mm256_sign_epi8(yhi, whi));
-            let p = _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
+            let (alo, ahi) = (_mm256_abs_epi8(wlo), _mm256_abs_epi8(whi));
             // SAFETY: b + 1 < nb.
-            let sc = unsafe { scales2(w, x, b) };
-            acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc);
+            let dw = unsafe { wscales2(w, b) };
+            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: the activations share the grouped layout: 32 bytes at
+                // `lo` and `hi` (< nb * 32); unaligned loads.
+                let (ylo, yhi) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.add(lo) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(hi) as *const __m256i),
+                    )
+                };
+                let plo = _mm256_maddubs_epi16(alo, _mm256_sign_epi8(ylo, wlo));
+                let phi = _mm256_maddubs_epi16(ahi, _mm256_sign_epi8(yhi, whi));
+                let p =
+                    _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
+                // SAFETY: b + 1 < nb.
+                let sc = unsafe { scales2(dw, x, b) };
+                *acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), *acc);
+            }
             b += 2;
         }
-        let mut sum = hsum256(acc);
-        if b < nb {
-            sum += single(w, x, nb, b);
-        }
-        sum
+        std::array::from_fn(|i| {
+            let mut sum = hsum256(acc[i]);
+            if b < nb {
+                sum += single(w, &xs[i], nb, b);
+            }
+            sum
+        })
     }
 
     /// AVX-512 VNNI: four blocks per step, `vpdpbusd` on `u = w + 128` and the
@@ -363,7 +407,7 @@ mod x86 {
             );
             let p = _mm256_sub_epi32(p, corr);
             // SAFETY: b + 1 < nb.
-            let sc = unsafe { scales2(w, x, b) };
+            let sc = unsafe { scales2(wscales2(w, b), x, b) };
             sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
             b += 2;
         }

@@ -1,11 +1,16 @@
 /*!
-Dot product of one Q4_1 weight row with one Q8_1 activation row, per [`Isa`].
+Dot products of one Q4_1 weight row with one or more Q8_1 activation rows,
+per [`Isa`].
 
 Per block: `d_w * d_x * sumi + m_w * s_x`, where `sumi` is the exact integer
 sum of the 32 products of weight nibbles (0..=15; low nibbles are the values
 0..16 of the block, high nibbles the values 16..32) with signed activation
 bytes. The activations are in the grouped layout of [`crate::q8`]: groups of
 4 blocks, then one of 2, then a single block.
+
+The AVX2 kernel takes up to four activation rows at once, the weight
+nibbles and scales unpacked once for all; the AVX-512 one takes one row at
+a time.
 */
 
 use half::f16;
@@ -27,24 +32,25 @@ pub(crate) struct XRow<'a> {
     pub s: &'a [f32],
 }
 
-/// The dot product with the kernel for `isa`.
+/// The dot products of `w` with each row of `xs`, with the kernels for `isa`;
+/// element `i` is bit for bit what `xs[i]` alone (`R = 1`) gives.
 ///
 /// # Panics
 /// If the rows do not hold the same number of blocks, or `isa` is not
 /// available on this CPU (callers check with [`Isa::available`]).
 #[inline]
-pub(crate) fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+pub(crate) fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
     let nb = w.d.len();
     assert!(
         w.m.len() == nb
             && w.qs.len() == nb * QK / 2
-            && x.d.len() == nb
-            && x.s.len() == nb
-            && x.qs.len() == nb * QK,
+            && xs
+                .iter()
+                .all(|x| x.d.len() == nb && x.s.len() == nb && x.qs.len() == nb * QK),
         "block counts"
     );
     match isa {
-        Isa::Scalar => dot_scalar(w, x),
+        Isa::Scalar => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             assert!(
@@ -53,7 +59,7 @@ pub(crate) fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
             );
             // SAFETY: the CPU supports avx2, fma and f16c (checked above, cached by std),
             // and every slice holds `nb` blocks (asserted above).
-            unsafe { x86::dot_avx2(w, x) }
+            unsafe { x86::dot_avx2(w, xs) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
@@ -63,10 +69,10 @@ pub(crate) fn dot(isa: Isa, w: &WRow<'_>, x: &XRow<'_>) -> f32 {
             );
             // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma and f16c (checked
             // above), and every slice holds `nb` blocks (asserted above).
-            unsafe { x86::dot_avx512(w, x) }
+            std::array::from_fn(|i| unsafe { x86::dot_avx512(w, &xs[i]) })
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => dot_scalar(w, x),
+        _ => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
     }
 }
 
@@ -119,16 +125,15 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// `d_w * d_x` for blocks `b`, `b + 1` in lanes 0..4 and 4..8, and the
-    /// `m_w * s_x` of both added into `accm`.
+    /// The `d` and `m` of weight blocks `b`, `b + 1` in lanes 0, 1 (f32).
     ///
-    /// Safety: `b + 1 < nb` for the rows' `nb`.
+    /// Safety: `b + 1 < nb` for the row's `nb`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scales2(w: &WRow<'_>, x: &XRow<'_>, b: usize, accm: &mut __m128) -> __m256 {
-        // SAFETY: blocks b, b + 1 exist (caller): 4 bytes of f16s in `w.d`, `w.m`
-        // and 8 bytes of f32s in `x.d`, `x.s`; unaligned loads.
-        let (dw, mw, dx, sx) = unsafe {
+    unsafe fn wscales2(w: &WRow<'_>, b: usize) -> (__m128, __m128) {
+        // SAFETY: blocks b, b + 1 exist (caller): 4 bytes of f16s in `w.d`, `w.m`;
+        // unaligned loads.
+        unsafe {
             (
                 _mm_cvtph_ps(_mm_cvtsi32_si128(
                     (w.d.as_ptr().add(b) as *const i32).read_unaligned(),
@@ -136,6 +141,27 @@ mod x86 {
                 _mm_cvtph_ps(_mm_cvtsi32_si128(
                     (w.m.as_ptr().add(b) as *const i32).read_unaligned(),
                 )),
+            )
+        }
+    }
+
+    /// `d_w * d_x` for blocks `b`, `b + 1` in lanes 0..4 and 4..8, and the
+    /// `m_w * s_x` of both added into `accm`, from the weights' `(d, m)` of
+    /// [`wscales2`].
+    ///
+    /// Safety: `b + 1 < nb` for the row's `nb`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales2(
+        (dw, mw): (__m128, __m128),
+        x: &XRow<'_>,
+        b: usize,
+        accm: &mut __m128,
+    ) -> __m256 {
+        // SAFETY: blocks b, b + 1 exist (caller): 8 bytes of f32s in `x.d`, `x.s`;
+        // unaligned loads.
+        let (dx, sx) = unsafe {
+            (
                 _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b) as *const f64)),
                 _mm_castpd_ps(_mm_load_sd(x.s.as_ptr().add(b) as *const f64)),
             )
@@ -151,20 +177,21 @@ mod x86 {
     /// AVX2: two blocks per step. `maddubs` multiplies u8 nibbles by i8
     /// quants into i16 pairs (at most 2 * 15 * 128 = 3840), the low- and
     /// high-nibble halves are added (at most 7680, no overflow), and `madd`
-    /// with ones widens to i32 lanes, four per block.
+    /// with ones widens to i32 lanes, four per block. The weights' nibbles
+    /// and scales are unpacked once per step for all `R` rows; each row has
+    /// its own accumulators and does the same f32 operations as alone.
     ///
     /// Safety: avx2, fma, f16c available; every slice holds `w.d.len()` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx2(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    pub(super) unsafe fn dot_avx2<const R: usize>(w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         let nb = w.d.len();
         let full4 = nb / 4 * 4;
         let pairs_end = if nb - full4 >= 2 { full4 + 2 } else { full4 };
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut accm = _mm_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut accm = [_mm_setzero_ps(); R];
         let wq = w.qs.as_ptr();
-        let xq = x.qs.as_ptr();
         let mut b = 0;
         while b < pairs_end {
             // Offsets of the pair's first and second halves in the grouped layout.
@@ -174,32 +201,41 @@ mod x86 {
             } else {
                 (full4 * 32, full4 * 32 + 32)
             };
-            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16 in `w.qs`, and
-            // 32 quant bytes at each of `lo`, `hi` (< nb * 32) in `x.qs`; unaligned loads.
-            let (nib, ylo, yhi) = unsafe {
-                (
-                    _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(lo) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(hi) as *const __m256i),
-                )
-            };
+            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16 in `w.qs`;
+            // unaligned load.
+            let nib = unsafe { _mm256_loadu_si256(wq.add(b * (QK / 2)) as *const __m256i) };
             let xlo = _mm256_and_si256(nib, mask);
             let xhi = _mm256_and_si256(_mm256_srli_epi16(nib, 4), mask);
-            let p16 = _mm256_add_epi16(
-                _mm256_maddubs_epi16(xlo, ylo),
-                _mm256_maddubs_epi16(xhi, yhi),
-            );
-            let p = _mm256_madd_epi16(p16, ones);
             // SAFETY: b + 1 < nb.
-            let sc = unsafe { scales2(w, x, b, &mut accm) };
-            acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc);
+            let ws = unsafe { wscales2(w, b) };
+            for (x, (acc, accm)) in xs.iter().zip(acc.iter_mut().zip(accm.iter_mut())) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: 32 quant bytes at each of `lo`, `hi` (< nb * 32) in `x.qs`;
+                // unaligned loads.
+                let (ylo, yhi) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.add(lo) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(hi) as *const __m256i),
+                    )
+                };
+                let p16 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(xlo, ylo),
+                    _mm256_maddubs_epi16(xhi, yhi),
+                );
+                let p = _mm256_madd_epi16(p16, ones);
+                // SAFETY: b + 1 < nb.
+                let sc = unsafe { scales2(ws, x, b, accm) };
+                *acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), *acc);
+            }
             b += 2;
         }
-        let mut sum = hsum256(acc) + hsum128(accm);
-        if b < nb {
-            sum += single(w, x, nb, b);
-        }
-        sum
+        std::array::from_fn(|i| {
+            let mut sum = hsum256(acc[i]) + hsum128(accm[i]);
+            if b < nb {
+                sum += single(w, &xs[i], nb, b);
+            }
+            sum
+        })
     }
 
     /// The last, unpaired block (scalar: at most one per row).
@@ -270,7 +306,7 @@ mod x86 {
             let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xlo, ylo);
             let p = _mm256_dpbusd_epi32(p, xhi, yhi);
             // SAFETY: b + 1 < nb.
-            let sc = unsafe { scales2(w, x, b, &mut accm) };
+            let sc = unsafe { scales2(wscales2(w, b), x, b, &mut accm) };
             sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
             b += 2;
         }
