@@ -44,7 +44,7 @@ pub use front::Front;
 pub use grammar::Constraint;
 pub use logits::{LogitShaping, TokenLogprob};
 pub use model::{Chunk, KvCache, Stage};
-pub use perplexity::Perplexity;
+pub use perplexity::{Agreement, Perplexity, Reference};
 pub use sampling::Sampler;
 pub use scheduler::{
     bytes_per_position, EventSink, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
