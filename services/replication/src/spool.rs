@@ -424,7 +424,10 @@ mod tests {
     }
 
     fn len(spool: &Spool, meta: &ItemMeta, file: usize) -> u64 {
-        let path = spool.partial_dir(&meta.key()).join(FILES).join(&meta.files[file].name);
+        let path = spool
+            .partial_dir(&meta.key())
+            .join(FILES)
+            .join(&meta.files[file].name);
         fs::metadata(path).map(|m| m.len()).unwrap_or(0)
     }
 
