@@ -98,6 +98,8 @@ struct Transfer {
     requested: u64,
     in_flight: usize,
     progress: Instant,
+    /// When this transfer (or its resumption) began.
+    started: Instant,
 }
 
 /// What the node knows about one item it holds, per peer.
@@ -477,6 +479,7 @@ impl Engine {
             requested: received,
             in_flight: 0,
             progress: Instant::now(),
+            started: Instant::now(),
         };
         self.transfers.insert(key.clone(), transfer);
         self.request(&key).await;
@@ -657,6 +660,14 @@ impl Engine {
             return;
         }
         let transfer = self.transfers.remove(&key).expect("transfer exists");
+        let seconds = transfer.started.elapsed().as_secs_f64();
+        tracing::info!(
+            item = %transfer.meta.id(),
+            bytes = transfer.meta.total(),
+            seconds,
+            mib_per_s = transfer.meta.total() as f64 / (1u64 << 20) as f64 / seconds.max(1e-9),
+            "received in full: importing"
+        );
         match self.spool.finish(&transfer.meta) {
             Ok(files) => self.start_import(transfer.meta, transfer.source, files),
             Err(e) => tracing::warn!(error = %describe(&e), "cannot complete transfer"),
