@@ -1,7 +1,7 @@
 //! The quantized matmul kernels alone (activations quantized beforehand) at
 //! 1, 8 and 32 activation rows (decode, a small batch, a prompt chunk), for
-//! every weight format on a demo-model-sized matrix, with the best
-//! instruction set of this CPU.
+//! every weight format on a demo-model-sized matrix, with each SIMD
+//! instruction set this CPU has (AVX2, AVX-512), to compare them.
 //!
 //! `CANDLE_NUM_THREADS=1 cargo bench -p sovereign-kernels --bench rows [-- TYPE..]`
 //! (types as printed, e.g. `Q4_1 Q4K`: only those; default all).
@@ -35,8 +35,9 @@ fn time<F: FnMut()>(mut f: F) -> Duration {
 /// A function timing one matmul of `rows` activation rows.
 type Timer = Box<dyn Fn(usize) -> Duration>;
 
-/// The timer for weights `w` (random, quantized by candle to its format).
-fn timer(w: &QTensor) -> Option<Timer> {
+/// The timer for weights `w` (random, quantized by candle to its format)
+/// with the kernels of `isa`.
+fn timer(w: &QTensor, isa: Isa) -> Option<Timer> {
     let (n, k) = w.shape().dims2().ok()?;
     let x = move |rows: usize| -> Vec<f32> {
         let t = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).expect("randn");
@@ -44,7 +45,7 @@ fn timer(w: &QTensor) -> Option<Timer> {
     };
     Some(match w.dtype() {
         GgmlDType::Q4_1 => {
-            let mm = Q41MatMul::from_qtensor(w)?;
+            let mm = Q41MatMul::from_qtensor(w)?.with_isa(isa)?;
             Box::new(move |rows| {
                 let q = Q8Rows::quantize(&x(rows), rows, k);
                 let mut out = vec![0f32; rows * n];
@@ -52,7 +53,7 @@ fn timer(w: &QTensor) -> Option<Timer> {
             })
         }
         GgmlDType::Q8_0 => {
-            let mm = Q80MatMul::from_qtensor(w)?;
+            let mm = Q80MatMul::from_qtensor(w)?.with_isa(isa)?;
             Box::new(move |rows| {
                 let q = Q8Rows::quantize(&x(rows), rows, k);
                 let mut out = vec![0f32; rows * n];
@@ -60,7 +61,7 @@ fn timer(w: &QTensor) -> Option<Timer> {
             })
         }
         GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-            let mm = Q5MatMul::from_qtensor(w)?;
+            let mm = Q5MatMul::from_qtensor(w)?.with_isa(isa)?;
             Box::new(move |rows| {
                 let q = Q8Rows::quantize(&x(rows), rows, k);
                 let mut out = vec![0f32; rows * n];
@@ -68,7 +69,7 @@ fn timer(w: &QTensor) -> Option<Timer> {
             })
         }
         _ => {
-            let mm = KQuantMatMul::from_qtensor(w)?;
+            let mm = KQuantMatMul::from_qtensor(w)?.with_isa(isa)?;
             Box::new(move |rows| {
                 let q = Q8KRows::quantize(&x(rows), rows, k);
                 let mut out = vec![0f32; rows * n];
@@ -89,8 +90,8 @@ fn main() -> candle_core::Result<()> {
         Isa::detect()
     );
     println!(
-        "{:<6} {:<10} {:>18} {:>18} {:>18}",
-        "type", "n x k", "rows 1", "rows 8", "rows 32"
+        "{:<6} {:<10} {:<6} {:>18} {:>18} {:>18}",
+        "type", "n x k", "ISA", "rows 1", "rows 8", "rows 32"
     );
     for (dtype, n, k) in [
         (GgmlDType::Q4_1, 1536, 576),
@@ -106,22 +107,28 @@ fn main() -> candle_core::Result<()> {
         }
         let w = Tensor::randn(0f32, 0.1, (n, k), &Device::Cpu)?;
         let w = QTensor::quantize(&w, dtype)?;
-        let Some(t) = timer(&w) else {
-            candle_core::bail!("no kernel for {dtype:?}");
-        };
-        let cells: Vec<String> = [1, 8, 32]
-            .into_iter()
-            .map(|rows| {
-                let us = t(rows).as_secs_f64() * 1e6;
-                format!("{us:>8.1}us ({:>5.1})", us / rows as f64)
-            })
-            .collect();
-        println!(
-            "{:<6} {:<10} {}",
-            format!("{dtype:?}"),
-            format!("{n}x{k}"),
-            cells.join(" ")
-        );
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            if !isa.available() {
+                continue;
+            }
+            let Some(t) = timer(&w, isa) else {
+                candle_core::bail!("no kernel for {dtype:?}");
+            };
+            let cells: Vec<String> = [1, 8, 32]
+                .into_iter()
+                .map(|rows| {
+                    let us = t(rows).as_secs_f64() * 1e6;
+                    format!("{us:>8.1}us ({:>5.1})", us / rows as f64)
+                })
+                .collect();
+            println!(
+                "{:<6} {:<10} {:<6} {}",
+                format!("{dtype:?}"),
+                format!("{n}x{k}"),
+                format!("{isa:?}"),
+                cells.join(" ")
+            );
+        }
     }
     Ok(())
 }

@@ -21,8 +21,8 @@ threads, sized by `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`) before the
 first op runs. `SOVEREIGN_KERNELS_POOL=rayon` uses the current rayon pool
 instead (see `use_rayon`).
 
-With several activation rows (a prompt, a batch of sequences), the AVX2
-kernels take them four at a time: a weight row's blocks are loaded and
+With several activation rows (a prompt, a batch of sequences), the SIMD
+kernels (AVX2 and AVX-512) take them four at a time: a weight row's blocks are loaded and
 unpacked (nibbles, scales) once for the four, and each row keeps its own
 accumulators. Every row does exactly the f32 operations, in the same order,
 that it does alone, so a row's output is bit for bit the same whatever the

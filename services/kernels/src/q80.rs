@@ -11,9 +11,9 @@ sign bit), so AVX-512 VNNI's unsigned-by-signed `vpdpbusd` applies; the
 offset is taken back exactly with `128 * sum(q_x)` per block. The values are
 not requantized: every weight is recovered bit for bit by `u - 128`.
 
-The AVX2 kernel takes up to four activation rows at once (the weights' bytes,
-`|w|` and scales taken once for all, each row's f32 operations those it does
-alone); the AVX-512 one takes one row at a time.
+The AVX2 and AVX-512 kernels take up to four activation rows at once (the
+weights' bytes, `|w|` and scales taken once for all, each row's f32
+operations those it does alone).
 */
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -201,7 +201,7 @@ fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
             );
             // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma, f16c (checked
             // above) and every slice holds `nb` blocks (asserted above).
-            std::array::from_fn(|i| unsafe { x86::dot_avx512(w, &xs[i]) })
+            unsafe { x86::dot_avx512(w, xs) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
@@ -347,73 +347,99 @@ mod x86 {
 
     /// AVX-512 VNNI: four blocks per step, `vpdpbusd` on `u = w + 128` and the
     /// activation quants, minus `128 * sum(q_x)` per block (exact, in i32).
+    /// The weights' bytes and scales are loaded once per step for all `R`
+    /// rows; each row has its own accumulator and does the same f32
+    /// operations as alone.
     ///
     /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; every slice
     /// holds `w.d.len()` blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx512(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    pub(super) unsafe fn dot_avx512<const R: usize>(w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         let nb = w.d.len();
         let full4 = nb / 4 * 4;
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        let mut acc = _mm512_setzero_ps();
-        let (wu, xq) = (w.u.as_ptr(), x.qs.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); R];
+        let wu = w.u.as_ptr();
         let mut b = 0;
         while b < full4 {
-            // SAFETY: group b / 4 is 128 bytes at b * 32 in both rows (grouped
-            // layout), with 4 f16s / f32s / i32s at b in `w.d`, `x.d`, `x.isum`.
-            let (ulo, uhi, ylo, yhi, dw, dx, isum) = unsafe {
+            // SAFETY: group b / 4 is 128 bytes at b * 32 (grouped layout), with
+            // 4 f16s at b in `w.d`; unaligned loads.
+            let (ulo, uhi, dw) = unsafe {
                 (
                     _mm512_loadu_si512(wu.add(b * QK) as *const __m512i),
                     _mm512_loadu_si512(wu.add(b * QK + 64) as *const __m512i),
-                    _mm512_loadu_si512(xq.add(b * QK) as *const __m512i),
-                    _mm512_loadu_si512(xq.add(b * QK + 64) as *const __m512i),
                     _mm_cvtph_ps(_mm_loadl_epi64(w.d.as_ptr().add(b) as *const __m128i)),
-                    _mm_loadu_ps(x.d.as_ptr().add(b)),
-                    _mm_loadu_si128(x.isum.as_ptr().add(b) as *const __m128i),
                 )
             };
-            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ulo, ylo);
-            let p = _mm512_dpbusd_epi32(p, uhi, yhi);
-            // 128 * sum(q_x) of block j, taken from lane 4j only.
-            let corr = _mm512_maskz_permutexvar_epi32(
-                0x1111,
-                spread,
-                _mm512_castsi128_si512(_mm_slli_epi32(isum, 7)),
-            );
-            let p = _mm512_sub_epi32(p, corr);
-            let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
-            acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: the activations share the grouped layout: 128 bytes at
+                // b * 32, with 4 f32s / i32s at b in `x.d`, `x.isum`; unaligned loads.
+                let (ylo, yhi, dx, isum) = unsafe {
+                    (
+                        _mm512_loadu_si512(xq.add(b * QK) as *const __m512i),
+                        _mm512_loadu_si512(xq.add(b * QK + 64) as *const __m512i),
+                        _mm_loadu_ps(x.d.as_ptr().add(b)),
+                        _mm_loadu_si128(x.isum.as_ptr().add(b) as *const __m128i),
+                    )
+                };
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ulo, ylo);
+                let p = _mm512_dpbusd_epi32(p, uhi, yhi);
+                // 128 * sum(q_x) of block j, taken from lane 4j only.
+                let corr = _mm512_maskz_permutexvar_epi32(
+                    0x1111,
+                    spread,
+                    _mm512_castsi128_si512(_mm_slli_epi32(isum, 7)),
+                );
+                let p = _mm512_sub_epi32(p, corr);
+                let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+                *acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), *acc);
+            }
             b += 4;
         }
-        let mut sum = _mm512_reduce_add_ps(acc);
+        let mut sum: [f32; R] = std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]));
         if nb - full4 >= 2 {
-            // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32 in both
-            // rows; 2 i32s at b in `x.isum`.
-            let (ulo, uhi, ylo, yhi, isum) = unsafe {
+            // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32;
+            // unaligned loads.
+            let (ulo, uhi) = unsafe {
                 (
                     _mm256_loadu_si256(wu.add(b * QK) as *const __m256i),
                     _mm256_loadu_si256(wu.add(b * QK + 32) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
-                    _mm_loadl_epi64(x.isum.as_ptr().add(b) as *const __m128i),
                 )
             };
-            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ulo, ylo);
-            let p = _mm256_dpbusd_epi32(p, uhi, yhi);
-            let corr = _mm256_maskz_permutexvar_epi32(
-                0x11,
-                _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-                _mm256_castsi128_si256(_mm_slli_epi32(isum, 7)),
-            );
-            let p = _mm256_sub_epi32(p, corr);
             // SAFETY: b + 1 < nb.
-            let sc = unsafe { scales2(wscales2(w, b), x, b) };
-            sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+            let dw = unsafe { wscales2(w, b) };
+            for (x, sum) in xs.iter().zip(sum.iter_mut()) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: the same halves in the activations, 2 i32s at b in
+                // `x.isum`; unaligned loads.
+                let (ylo, yhi, isum) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
+                        _mm_loadl_epi64(x.isum.as_ptr().add(b) as *const __m128i),
+                    )
+                };
+                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ulo, ylo);
+                let p = _mm256_dpbusd_epi32(p, uhi, yhi);
+                let corr = _mm256_maskz_permutexvar_epi32(
+                    0x11,
+                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                    _mm256_castsi128_si256(_mm_slli_epi32(isum, 7)),
+                );
+                let p = _mm256_sub_epi32(p, corr);
+                // SAFETY: b + 1 < nb.
+                let sc = unsafe { scales2(dw, x, b) };
+                *sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+            }
             b += 2;
         }
-        if b < nb {
-            sum += single(w, x, nb, b);
-        }
-        sum
+        std::array::from_fn(|i| {
+            let mut s = sum[i];
+            if b < nb {
+                s += single(w, &xs[i], nb, b);
+            }
+            s
+        })
     }
 }

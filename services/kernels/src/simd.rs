@@ -8,9 +8,9 @@ sum of the 32 products of weight nibbles (0..=15; low nibbles are the values
 bytes. The activations are in the grouped layout of [`crate::q8`]: groups of
 4 blocks, then one of 2, then a single block.
 
-The AVX2 kernel takes up to four activation rows at once, the weight
-nibbles and scales unpacked once for all; the AVX-512 one takes one row at
-a time.
+The AVX2 and AVX-512 kernels take up to four activation rows at once, the
+weight nibbles and scales unpacked once for all, each row with its own
+accumulators.
 */
 
 use half::f16;
@@ -69,7 +69,7 @@ pub(crate) fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) ->
             );
             // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma and f16c (checked
             // above), and every slice holds `nb` blocks (asserted above).
-            std::array::from_fn(|i| unsafe { x86::dot_avx512(w, &xs[i]) })
+            unsafe { x86::dot_avx512(w, xs) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
@@ -250,70 +250,87 @@ mod x86 {
     /// blocks' nibbles; masked and shifted, they meet the group's first and
     /// second halves in two `vpdpbusd` (u8 x i8 quads summed into i32 lanes,
     /// four lanes per block). The scales of four blocks are loaded at once,
-    /// multiplied, and spread over their lanes with one permute.
+    /// multiplied, and spread over their lanes with one permute. The weights'
+    /// nibbles and scales are unpacked once per step for all `R` rows; each
+    /// row has its own accumulators and does the same f32 operations as alone.
     ///
     /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; every slice
     /// holds `w.d.len()` blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx512(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
+    pub(super) unsafe fn dot_avx512<const R: usize>(w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         let nb = w.d.len();
         let full4 = nb / 4 * 4;
         let mask = _mm512_set1_epi8(0x0F);
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        let mut acc = _mm512_setzero_ps();
-        let mut accm = _mm_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut accm = [_mm_setzero_ps(); R];
         let wq = w.qs.as_ptr();
-        let xq = x.qs.as_ptr();
         let mut b = 0;
         while b < full4 {
             // SAFETY: blocks b..b + 4 <= nb: 64 nibble bytes at b * 16 in `w.qs`,
-            // 128 quant bytes at b * 32 in `x.qs` (group b / 4), 4 f16s at b in
-            // `w.d`/`w.m` and 4 f32s at b in `x.d`/`x.s`; unaligned loads.
-            let (nib, ylo, yhi, dw, mw, dx, sx) = unsafe {
+            // 4 f16s at b in `w.d`/`w.m`; unaligned loads.
+            let (nib, dw, mw) = unsafe {
                 (
                     _mm512_loadu_si512(wq.add(b * QK / 2) as *const __m512i),
-                    _mm512_loadu_si512(xq.add(b * QK) as *const __m512i),
-                    _mm512_loadu_si512(xq.add(b * QK + 64) as *const __m512i),
                     _mm_cvtph_ps(_mm_loadl_epi64(w.d.as_ptr().add(b) as *const __m128i)),
                     _mm_cvtph_ps(_mm_loadl_epi64(w.m.as_ptr().add(b) as *const __m128i)),
-                    _mm_loadu_ps(x.d.as_ptr().add(b)),
-                    _mm_loadu_ps(x.s.as_ptr().add(b)),
                 )
             };
             let xlo = _mm512_and_si512(nib, mask);
             let xhi = _mm512_and_si512(_mm512_srli_epi16(nib, 4), mask);
-            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xlo, ylo);
-            let p = _mm512_dpbusd_epi32(p, xhi, yhi);
-            accm = _mm_fmadd_ps(mw, sx, accm);
-            let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
-            acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+            for (x, (acc, accm)) in xs.iter().zip(acc.iter_mut().zip(accm.iter_mut())) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: blocks b..b + 4 <= nb: 128 quant bytes at b * 32 in `x.qs`
+                // (group b / 4), 4 f32s at b in `x.d`/`x.s`; unaligned loads.
+                let (ylo, yhi, dx, sx) = unsafe {
+                    (
+                        _mm512_loadu_si512(xq.add(b * QK) as *const __m512i),
+                        _mm512_loadu_si512(xq.add(b * QK + 64) as *const __m512i),
+                        _mm_loadu_ps(x.d.as_ptr().add(b)),
+                        _mm_loadu_ps(x.s.as_ptr().add(b)),
+                    )
+                };
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xlo, ylo);
+                let p = _mm512_dpbusd_epi32(p, xhi, yhi);
+                *accm = _mm_fmadd_ps(mw, sx, *accm);
+                let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+                *acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), *acc);
+            }
             b += 4;
         }
-        let mut sum = _mm512_reduce_add_ps(acc);
+        let mut sum: [f32; R] = std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]));
         if nb - full4 >= 2 {
-            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16, the pair's
-            // halves at b * 32 and b * 32 + 32 (grouped layout); unaligned loads.
-            let (nib, ylo, yhi) = unsafe {
-                (
-                    _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
-                    _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
-                )
-            };
+            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16; unaligned load.
+            let nib = unsafe { _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i) };
             let m4 = _mm256_set1_epi8(0x0F);
             let xlo = _mm256_and_si256(nib, m4);
             let xhi = _mm256_and_si256(_mm256_srli_epi16(nib, 4), m4);
-            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xlo, ylo);
-            let p = _mm256_dpbusd_epi32(p, xhi, yhi);
             // SAFETY: b + 1 < nb.
-            let sc = unsafe { scales2(wscales2(w, b), x, b, &mut accm) };
-            sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+            let ws = unsafe { wscales2(w, b) };
+            for (x, (sum, accm)) in xs.iter().zip(sum.iter_mut().zip(accm.iter_mut())) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32
+                // (grouped layout) in `x.qs`; unaligned loads.
+                let (ylo, yhi) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
+                    )
+                };
+                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xlo, ylo);
+                let p = _mm256_dpbusd_epi32(p, xhi, yhi);
+                // SAFETY: b + 1 < nb.
+                let sc = unsafe { scales2(ws, x, b, accm) };
+                *sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+            }
             b += 2;
         }
-        sum += hsum128(accm);
-        if b < nb {
-            sum += single(w, x, nb, b);
-        }
-        sum
+        std::array::from_fn(|i| {
+            let mut s = sum[i] + hsum128(accm[i]);
+            if b < nb {
+                s += single(w, &xs[i], nb, b);
+            }
+            s
+        })
     }
 }
