@@ -9,11 +9,14 @@ The weights are kept as the file's blocks, byte for byte (no repacking: a
 row is `k / 256` blocks of 144, 176 or 210 bytes). Q4_K and Q6_K together
 make up the common `Q4_K_M` files, Q5_K and Q6_K the `Q5_K_M` ones.
 
-The AVX2 kernels serve [`Isa::Avx2`] and [`Isa::Avx512`] alike (every
-AVX-512 CPU has AVX2; there is no separate 512-bit k-quant kernel yet).
-They take one weight row with up to four activation rows: a block's quants,
-scales, mins and `d`s are decoded once for all of them, and each row's f32
-operations are those it does alone.
+[`Isa::Avx2`] has 256-bit kernels (`maddubs`, then `madd` with the
+sub-blocks' scales); [`Isa::Avx512`] has 512-bit VNNI ones (`vpdpbusd` on
+64 weights at a time, then `vpdpwssd` with the scales, see `x86::avx512`).
+Both compute every block's integer sum exactly, so they differ from the
+scalar reference only in the order of the f32 additions. Both take one
+weight row with up to four activation rows: a block's quants, scales, mins
+and `d`s are decoded once for all of them, and each row's f32 operations
+are those it does alone.
 */
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -238,9 +241,25 @@ fn dot<const R: usize>(kind: KQuant, isa: Isa, w: &[u8], xs: &[XRow<'_>; R]) -> 
             KQuant::Q6K => dot_q6k(w, &xs[i]),
         }),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
+        Isa::Avx512 => {
             assert!(
-                Isa::Avx2.available(),
+                isa.available(),
+                "AVX-512 kernel on a CPU without AVX-512 VNNI"
+            );
+            // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma and f16c
+            // (checked above), and every slice holds `nb` blocks (asserted above).
+            unsafe {
+                match kind {
+                    KQuant::Q4K => x86::avx512::dot_q4k(w, xs),
+                    KQuant::Q5K => x86::avx512::dot_q5k(w, xs),
+                    KQuant::Q6K => x86::avx512::dot_q6k(w, xs),
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(
+                isa.available(),
                 "AVX2 kernel on a CPU without AVX2/FMA/F16C"
             );
             // SAFETY: the CPU supports avx2, fma and f16c (checked above), and
@@ -618,5 +637,274 @@ mod x86 {
             }
         }
         std::array::from_fn(|i| hsum(acc[i]))
+    }
+
+    /// The AVX-512 VNNI kernels.
+    ///
+    /// Per 64 weights, one 512-bit vector of unsigned quants (unpacked once
+    /// per block for all rows) meets 64 contiguous activation bytes of each
+    /// row in one `vpdpbusd` (u8 x i8 quads into 16 i32 lanes, each at most
+    /// 4 * 63 * 128 = 32256 in magnitude, so they fit in i16). Two such
+    /// vectors are narrowed to i16 with `vpackssdw` (exact, no saturation)
+    /// and multiplied by their sub-blocks' scales with `vpdpwssd` (i16 pairs
+    /// into i32 lanes): the block's exact integer sum, then one f32 FMA per
+    /// block and row. `vpackssdw` interleaves its two sources per 128-bit
+    /// lane, so the scale vectors are permuted to match (`scale_picks`).
+    pub(super) mod avx512 {
+        use std::arch::x86_64::*;
+
+        use super::super::{scales_mins, XRow};
+        use super::{f16_at, fma_lanes, hsum, mins_lanes, mins_pairs};
+        use crate::q8k::QK_K;
+
+        /// Word indices for `vpermw`: word `8L + p` (128-bit lane `L`,
+        /// position `p`) of the result picks scale `pick(L, p >= 4)`, the
+        /// scale of the values behind that word after `vpackssdw` (positions
+        /// 0..4 from its first source, 4..8 from its second).
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn scale_picks(pick: impl Fn(usize, bool) -> usize) -> __m512i {
+            let idx: [i16; 32] = std::array::from_fn(|w| pick(w / 8, w % 8 >= 4) as i16);
+            // SAFETY: 64 bytes of `idx`; unaligned load.
+            unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) }
+        }
+
+        /// `sumi += scales * pack(dpbusd(w0, x[0..64]), dpbusd(w1, x[64..128]))`
+        /// for one row's 128 activations at `xq` (see the module docs).
+        ///
+        /// Safety: 128 readable bytes at `xq`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn sum128(
+            sumi: &mut __m512i,
+            (w0, w1): (__m512i, __m512i),
+            scales: __m512i,
+            xq: *const i8,
+        ) {
+            // SAFETY: 128 bytes at `xq` (caller); unaligned loads.
+            let (x0, x1) = unsafe {
+                (
+                    _mm512_loadu_si512(xq as *const __m512i),
+                    _mm512_loadu_si512(xq.add(64) as *const __m512i),
+                )
+            };
+            let zero = _mm512_setzero_si512();
+            let p = _mm512_packs_epi32(
+                _mm512_dpbusd_epi32(zero, w0, x0),
+                _mm512_dpbusd_epi32(zero, w1, x1),
+            );
+            *sumi = _mm512_dpwssd_epi32(*sumi, p, scales);
+        }
+
+        /// Q4_K and Q5_K: the mins term of block `b` for each row (`accm +=
+        /// dx * dmin * mins`, as the AVX2 kernel), the block's quants as
+        /// `quants(j)` for j = 0..4 in order (64 values each: sub-block 2j in
+        /// the low 32 bytes, 2j + 1 in the high ones, unpacked once for all
+        /// rows), and `acc += dx * d * sumi` per row.
+        ///
+        /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; `blk` is a
+        /// whole Q4_K/Q5_K block, and every row of `xs` holds block `b`'s
+        /// quants and sums.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn block_q45k<const R: usize>(
+            blk: &[u8],
+            b: usize,
+            xs: &[XRow<'_>; R],
+            acc: &mut [__m512; R],
+            accm: &mut [__m256; R],
+            picks: &[__m512i; 2],
+            mut quants: impl FnMut(usize) -> __m512i,
+        ) {
+            let (sc, mn) = scales_mins(&blk[4..16]);
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let pairs = mins_pairs(&mn);
+            for (x, accm) in xs.iter().zip(accm.iter_mut()) {
+                // SAFETY: block b's 16 sums exist (caller).
+                let pm = unsafe { mins_lanes(pairs, x.bsums.as_ptr().add(b * 16)) };
+                fma_lanes(accm, x.d[b] * dmin, pm);
+            }
+            let sc16 = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(
+                0,
+                i64::from_le_bytes(sc),
+            )));
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for (h, &pick) in picks.iter().enumerate() {
+                let w = (quants(2 * h), quants(2 * h + 1));
+                let scales = _mm512_permutexvar_epi16(pick, sc16);
+                for (x, sumi) in xs.iter().zip(sumi.iter_mut()) {
+                    // SAFETY: 128 activations at 128h of block b (caller).
+                    unsafe { sum128(sumi, w, scales, x.qs.as_ptr().add(b * QK_K + 128 * h)) };
+                }
+            }
+            for ((x, acc), sumi) in xs.iter().zip(acc.iter_mut()).zip(sumi) {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(x.d[b] * d), _mm512_cvtepi32_ps(sumi), *acc);
+            }
+        }
+
+        /// The [`scale_picks`] of Q4_K/Q5_K: pieces 2h and 2h + 1 hold
+        /// sub-blocks 4h + L / 2 (first source) and 4h + 2 + L / 2 (second)
+        /// in 128-bit lane `L`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn q45k_picks() -> [__m512i; 2] {
+            std::array::from_fn(|h| {
+                scale_picks(|l, second| 4 * h + l / 2 + 2 * usize::from(second))
+            })
+        }
+
+        /// Q4_K: per 64 values a 32-byte load of nibbles, its low nibbles in
+        /// the low half of a 512-bit vector and its high nibbles in the high
+        /// half (values 64j..64j + 32 and 64j + 32..64j + 64).
+        ///
+        /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; `w` holds
+        /// the rows' block count of blocks and every row of `xs` their quants
+        /// and sums.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        pub(in super::super) unsafe fn dot_q4k<const R: usize>(
+            w: &[u8],
+            xs: &[XRow<'_>; R],
+        ) -> [f32; R] {
+            let m4 = _mm512_set1_epi8(0x0F);
+            let picks = q45k_picks();
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut accm = [_mm256_setzero_ps(); R];
+            for (b, blk) in w.chunks_exact(144).enumerate() {
+                let qs = blk[16..].as_ptr();
+                let quants = |j: usize| {
+                    // SAFETY: 32 nibble bytes at 16 + 32j < 144 of the block;
+                    // unaligned load.
+                    let q4 = unsafe { _mm256_loadu_si256(qs.add(32 * j) as *const __m256i) };
+                    let both =
+                        _mm512_inserti64x4(_mm512_castsi256_si512(q4), _mm256_srli_epi16(q4, 4), 1);
+                    _mm512_and_si512(both, m4)
+                };
+                // SAFETY: a whole block; the rows hold block b (caller).
+                unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, &picks, quants) };
+            }
+            std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) - hsum(accm[i]))
+        }
+
+        /// Q5_K: as Q4_K, with the fifth bits from the 32 `qh` bytes: bit 2j
+        /// of each byte for the low half of piece j, bit 2j + 1 for the high
+        /// half, or-ed in as 16.
+        ///
+        /// Safety: as [`dot_q4k`], with 176-byte blocks.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        pub(in super::super) unsafe fn dot_q5k<const R: usize>(
+            w: &[u8],
+            xs: &[XRow<'_>; R],
+        ) -> [f32; R] {
+            let m4 = _mm512_set1_epi8(0x0F);
+            let one = _mm512_set1_epi8(1);
+            let picks = q45k_picks();
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut accm = [_mm256_setzero_ps(); R];
+            for (b, blk) in w.chunks_exact(176).enumerate() {
+                let qs = blk[48..].as_ptr();
+                // SAFETY: the block's 32 `qh` bytes at 16..48; unaligned load.
+                let qh = unsafe { _mm256_loadu_si256(blk[16..].as_ptr() as *const __m256i) };
+                // Bit 0 of each byte: the fifth bit of piece 0's low half (low
+                // 32 bytes) and high half (high 32 bytes); shifted down by 2
+                // after each piece (bits shifted in from the next byte stay
+                // above bit 0).
+                let mut hb =
+                    _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 1), 1);
+                // Called for j = 0, 1, 2, 3 in order.
+                let quants = |j: usize| {
+                    // SAFETY: 32 nibble bytes at 48 + 32j < 176 of the block;
+                    // unaligned load.
+                    let q4 = unsafe { _mm256_loadu_si256(qs.add(32 * j) as *const __m256i) };
+                    let both =
+                        _mm512_inserti64x4(_mm512_castsi256_si512(q4), _mm256_srli_epi16(q4, 4), 1);
+                    let fifth = _mm512_slli_epi16(_mm512_and_si512(hb, one), 4);
+                    hb = _mm512_srli_epi16(hb, 2);
+                    _mm512_or_si512(_mm512_and_si512(both, m4), fifth)
+                };
+                // SAFETY: a whole block; the rows hold block b (caller).
+                unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, &picks, quants) };
+            }
+            std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) - hsum(accm[i]))
+        }
+
+        /// Q6_K: per 128 values one 64-byte load of low nibbles and one
+        /// 32-byte load of high bit pairs make two vectors of 6-bit quants
+        /// (0..=63) for 64 contiguous values each, once for all rows. Each
+        /// row's block sum starts at `-32 * sum(scale * bsum)` (the `- 32`
+        /// of every weight, taken back exactly) and the sub-blocks' signed
+        /// scales multiply with `vpdpwssd`.
+        ///
+        /// Safety: as [`dot_q4k`], with 210-byte blocks.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        pub(in super::super) unsafe fn dot_q6k<const R: usize>(
+            w: &[u8],
+            xs: &[XRow<'_>; R],
+        ) -> [f32; R] {
+            let m4 = _mm512_set1_epi8(0x0F);
+            let m2 = _mm512_set1_epi8(3);
+            // Half h: values 128h..128h + 64 (sub-blocks 8h + L) first,
+            // 128h + 64..128h + 128 (8h + 4 + L) second.
+            let picks: [__m512i; 2] = std::array::from_fn(|h| {
+                scale_picks(|l, second| 8 * h + l + 4 * usize::from(second))
+            });
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (b, blk) in w.chunks_exact(210).enumerate() {
+                let p = blk.as_ptr();
+                // SAFETY: 16 scale bytes at 192..208 of the block; unaligned load.
+                let sc16 =
+                    _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(p.add(192) as *const __m128i) });
+                // -32 * scale fits in i16 (scales are i8).
+                let off = _mm256_mullo_epi16(sc16, _mm256_set1_epi16(-32));
+                let sc16 = _mm512_zextsi256_si512(sc16);
+                let mut sumi: [__m512i; R] = std::array::from_fn(|i| {
+                    // SAFETY: block b's 16 sums (caller); unaligned load.
+                    let bs = unsafe {
+                        _mm256_loadu_si256(xs[i].bsums.as_ptr().add(b * 16) as *const __m256i)
+                    };
+                    _mm512_zextsi256_si512(_mm256_madd_epi16(off, bs))
+                });
+                for (h, &pick) in picks.iter().enumerate() {
+                    // SAFETY: 64 bytes at 64h < 128 (low nibbles), 32 bytes at
+                    // 128 + 32h < 192 (high bits); unaligned loads.
+                    let (ql, qh) = unsafe {
+                        (
+                            _mm512_loadu_si512(p.add(64 * h) as *const __m512i),
+                            _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i),
+                        )
+                    };
+                    // Bits 0..2 of each byte: the high bits of the values in
+                    // the first 32 (qh) and second 32 (qh >> 2) bytes of `ql`'s
+                    // low nibbles; bits 4..6 those of its high nibbles.
+                    let hb =
+                        _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+                    let q0 = _mm512_or_si512(
+                        _mm512_and_si512(ql, m4),
+                        _mm512_slli_epi16(_mm512_and_si512(hb, m2), 4),
+                    );
+                    let q1 = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), m2), 4),
+                    );
+                    let scales = _mm512_permutexvar_epi16(pick, sc16);
+                    for (x, sumi) in xs.iter().zip(sumi.iter_mut()) {
+                        // SAFETY: 128 activations at 128h of block b (caller).
+                        unsafe {
+                            sum128(
+                                sumi,
+                                (q0, q1),
+                                scales,
+                                x.qs.as_ptr().add(b * QK_K + 128 * h),
+                            )
+                        };
+                    }
+                }
+                let d = f16_at(blk, 208);
+                for ((x, acc), sumi) in xs.iter().zip(acc.iter_mut()).zip(sumi) {
+                    *acc =
+                        _mm512_fmadd_ps(_mm512_set1_ps(x.d[b] * d), _mm512_cvtepi32_ps(sumi), *acc);
+                }
+            }
+            std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]))
+        }
     }
 }

@@ -22,9 +22,9 @@ first op runs. `SOVEREIGN_KERNELS_POOL=rayon` uses the current rayon pool
 instead (see `use_rayon`).
 
 With several activation rows (a prompt, a batch of sequences), the SIMD
-kernels (AVX2 and AVX-512) take them four at a time: a weight row's blocks are loaded and
-unpacked (nibbles, scales) once for the four, and each row keeps its own
-accumulators. Every row does exactly the f32 operations, in the same order,
+kernels (AVX2 and AVX-512) take them four at a time: a weight row's blocks
+are loaded and unpacked (nibbles, scales) once for the four, and each row
+keeps its own accumulators. Every row does exactly the f32 operations, in the same order,
 that it does alone, so a row's output is bit for bit the same whatever the
 batch or prompt chunk it is computed in (see `RowsDot`).
 
@@ -77,7 +77,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C: 256-bit `maddubs`/`madd`, one block per step.
     Avx2,
-    /// AVX-512 F/BW/VL + VNNI: 512-bit `vpdpbusd`, two blocks per step.
+    /// AVX-512 F/BW/VL + VNNI: 512-bit `vpdpbusd` for Q4_1, Q8_0 and the
+    /// k-quants (Q5_0/Q5_1 and F16/BF16 use the AVX2 kernels).
     Avx512,
 }
 
