@@ -77,8 +77,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C: 256-bit `maddubs`/`madd`, one block per step.
     Avx2,
-    /// AVX-512 F/BW/VL + VNNI: 512-bit `vpdpbusd` for Q4_1, Q8_0 and the
-    /// k-quants (Q5_0/Q5_1 and F16/BF16 use the AVX2 kernels).
+    /// AVX-512 F/BW/VL + VNNI: 512-bit `vpdpbusd` for Q4_1, Q8_0, Q5_0,
+    /// Q5_1 and the k-quants (F16/BF16 use the AVX2 kernels).
     Avx512,
 }
 

@@ -5,15 +5,24 @@ weight being `d * (q - 16)` with `q` in 0..=31: per block `d_w * d_x *
 (sum(q_w * q_x) - 16 * sum(q_x))`, ggml's `ggml_vec_dot_q5_0_q8_0`. Q5_1
 blocks add `m` (f16) after `d`, a weight being `d * q + m`: per block `d_w *
 d_x * sum(q_w * q_x) + m_w * s_x`, ggml's `ggml_vec_dot_q5_1_q8_1`. Integer
-sums are exact. k-quant files use these for the matrices whose rows are not
-a multiple of 256 long (`Q4_K_M` takes Q5_0, `Q5_K_M` Q5_1): the demo
-model's 576-column matrices, Gemma 3 270M's 640-column ones.
+sums are exact: the weights stay unsigned (0..=31, as `maddubs` and
+`vpdpbusd` take them) and Q5_0's `16 * sum(q_x)` comes off each block's i32
+sum from the activations' exact block sums. k-quant files use these for the
+matrices whose rows are not a multiple of 256 long (`Q4_K_M` takes Q5_0,
+`Q5_K_M` Q5_1): the demo model's 576-column matrices, Gemma 3 270M's
+640-column ones.
 
-At load the blocks' fields are split into nibbles, fifth bits and scales
-(every bit kept). The AVX2 kernel serves [`Isa::Avx2`] and [`Isa::Avx512`],
-for up to four activation rows at once: the weights' 5-bit quants are
-rebuilt once for all of them, each row's f32 operations are those it does
-alone.
+At load the blocks' fields are split into nibbles, scales and two arrays of
+fifth bits, those of each block's values 0..16 and those of its values
+16..32 (every bit kept), so that the fifth bits of consecutive blocks line
+up with their low or high nibbles in one load. [`Isa::Avx2`] has a 256-bit
+kernel (two blocks per step; the fifth bits spread to bytes with a shuffle,
+an `and` and a compare, then or-ed in as 16; `maddubs`, `madd`);
+[`Isa::Avx512`] a VNNI one (four blocks per step; the fifth bits of the four
+blocks' low or high halves are a 64-bit mask that adds 16 to the nibbles in
+one masked byte add; `vpdpbusd`). Both take up to four activation rows at
+once: the weights' 5-bit quants and scales are rebuilt once for all of them,
+and each row's f32 operations are those it does alone.
 */
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -37,8 +46,10 @@ pub struct Q5MatMul {
     m: Vec<u16>,
     /// 16 nibble bytes per block (values 0..16 low, 16..32 high), row-major.
     qs: Vec<u8>,
-    /// The fifth bits of each block (bit `i` for value `i`).
-    qh: Vec<u32>,
+    /// The fifth bits of each block's values 0..16 (bit `i` for value `i`).
+    qhl: Vec<u16>,
+    /// The fifth bits of each block's values 16..32 (bit `i` for value `16 + i`).
+    qhh: Vec<u16>,
     /// The f16 bits of each block's `d`.
     d: Vec<u16>,
     isa: Isa,
@@ -82,7 +93,8 @@ impl Q5MatMul {
         }
         let count = n * (k / QK);
         let mut qs = Vec::with_capacity(count * QK / 2);
-        let mut qh = Vec::with_capacity(count);
+        let mut qhl = Vec::with_capacity(count);
+        let mut qhh = Vec::with_capacity(count);
         let mut d = Vec::with_capacity(count);
         let mut m = Vec::new();
         for blk in blocks.chunks_exact(size) {
@@ -93,7 +105,8 @@ impl Q5MatMul {
             } else {
                 &blk[2..]
             };
-            qh.push(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]));
+            qhl.push(u16::from_le_bytes([rest[0], rest[1]]));
+            qhh.push(u16::from_le_bytes([rest[2], rest[3]]));
             qs.extend_from_slice(&rest[4..]);
         }
         Some(Self {
@@ -101,7 +114,8 @@ impl Q5MatMul {
             k,
             m,
             qs,
-            qh,
+            qhl,
+            qhh,
             d,
             isa: Isa::detect(),
         })
@@ -149,14 +163,16 @@ impl Q5MatMul {
             k: first.k,
             m: Vec::new(),
             qs: Vec::new(),
-            qh: Vec::new(),
+            qhl: Vec::new(),
+            qhh: Vec::new(),
             d: Vec::new(),
             isa: first.isa,
         };
         for p in parts {
             out.n += p.n;
             out.qs.extend_from_slice(&p.qs);
-            out.qh.extend_from_slice(&p.qh);
+            out.qhl.extend_from_slice(&p.qhl);
+            out.qhh.extend_from_slice(&p.qhh);
             out.d.extend_from_slice(&p.d);
             out.m.extend_from_slice(&p.m);
         }
@@ -195,7 +211,8 @@ impl RowsDot for Q5Rows<'_> {
         let nb = mm.k / QK;
         let w = WRow {
             qs: &mm.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
-            qh: &mm.qh[j * nb..(j + 1) * nb],
+            qhl: &mm.qhl[j * nb..(j + 1) * nb],
+            qhh: &mm.qhh[j * nb..(j + 1) * nb],
             d: &mm.d[j * nb..(j + 1) * nb],
             m: mm.m.get(j * nb..(j + 1) * nb),
         };
@@ -212,7 +229,8 @@ impl RowsDot for Q5Rows<'_> {
 /// One weight row; `m` only for Q5_1.
 struct WRow<'a> {
     qs: &'a [u8],
-    qh: &'a [u32],
+    qhl: &'a [u16],
+    qhh: &'a [u16],
     d: &'a [u16],
     m: Option<&'a [u16]>,
 }
@@ -233,7 +251,8 @@ struct XRow<'a> {
 fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
     let nb = w.d.len();
     assert!(
-        w.qh.len() == nb
+        w.qhl.len() == nb
+            && w.qhh.len() == nb
             && w.m.is_none_or(|m| m.len() == nb)
             && w.qs.len() == nb * QK / 2
             && xs.iter().all(|x| x.s.len() == nb
@@ -243,13 +262,41 @@ fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         "block counts"
     );
     match isa {
+        Isa::Scalar => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
-            assert!(Isa::Avx2.available(), "AVX2 kernel on a CPU without AVX2");
+        Isa::Avx2 => {
+            assert!(
+                isa.available(),
+                "AVX2 kernel on a CPU without AVX2/FMA/F16C"
+            );
             // SAFETY: avx2, fma, f16c available (checked above); every slice holds
-            // `nb` blocks (asserted above).
-            unsafe { x86::dot(w, xs) }
+            // `nb` blocks (asserted above); `m` is there exactly for Q5_1.
+            unsafe {
+                if w.m.is_some() {
+                    x86::dot_avx2::<R, true>(w, xs)
+                } else {
+                    x86::dot_avx2::<R, false>(w, xs)
+                }
+            }
         }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(
+                isa.available(),
+                "AVX-512 kernel on a CPU without AVX-512 VNNI"
+            );
+            // SAFETY: avx512f/bw/vl/vnni, avx2, fma, f16c available (checked above);
+            // every slice holds `nb` blocks (asserted above); `m` is there exactly
+            // for Q5_1.
+            unsafe {
+                if w.m.is_some() {
+                    x86::dot_avx512::<R, true>(w, xs)
+                } else {
+                    x86::dot_avx512::<R, false>(w, xs)
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
         _ => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
     }
 }
@@ -257,12 +304,12 @@ fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
 /// The exact `sum(q_w * q_x)` of block `b`, less `16 * sum(q_x)` for Q5_0.
 fn block_sumi(w: &WRow<'_>, x: &XRow<'_>, nb: usize, b: usize) -> i32 {
     let (lo, hi) = half_offsets(nb, b);
-    let h = w.qh[b];
+    let (hl, hh) = (u32::from(w.qhl[b]), u32::from(w.qhh[b]));
     let mut sumi = 0i32;
     for j in 0..QK / 2 {
         let byte = w.qs[b * QK / 2 + j];
-        let vl = i32::from(byte & 0x0F) | (((h >> j) & 1) as i32) << 4;
-        let vh = i32::from(byte >> 4) | (((h >> (j + 16)) & 1) as i32) << 4;
+        let vl = i32::from(byte & 0x0F) | (((hl >> j) & 1) as i32) << 4;
+        let vh = i32::from(byte >> 4) | (((hh >> j) & 1) as i32) << 4;
         sumi += vl * i32::from(x.qs[lo + j]) + vh * i32::from(x.qs[hi + j]);
     }
     if w.m.is_some() {
@@ -272,122 +319,353 @@ fn block_sumi(w: &WRow<'_>, x: &XRow<'_>, nb: usize, b: usize) -> i32 {
     }
 }
 
-/// Block `b`'s `m_w * s_x` (Q5_1), 0 for Q5_0.
+/// Block `b`'s `d_w * d_x * sumi + m_w * s_x` (no min term for Q5_0).
 #[inline]
-fn min_term(w: &WRow<'_>, x: &XRow<'_>, b: usize) -> f32 {
-    w.m.map_or(0.0, |m| f16::from_bits(m[b]).to_f32() * x.s[b])
+fn block_dot(w: &WRow<'_>, x: &XRow<'_>, nb: usize, b: usize) -> f32 {
+    let scaled = block_sumi(w, x, nb, b) as f32 * (f16::from_bits(w.d[b]).to_f32() * x.d[b]);
+    match w.m {
+        Some(m) => scaled + f16::from_bits(m[b]).to_f32() * x.s[b],
+        None => scaled,
+    }
 }
 
+/// The portable reference: the blocks' terms added in order.
 fn dot_scalar(w: &WRow<'_>, x: &XRow<'_>) -> f32 {
     let nb = w.d.len();
-    (0..nb)
-        .map(|b| {
-            block_sumi(w, x, nb, b) as f32 * (f16::from_bits(w.d[b]).to_f32() * x.d[b])
-                + min_term(w, x, b)
-        })
-        .sum()
+    (0..nb).map(|b| block_dot(w, x, nb, b)).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{block_sumi, min_term, WRow, XRow};
+    use super::{block_dot, WRow, XRow};
     use crate::QK;
 
-    /// Byte `i` of the result is 0x10 when bit `i` of `bits` is set, else 0.
+    /// Sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn hsum256(v: __m256) -> f32 {
+        hsum128(_mm_add_ps(
+            _mm256_castps256_ps128(v),
+            _mm256_extractf128_ps(v, 1),
+        ))
+    }
+
+    /// Sum of the 4 lanes.
+    #[inline]
+    #[target_feature(enable = "sse3")]
+    fn hsum128(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Byte `i` of the result is 0x10 when bit `i` of `bits` is set, else 0:
+    /// the u32 broadcast, each byte lane given the byte holding its bit,
+    /// masked with the lane's bit, compared to 0x00/0xFF, and-ed with 0x10.
     #[inline]
     #[target_feature(enable = "avx2")]
     fn fifth_bits(bits: u32) -> __m256i {
-        let v = _mm256_set1_epi32(bits as i32);
         let spread = _mm256_setr_epi8(
             0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
             3, 3, 3,
         );
         let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(
-            _mm256_and_si256(_mm256_shuffle_epi8(v, spread), select),
-            select,
-        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// Two blocks per step, laid out as Q4_1's kernel lays them: the pair's
-    /// nibbles in one 32-byte load, low nibbles against the pair's first
-    /// halves, high against the second; the fifth bits or-ed in as 16,
-    /// `maddubs` (at most 2 * 31 * 127 per pair, halves summed 15748),
-    /// `madd` to i32, then (Q5_0) `16 * sum(q_x)` taken off each block
-    /// exactly or (Q5_1) `m_w * s_x` added per block. The weights' quants are
-    /// rebuilt once per step for all `R` rows; each row has its own
-    /// accumulators and does the same f32 operations as alone.
+    /// The f32 values of the two f16s at `p`, in lanes 0 and 1.
     ///
-    /// Safety: avx2, fma, f16c available; every slice holds `w.d.len()` blocks.
+    /// Safety: f16c available; two `u16`s readable at `p`.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const R: usize>(w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
+    unsafe fn f16x2(p: *const u16) -> __m128 {
+        // SAFETY: 4 bytes readable at `p` (caller); unaligned load.
+        _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe {
+            (p as *const i32).read_unaligned()
+        }))
+    }
+
+    /// `d_w * d_x` for the pair of blocks at `b` in lanes 0..4 and 4..8,
+    /// from the weights' `d`s in lanes 0, 1 of `dw`.
+    ///
+    /// Safety: avx2, fma available; `b + 1 < nb`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales2(dw: __m128, x: &XRow<'_>, b: usize) -> __m256 {
+        // SAFETY: blocks b, b + 1 exist (caller): 8 bytes of f32s in `x.d`; unaligned load.
+        let dx = unsafe { _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b) as *const f64)) };
+        _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_mul_ps(dw, dx)),
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+        )
+    }
+
+    /// `m_w * s_x` of the pair of blocks at `b` added into lanes 0, 1 of
+    /// `accm`, from the weights' `m`s in lanes 0, 1 of `mw`.
+    ///
+    /// Safety: fma available; `b + 1 < nb`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn mins2(mw: __m128, x: &XRow<'_>, b: usize, accm: &mut __m128) {
+        // SAFETY: blocks b, b + 1 exist (caller): 8 bytes of f32s in `x.s`; unaligned load.
+        let sx = unsafe { _mm_castpd_ps(_mm_load_sd(x.s.as_ptr().add(b) as *const f64)) };
+        *accm = _mm_fmadd_ps(mw, sx, *accm);
+    }
+
+    /// Q5_0's `16 * sum(q_x)` of the pair of blocks at `b`, in lane 0
+    /// (first block) and lane 5 (second block) of 8 i32 lanes, 0 elsewhere:
+    /// taken off the pair's i32 sums (four lanes per block), it makes them
+    /// exactly the sums of `(q_w - 16) * q_x`.
+    ///
+    /// Safety: avx2 available; `b + 1 < nb`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn offsets2(x: &XRow<'_>, b: usize) -> __m256i {
+        // SAFETY: blocks b, b + 1 exist (caller): 8 bytes of i32s in `x.isum`;
+        // unaligned load.
+        let s = unsafe { (x.isum.as_ptr().add(b) as *const i64).read_unaligned() };
+        let s = _mm256_blend_epi32(_mm256_setzero_si256(), _mm256_set1_epi64x(s), 0b0010_0001);
+        _mm256_slli_epi32(s, 4)
+    }
+
+    /// AVX2: two blocks per step, laid out as Q4_1's kernel lays them: the
+    /// pair's nibbles in one 32-byte load, low nibbles against the pair's
+    /// first halves, high against the second, the fifth bits (32 of the
+    /// pair's low halves, 32 of their high halves, one load each) or-ed in
+    /// as 16 (see [`fifth_bits`]). `maddubs` (at most 2 * 31 * 127 per i16,
+    /// halves summed 15748), `madd` to i32 (four lanes per block), then
+    /// (Q5_0) `16 * sum(q_x)` taken off one lane per block, exactly; (Q5_1)
+    /// `m_w * s_x` of both blocks added into their own accumulator. The
+    /// weights' quants and scales are rebuilt once per step for all `R`
+    /// rows; each row has its own accumulators and does the same f32
+    /// operations as alone.
+    ///
+    /// Safety: avx2, fma, f16c available; every slice holds `w.d.len()`
+    /// blocks; `w.m` is `Some` if and only if `Q51`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_avx2<const R: usize, const Q51: bool>(
+        w: &WRow<'_>,
+        xs: &[XRow<'_>; R],
+    ) -> [f32; R] {
         let nb = w.d.len();
         let full4 = nb / 4 * 4;
         let pairs_end = if nb - full4 >= 2 { full4 + 2 } else { full4 };
         let m4 = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        let offset = if w.m.is_some() { 0 } else { 16 };
+        let wm = w.m.map_or(std::ptr::null(), |m| m.as_ptr());
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [0f32; R];
+        let mut accm = [_mm_setzero_ps(); R];
         let wq = w.qs.as_ptr();
         let mut b = 0;
         while b < pairs_end {
+            // Offsets of the pair's first and second halves in the grouped layout.
             let (lo, hi) = if b < full4 {
                 let (g, h) = (b / 4, (b % 4) / 2);
                 (g * 128 + h * 32, g * 128 + 64 + h * 32)
             } else {
                 (full4 * 32, full4 * 32 + 32)
             };
-            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16; unaligned load.
-            let nib = unsafe { _mm256_loadu_si256(wq.add(b * (QK / 2)) as *const __m256i) };
-            let (h0, h1) = (w.qh[b], w.qh[b + 1]);
-            let bl = fifth_bits((h0 & 0xFFFF) | (h1 << 16));
-            let bh = fifth_bits((h0 >> 16) | (h1 & 0xFFFF_0000));
-            let ql = _mm256_or_si256(_mm256_and_si256(nib, m4), bl);
-            let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), m4), bh);
-            let (dw0, dw1) = (
-                half::f16::from_bits(w.d[b]).to_f32(),
-                half::f16::from_bits(w.d[b + 1]).to_f32(),
+            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16 in `w.qs`, two
+            // u16s at b in `w.qhl`, `w.qhh`, `w.d` and (Q5_1) `w.m`; unaligned loads.
+            let (nib, bl, bh, dw, mw) = unsafe {
+                (
+                    _mm256_loadu_si256(wq.add(b * (QK / 2)) as *const __m256i),
+                    (w.qhl.as_ptr().add(b) as *const u32).read_unaligned(),
+                    (w.qhh.as_ptr().add(b) as *const u32).read_unaligned(),
+                    f16x2(w.d.as_ptr().add(b)),
+                    if Q51 {
+                        f16x2(wm.add(b))
+                    } else {
+                        _mm_setzero_ps()
+                    },
+                )
+            };
+            let ql = _mm256_or_si256(_mm256_and_si256(nib, m4), fifth_bits(bl));
+            let qh = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(nib, 4), m4),
+                fifth_bits(bh),
             );
-            for ((x, acc), mins) in xs.iter().zip(acc.iter_mut()).zip(mins.iter_mut()) {
+            for (x, (acc, accm)) in xs.iter().zip(acc.iter_mut().zip(accm.iter_mut())) {
                 let xq = x.qs.as_ptr();
-                // SAFETY: the pair's halves (32 bytes each) at `lo`, `hi` < nb * 32;
-                // unaligned loads.
-                let (ylo, yhi) = unsafe {
+                // SAFETY: the pair's halves (32 bytes each) at `lo`, `hi` < nb * 32 in
+                // `x.qs`; unaligned loads. Blocks b, b + 1 < nb for the helpers.
+                let (ylo, yhi, sc) = unsafe {
                     (
                         _mm256_loadu_si256(xq.add(lo) as *const __m256i),
                         _mm256_loadu_si256(xq.add(hi) as *const __m256i),
+                        scales2(dw, x, b),
                     )
                 };
                 let p16 =
                     _mm256_add_epi16(_mm256_maddubs_epi16(ql, ylo), _mm256_maddubs_epi16(qh, yhi));
-                let p = _mm256_madd_epi16(p16, ones);
-                let corr =
-                    _mm256_setr_epi32(offset * x.isum[b], 0, 0, 0, offset * x.isum[b + 1], 0, 0, 0);
-                *mins += min_term(w, x, b) + min_term(w, x, b + 1);
-                let sc = _mm256_permutevar8x32_ps(
-                    _mm256_castps128_ps256(_mm_setr_ps(dw0 * x.d[b], dw1 * x.d[b + 1], 0.0, 0.0)),
-                    spread,
-                );
-                *acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(p, corr)), *acc);
+                let mut p = _mm256_madd_epi16(p16, ones);
+                if Q51 {
+                    // SAFETY: b + 1 < nb.
+                    unsafe { mins2(mw, x, b, accm) };
+                } else {
+                    // SAFETY: b + 1 < nb.
+                    p = _mm256_sub_epi32(p, unsafe { offsets2(x, b) });
+                }
+                *acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), *acc);
             }
             b += 2;
         }
         std::array::from_fn(|i| {
-            let (acc, x) = (acc[i], &xs[i]);
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            let mut sum = _mm_cvtss_f32(s) + mins[i];
+            let mut sum = hsum256(acc[i]);
+            if Q51 {
+                sum += hsum128(accm[i]);
+            }
             if b < nb {
-                let d = half::f16::from_bits(w.d[b]).to_f32() * x.d[b];
-                sum += block_sumi(w, x, nb, b) as f32 * d + min_term(w, x, b);
+                sum += block_dot(w, &xs[i], nb, b);
             }
             sum
+        })
+    }
+
+    /// AVX-512 VNNI: four blocks per step. One 64-byte load holds the four
+    /// blocks' nibbles; masked and shifted, they meet the group's first and
+    /// second halves. The fifth bits of the four blocks' first halves (four
+    /// u16s, one u64 load) are the byte mask of a masked add of 16 to the
+    /// low nibbles, those of the second halves likewise for the high ones.
+    /// Two `vpdpbusd` (u8 x i8 quads summed into i32 lanes, four lanes per
+    /// block) make the sums; for Q5_0 they start from `-16 * sum(q_x)` in
+    /// one lane per block (the four blocks' sums broadcast, lanes 0, 5, 10,
+    /// 15 kept), so they end exact sums of `(q_w - 16) * q_x`; for Q5_1 the
+    /// `m_w * s_x` of the four blocks go to their own accumulator. The
+    /// scales of four blocks are loaded at once, multiplied, and spread over
+    /// their lanes with one permute. A last pair of blocks takes the same
+    /// steps at 256 bits, a last single block the scalar ones. The weights'
+    /// quants and scales are rebuilt once per step for all `R` rows; each
+    /// row has its own accumulators and does the same f32 operations as
+    /// alone.
+    ///
+    /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; every slice
+    /// holds `w.d.len()` blocks; `w.m` is `Some` if and only if `Q51`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_avx512<const R: usize, const Q51: bool>(
+        w: &WRow<'_>,
+        xs: &[XRow<'_>; R],
+    ) -> [f32; R] {
+        let nb = w.d.len();
+        let full4 = nb / 4 * 4;
+        let m4 = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(0x10);
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let wm = w.m.map_or(std::ptr::null(), |m| m.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut accm = [_mm_setzero_ps(); R];
+        let wq = w.qs.as_ptr();
+        let mut b = 0;
+        while b < full4 {
+            // SAFETY: blocks b..b + 4 <= nb: 64 nibble bytes at b * 16 in `w.qs`,
+            // four u16s at b in `w.qhl`, `w.qhh`, `w.d` and (Q5_1) `w.m`; unaligned
+            // loads.
+            let (nib, kl, kh, dw, mw) = unsafe {
+                (
+                    _mm512_loadu_si512(wq.add(b * QK / 2) as *const __m512i),
+                    (w.qhl.as_ptr().add(b) as *const u64).read_unaligned(),
+                    (w.qhh.as_ptr().add(b) as *const u64).read_unaligned(),
+                    _mm_cvtph_ps(_mm_loadl_epi64(w.d.as_ptr().add(b) as *const __m128i)),
+                    if Q51 {
+                        _mm_cvtph_ps(_mm_loadl_epi64(wm.add(b) as *const __m128i))
+                    } else {
+                        _mm_setzero_ps()
+                    },
+                )
+            };
+            let ql = _mm512_and_si512(nib, m4);
+            let ql = _mm512_mask_add_epi8(ql, kl, ql, sixteen);
+            let qh = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
+            let qh = _mm512_mask_add_epi8(qh, kh, qh, sixteen);
+            for (x, (acc, accm)) in xs.iter().zip(acc.iter_mut().zip(accm.iter_mut())) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: blocks b..b + 4 <= nb: 128 quant bytes at b * 32 in `x.qs`
+                // (group b / 4), four f32s at b in `x.d`, `x.s`, four i32s at b in
+                // `x.isum`; unaligned loads.
+                let (ylo, yhi, dx, sx, isum) = unsafe {
+                    (
+                        _mm512_loadu_si512(xq.add(b * QK) as *const __m512i),
+                        _mm512_loadu_si512(xq.add(b * QK + 64) as *const __m512i),
+                        _mm_loadu_ps(x.d.as_ptr().add(b)),
+                        _mm_loadu_ps(x.s.as_ptr().add(b)),
+                        _mm_loadu_si128(x.isum.as_ptr().add(b) as *const __m128i),
+                    )
+                };
+                let p0 = if Q51 {
+                    *accm = _mm_fmadd_ps(mw, sx, *accm);
+                    _mm512_setzero_si512()
+                } else {
+                    let off = _mm512_slli_epi32(_mm512_broadcast_i32x4(isum), 4);
+                    _mm512_maskz_sub_epi32(0x8421, _mm512_setzero_si512(), off)
+                };
+                let p = _mm512_dpbusd_epi32(p0, ql, ylo);
+                let p = _mm512_dpbusd_epi32(p, qh, yhi);
+                let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+                *acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), *acc);
+            }
+            b += 4;
+        }
+        let mut sum: [f32; R] = std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]));
+        if nb - full4 >= 2 {
+            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16 in `w.qs`, two
+            // u16s at b in `w.qhl`, `w.qhh`, `w.d` and (Q5_1) `w.m`; unaligned loads.
+            let (nib, kl, kh, dw, mw) = unsafe {
+                (
+                    _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i),
+                    (w.qhl.as_ptr().add(b) as *const u32).read_unaligned(),
+                    (w.qhh.as_ptr().add(b) as *const u32).read_unaligned(),
+                    f16x2(w.d.as_ptr().add(b)),
+                    if Q51 {
+                        f16x2(wm.add(b))
+                    } else {
+                        _mm_setzero_ps()
+                    },
+                )
+            };
+            let (m4, sixteen) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+            let ql = _mm256_and_si256(nib, m4);
+            let ql = _mm256_mask_add_epi8(ql, kl, ql, sixteen);
+            let qh = _mm256_and_si256(_mm256_srli_epi16(nib, 4), m4);
+            let qh = _mm256_mask_add_epi8(qh, kh, qh, sixteen);
+            for (x, (sum, accm)) in xs.iter().zip(sum.iter_mut().zip(accm.iter_mut())) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32
+                // (grouped layout) in `x.qs`; unaligned loads. Blocks b, b + 1 < nb
+                // for the helpers.
+                let (ylo, yhi, sc) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
+                        _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
+                        scales2(dw, x, b),
+                    )
+                };
+                let p0 = if Q51 {
+                    // SAFETY: b + 1 < nb.
+                    unsafe { mins2(mw, x, b, accm) };
+                    _mm256_setzero_si256()
+                } else {
+                    // SAFETY: b + 1 < nb.
+                    _mm256_sub_epi32(_mm256_setzero_si256(), unsafe { offsets2(x, b) })
+                };
+                let p = _mm256_dpbusd_epi32(p0, ql, ylo);
+                let p = _mm256_dpbusd_epi32(p, qh, yhi);
+                *sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+            }
+            b += 2;
+        }
+        std::array::from_fn(|i| {
+            let mut s = sum[i];
+            if Q51 {
+                s += hsum128(accm[i]);
+            }
+            if b < nb {
+                s += block_dot(w, &xs[i], nb, b);
+            }
+            s
         })
     }
 }
