@@ -15,11 +15,13 @@ version, so one binary runs on any x86-64. All three compute the same integer
 sums; they differ only in the order the per-block f32 terms are added (see
 [`Isa`]).
 
-Rows are spread over candle's own worker pool (`candle_core::utils::barrier_pool`),
-the pool candle's other CPU ops use, so the engine has one set of worker
-threads, sized by `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`) before the
-first op runs. `SOVEREIGN_KERNELS_POOL=rayon` uses the current rayon pool
-instead (see `use_rayon`).
+Rows are spread over this crate's worker pool (`pool.rs`), which the
+engine's other parallel work uses too ([`par_chunks_mut`]), so the engine has
+one set of worker threads, sized by `CANDLE_NUM_THREADS` (or
+`RAYON_NUM_THREADS`) before the first call. A call returns once every chunk
+of its work is done, whether or not every worker ran, so a core taken by
+another process does not stall it. `SOVEREIGN_KERNELS_POOL=rayon` uses the
+current rayon pool instead (see `use_rayon`).
 
 With several activation rows (a prompt, a batch of sequences), the SIMD
 kernels (AVX2 and AVX-512) take them four at a time: a weight row's blocks
