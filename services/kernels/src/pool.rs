@@ -52,6 +52,8 @@ struct Job {
     cursor: AtomicUsize,
     /// Items whose chunk has finished.
     done: AtomicUsize,
+    /// Whether a chunk panicked (the caller panics once every chunk is over).
+    panicked: std::sync::atomic::AtomicBool,
     /// The caller's closure. Only called for a chunk taken from `cursor`
     /// below `n`, and the caller returns only after every such chunk is
     /// done, so it is alive whenever it is called (a worker that comes late
@@ -75,8 +77,15 @@ impl Job {
             }
             let end = self.n.min(start + self.chunk);
             // SAFETY: a chunk below `n` was taken, so the caller is still
-            // waiting for it and the closure is alive (see `Job::work`).
-            unsafe { (*self.work)(start..end) };
+            // waiting for it and the closure is alive (see `Job::work`). A
+            // panic is caught so that the caller, even when it is the one
+            // that panicked, only unwinds after every chunk is over.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+                (*self.work)(start..end)
+            }));
+            if ran.is_err() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
             self.done.fetch_add(end - start, Ordering::Release);
         }
     }
@@ -206,6 +215,7 @@ impl Pool {
             chunk,
             cursor: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
+            panicked: std::sync::atomic::AtomicBool::new(false),
             work,
         });
         {
@@ -233,8 +243,14 @@ impl Pool {
             self.solo_until
                 .store(until.as_nanos() as u64, Ordering::Relaxed);
         }
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.1 = None;
+        {
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            current.1 = None;
+        }
+        assert!(
+            !job.panicked.load(Ordering::Relaxed),
+            "a kernel chunk panicked"
+        );
     }
 }
 
@@ -316,5 +332,22 @@ mod tests {
         for c in callers {
             c.join().unwrap();
         }
+    }
+
+    /// A panic in any chunk reaches the caller after every chunk is over,
+    /// and the pool keeps working afterwards.
+    #[test]
+    fn a_panicking_chunk_panics_the_caller_and_leaves_the_pool_usable() {
+        let caught = std::panic::catch_unwind(|| {
+            par_ranges(1000, usize::MAX, |r| {
+                assert!(!r.contains(&500), "chunk with 500")
+            });
+        });
+        assert!(caught.is_err());
+        let total = AtomicUsize::new(0);
+        par_ranges(1000, usize::MAX, |r| {
+            total.fetch_add(r.len(), Ordering::Relaxed);
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 1000);
     }
 }

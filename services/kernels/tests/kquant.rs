@@ -40,6 +40,9 @@ fn reference(w: &QTensor, x: &Tensor) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn isas() -> Vec<Isa> {
+    if !Isa::Avx512.available() {
+        eprintln!("note: this CPU lacks AVX-512 VNNI: the AVX-512 kernels are not tested here");
+    }
     [Isa::Scalar, Isa::Avx2, Isa::Avx512]
         .into_iter()
         .filter(|i| i.available())

@@ -65,6 +65,7 @@ fn check(dtype: GgmlDType, n: usize, k: usize, seed: u64) {
     let scalar = matmul(&w, Isa::Scalar).expect("scalar kernels");
     for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
         let Some(mm) = matmul(&w, isa) else {
+            eprintln!("note: this CPU lacks {isa:?}: its {dtype:?} kernel is not tested here");
             continue;
         };
         for m in ROW_COUNTS {

@@ -64,6 +64,9 @@ fn run(mm: &Q41MatMul, x: &[f32], m: usize) -> Vec<f32> {
 }
 
 fn simd_isas() -> Vec<Isa> {
+    if !Isa::Avx512.available() {
+        eprintln!("note: this CPU lacks AVX-512 VNNI: the AVX-512 kernels are not tested here");
+    }
     let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
         .into_iter()
         .filter(|i| i.available())
