@@ -8,7 +8,10 @@ activations quantized to Q8_0 (the quants and `d` of [`Q8Rows`]): per block
 At load the weight bytes are put in the activations' grouped layout (see
 [`crate::q8`]) and stored offset by 128 (`u = w + 128`, a bit flip of the
 sign bit), so AVX-512 VNNI's unsigned-by-signed `vpdpbusd` applies; the
-offset is taken back exactly with `128 * sum(q_x)` per block. The values are
+offset is taken back exactly with `128 * sum(q_x)` per block. The AVX-512
+kernel sums whole blocks in i32 across sixteen blocks before converting, so
+its correction, scaling and f32 accumulation take one vector per sixteen
+blocks. The values are
 not requantized: every weight is recovered bit for bit by `u - 128`.
 
 The AVX2 and AVX-512 kernels take up to four activation rows at once (the
@@ -126,11 +129,19 @@ impl Q80MatMul {
     /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
     pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
+        // Checked once per call rather than per dot product (the check is
+        // not free next to a 1-row dot of a small matrix).
+        assert!(
+            self.isa.available(),
+            "{:?} kernels on a CPU without them",
+            self.isa
+        );
         par_rows(self.n, self.k, q.rows(), out, Q80Rows { mm: self, q });
     }
 }
 
-/// The Q8_0 dot products of one [`Q80MatMul::matmul_q8`] call.
+/// The Q8_0 dot products of one [`Q80MatMul::matmul_q8`] call; built only
+/// after that call has checked that `mm.isa` is available.
 struct Q80Rows<'a> {
     mm: &'a Q80MatMul,
     q: &'a Q8Rows,
@@ -150,7 +161,9 @@ impl RowsDot for Q80Rows<'_> {
             d: q.row_d(r + i),
             isum: q.row_isum(r + i),
         });
-        dot(mm.isa, &w, &xs)
+        // SAFETY: `matmul_q8` asserted that `mm.isa` is available before
+        // building this `Q80Rows`.
+        unsafe { dot(mm.isa, &w, &xs) }
     }
 }
 
@@ -170,9 +183,12 @@ struct XRow<'a> {
 /// The dot products of `w` with each row of `xs`, with the kernels for
 /// `isa`; element `i` is bit for bit what `xs[i]` alone gives.
 ///
+/// # Safety
+/// `isa` must be available on this CPU ([`Isa::available`]).
+///
 /// # Panics
-/// If the rows do not hold the same number of blocks, or `isa` is not available.
-fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
+/// If the rows do not hold the same number of blocks.
+unsafe fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
     let nb = w.d.len();
     assert!(
         w.u.len() == nb * QK
@@ -185,22 +201,14 @@ fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         Isa::Scalar => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            assert!(
-                isa.available(),
-                "AVX2 kernel on a CPU without AVX2/FMA/F16C"
-            );
-            // SAFETY: the CPU supports avx2, fma, f16c (checked above) and every
+            // SAFETY: the CPU supports avx2, fma, f16c (caller) and every
             // slice holds `nb` blocks (asserted above).
             unsafe { x86::dot_avx2(w, xs) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            assert!(
-                isa.available(),
-                "AVX-512 kernel on a CPU without AVX-512 VNNI"
-            );
-            // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma, f16c (checked
-            // above) and every slice holds `nb` blocks (asserted above).
+            // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma, f16c
+            // (caller) and every slice holds `nb` blocks (asserted above).
             unsafe { x86::dot_avx512(w, xs) }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -345,11 +353,15 @@ mod x86 {
         })
     }
 
-    /// AVX-512 VNNI: four blocks per step, `vpdpbusd` on `u = w + 128` and the
-    /// activation quants, minus `128 * sum(q_x)` per block (exact, in i32).
-    /// The weights' bytes and scales are loaded once per step for all `R`
-    /// rows; each row has its own accumulator and does the same f32
-    /// operations as alone.
+    /// AVX-512 VNNI: sixteen blocks per step, then four, then two, `vpdpbusd` on
+    /// `u = w + 128` and the activation quants, minus `128 * sum(q_x)` per
+    /// block (exact, in i32). In a sixteen-block step the four partial sums
+    /// of each block are added across the four groups' vectors with unpacks
+    /// (one exact sum per block in one vector, transposed, put back in block
+    /// order by one permute), so the correction, scales and f32 operations
+    /// take one vector per sixteen blocks instead of four. The weights'
+    /// bytes and scales are loaded once per step for all `R` rows; each row
+    /// has its own accumulator and does the same f32 operations as alone.
     ///
     /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; every slice
     /// holds `w.d.len()` blocks.
@@ -358,9 +370,64 @@ mod x86 {
         let nb = w.d.len();
         let full4 = nb / 4 * 4;
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let full16 = nb / 16 * 16;
+        // Lane `4 * l + m` of a transposed sum holds block `4 * m + l`; the
+        // transpose is its own inverse.
+        let untranspose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         let mut acc = [_mm512_setzero_ps(); R];
         let wu = w.u.as_ptr();
         let mut b = 0;
+        while b < full16 {
+            // SAFETY: groups b / 4 .. b / 4 + 4 are 512 bytes at b * 32 (grouped
+            // layout), with 16 f16s at b in `w.d`; unaligned loads.
+            let (u, dw) = unsafe {
+                let at = wu.add(b * QK);
+                (
+                    [0, 1, 2, 3, 4, 5, 6, 7]
+                        .map(|h| _mm512_loadu_si512(at.add(h * 64) as *const __m512i)),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(b) as *const __m256i)),
+                )
+            };
+            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                let xq = x.qs.as_ptr();
+                // SAFETY: the activations share the grouped layout: 512 bytes at
+                // b * 32, with 16 f32s / i32s at b in `x.d`, `x.isum`; unaligned loads.
+                let (y, dx, isum) = unsafe {
+                    let at = xq.add(b * QK);
+                    (
+                        [0, 1, 2, 3, 4, 5, 6, 7]
+                            .map(|h| _mm512_loadu_si512(at.add(h * 64) as *const __m512i)),
+                        _mm512_loadu_ps(x.d.as_ptr().add(b)),
+                        _mm512_loadu_si512(x.isum.as_ptr().add(b) as *const __m512i),
+                    )
+                };
+                // Group g's products: 128-bit lane l holds block 4g + l's 4 partial sums.
+                let p: [__m512i; 4] = std::array::from_fn(|g| {
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[2 * g], y[2 * g]);
+                    _mm512_dpbusd_epi32(p, u[2 * g + 1], y[2 * g + 1])
+                });
+                // Partial sums added pairwise across groups (0, 1) and (2, 3),
+                // then across the pairs: one exact sum per block, transposed.
+                let s01 = _mm512_add_epi32(
+                    _mm512_unpacklo_epi32(p[0], p[1]),
+                    _mm512_unpackhi_epi32(p[0], p[1]),
+                );
+                let s23 = _mm512_add_epi32(
+                    _mm512_unpacklo_epi32(p[2], p[3]),
+                    _mm512_unpackhi_epi32(p[2], p[3]),
+                );
+                let t = _mm512_add_epi32(
+                    _mm512_unpacklo_epi64(s01, s23),
+                    _mm512_unpackhi_epi64(s01, s23),
+                );
+                let sumi = _mm512_sub_epi32(
+                    _mm512_permutexvar_epi32(untranspose, t),
+                    _mm512_slli_epi32(isum, 7),
+                );
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(sumi), *acc);
+            }
+            b += 16;
+        }
         while b < full4 {
             // SAFETY: group b / 4 is 128 bytes at b * 32 (grouped layout), with
             // 4 f16s at b in `w.d`; unaligned loads.
@@ -397,43 +464,41 @@ mod x86 {
             }
             b += 4;
         }
-        let mut sum: [f32; R] = std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]));
         if nb - full4 >= 2 {
-            // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32;
-            // unaligned loads.
-            let (ulo, uhi) = unsafe {
+            // Lanes 0..4 and 8..12 are block b's, 4..8 and 12..16 block b + 1's.
+            let pair = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+            // SAFETY: the pair is 64 bytes at b * 32 (both first halves, then
+            // both second halves) and b + 1 < nb; unaligned load.
+            let (u, dw) = unsafe {
                 (
-                    _mm256_loadu_si256(wu.add(b * QK) as *const __m256i),
-                    _mm256_loadu_si256(wu.add(b * QK + 32) as *const __m256i),
+                    _mm512_loadu_si512(wu.add(b * QK) as *const __m512i),
+                    wscales2(w, b),
                 )
             };
-            // SAFETY: b + 1 < nb.
-            let dw = unsafe { wscales2(w, b) };
-            for (x, sum) in xs.iter().zip(sum.iter_mut()) {
-                let xq = x.qs.as_ptr();
-                // SAFETY: the same halves in the activations, 2 i32s at b in
-                // `x.isum`; unaligned loads.
-                let (ylo, yhi, isum) = unsafe {
+            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                // SAFETY: the same 64 bytes in the activations, 2 f32s / i32s at
+                // b in `x.d`, `x.isum`; unaligned loads.
+                let (y, dx, isum) = unsafe {
                     (
-                        _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
-                        _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
+                        _mm512_loadu_si512(x.qs.as_ptr().add(b * QK) as *const __m512i),
+                        _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b) as *const f64)),
                         _mm_loadl_epi64(x.isum.as_ptr().add(b) as *const __m128i),
                     )
                 };
-                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ulo, ylo);
-                let p = _mm256_dpbusd_epi32(p, uhi, yhi);
-                let corr = _mm256_maskz_permutexvar_epi32(
-                    0x11,
-                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-                    _mm256_castsi128_si256(_mm_slli_epi32(isum, 7)),
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y);
+                // 128 * sum(q_x) of each block, taken from lane 0 (block b), 4 (b + 1) only.
+                let corr = _mm512_maskz_permutexvar_epi32(
+                    0x0011,
+                    pair,
+                    _mm512_castsi128_si512(_mm_slli_epi32(isum, 7)),
                 );
-                let p = _mm256_sub_epi32(p, corr);
-                // SAFETY: b + 1 < nb.
-                let sc = unsafe { scales2(dw, x, b) };
-                *sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+                let p = _mm512_sub_epi32(p, corr);
+                let sc = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+                *acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), *acc);
             }
             b += 2;
         }
+        let sum: [f32; R] = std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]));
         std::array::from_fn(|i| {
             let mut s = sum[i];
             if b < nb {

@@ -108,6 +108,9 @@ fn q4_1_rows_are_batch_invariant() {
 fn q8_0_rows_are_batch_invariant() {
     check(GgmlDType::Q8_0, 96, 576, 3);
     check(GgmlDType::Q8_0, 5, 224, 4);
+    // 39 blocks: two steps of 16 (the second adds to a non-zero sum), a
+    // group of 4, a pair and a single block.
+    check(GgmlDType::Q8_0, 24, 1248, 10);
 }
 
 #[test]
