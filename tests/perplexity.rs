@@ -13,24 +13,18 @@ const TEXT: &str = "/usr/share/common-licenses/GPL-3";
 /// bench/build-llama-cpp): "Final estimate: PPL = 18.2554 +/- 1.54930".
 const LLAMA_PPL: f64 = 18.2554;
 
+/// `sovereign perplexity --store store --model smollm2 ARGS...`.
+fn perplexity(lab: &Lab, args: &[&str]) -> support::Run {
+    let mut all = vec!["perplexity", "--store", "store", "--model", "smollm2"];
+    all.extend_from_slice(args);
+    lab.run(&all)
+}
+
 #[test]
 fn perplexity_matches_llama_cpp_within_one_percent() {
     let lab = Lab::new();
     lab.import_demo_model();
-    let out = lab
-        .run(&[
-            "perplexity",
-            "--store",
-            "store",
-            "--model",
-            "smollm2",
-            "--ctx",
-            "512",
-            "--chunks",
-            "4",
-            TEXT,
-        ])
-        .ok();
+    let out = perplexity(&lab, &["--ctx", "512", "--chunks", "4", TEXT]).ok();
     let last = out.stdout.lines().last().expect("output");
     let ppl: f64 = last
         .strip_prefix("perplexity: ")
@@ -47,35 +41,9 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
     );
 
     std::fs::write(lab.path("short.txt"), "Too short to fill one chunk.").expect("write");
-    lab.run(&[
-        "perplexity",
-        "--store",
-        "store",
-        "--model",
-        "smollm2",
-        "short.txt",
-    ])
-    .refused("at least 512 are needed");
-    lab.run(&[
-        "perplexity",
-        "--store",
-        "store",
-        "--model",
-        "smollm2",
-        "--ctx",
-        "2",
-        TEXT,
-    ])
-    .refused("too small");
-    lab.run(&[
-        "perplexity",
-        "--store",
-        "store",
-        "--model",
-        "smollm2",
-        "missing.txt",
-    ])
-    .refused("missing.txt");
+    perplexity(&lab, &["short.txt"]).refused("at least 512 are needed");
+    perplexity(&lab, &["--ctx", "2", TEXT]).refused("too small");
+    perplexity(&lab, &["missing.txt"]).refused("missing.txt");
 }
 
 /// Writes a reference file as `llama-perplexity --kl-divergence-base` does,
@@ -126,17 +94,7 @@ fn a_reference_run_is_compared_position_by_position() {
     // from ours is our negative log-likelihood there, so the mean KL is
     // ln(perplexity), and "same top-1" counts where we rank the text's token first.
     one_hot_reference(&lab.path("one-hot.kld"), 16, 49152, 3);
-    let out = lab
-        .run(&[
-            "perplexity",
-            "--store",
-            "store",
-            "--model",
-            "smollm2",
-            "--reference",
-            "one-hot.kld",
-        ])
-        .ok();
+    let out = perplexity(&lab, &["--reference", "one-hot.kld"]).ok();
     assert!(
         out.stdout.contains("scored 21 tokens in 3 chunks of 16"),
         "{}",
@@ -163,41 +121,13 @@ fn a_reference_run_is_compared_position_by_position() {
 
     // Bad references are refused before any work, naming the problem.
     one_hot_reference(&lab.path("small-vocab.kld"), 16, 100, 1);
-    lab.run(&[
-        "perplexity",
-        "--store",
-        "store",
-        "--model",
-        "smollm2",
-        "--reference",
-        "small-vocab.kld",
-    ])
-    .refused("vocabulary of 100 tokens");
+    perplexity(&lab, &["--reference", "small-vocab.kld"]).refused("vocabulary of 100 tokens");
     std::fs::write(
         lab.path("garbage.kld"),
         b"_logits_ and then nothing sensible",
     )
     .expect("write");
-    lab.run(&[
-        "perplexity",
-        "--store",
-        "store",
-        "--model",
-        "smollm2",
-        "--reference",
-        "garbage.kld",
-    ])
-    .refused("garbage.kld");
-    lab.run(&[
-        "perplexity",
-        "--store",
-        "store",
-        "--model",
-        "smollm2",
-        "--ctx",
-        "32",
-        "--reference",
-        "one-hot.kld",
-    ])
-    .refused("differs from the reference's chunks of 16");
+    perplexity(&lab, &["--reference", "garbage.kld"]).refused("garbage.kld");
+    perplexity(&lab, &["--ctx", "32", "--reference", "one-hot.kld"])
+        .refused("differs from the reference's chunks of 16");
 }
