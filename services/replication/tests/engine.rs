@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,6 +73,20 @@ fn install_trust(store: &Path, keys: &Keys) {
         .unwrap();
 }
 
+/// Imports as `sovereign import --store` does: waiting for the store while
+/// the node's engine imports something it received.
+fn import_into(store: &Path, bundle: &Path, keys: &Keys, allow_downgrade: bool) {
+    let store = Store::open_waiting(store, Duration::from_secs(60)).unwrap();
+    let outbox = store.outbox();
+    let options = ImportOptions {
+        trust: Some(&keys.trust),
+        allow_downgrade,
+        outbox: outbox.as_deref(),
+        ..ImportOptions::default()
+    };
+    store.import_bundle(bundle, &options).unwrap();
+}
+
 struct Node {
     name: String,
     dir: PathBuf,
@@ -104,15 +118,7 @@ impl Node {
 
     /// Imports as `sovereign import --store` does on a node that replicates.
     fn import(&self, bundle: &Path, keys: &Keys, allow_downgrade: bool) {
-        let store = Store::open(&self.store).unwrap();
-        let outbox = store.outbox();
-        let options = ImportOptions {
-            trust: Some(&keys.trust),
-            allow_downgrade,
-            outbox: outbox.as_deref(),
-            ..ImportOptions::default()
-        };
-        store.import_bundle(bundle, &options).unwrap();
+        import_into(&self.store, bundle, keys, allow_downgrade);
     }
 
     async fn stop(mut self) {
@@ -122,11 +128,32 @@ impl Node {
 }
 
 /// Which messages pass, and a log of the fetches that did.
-#[derive(Default)]
 struct Wire {
-    down: AtomicBool,
+    /// Chunks from this offset on are lost, as if the cable were pulled
+    /// there: the transfer stalls at a known byte however fast it runs.
+    cut: AtomicU64,
     fetches: Mutex<Vec<(String, u64)>>,
     chunk_bytes: Mutex<u64>,
+}
+
+impl Wire {
+    fn new() -> Self {
+        Self {
+            cut: AtomicU64::new(u64::MAX),
+            fetches: Mutex::default(),
+            chunk_bytes: Mutex::default(),
+        }
+    }
+
+    /// The offsets `node` asked for, in order.
+    fn asked_by(&self, node: &str) -> Vec<u64> {
+        let fetches = self.fetches.lock().unwrap();
+        fetches
+            .iter()
+            .filter(|(from, _)| from == node)
+            .map(|(_, offset)| *offset)
+            .collect()
+    }
 }
 
 /// The nodes' inbound senders, by name, and the wire between all of them.
@@ -139,12 +166,16 @@ struct Ring {
 impl Ring {
     fn new() -> Self {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            // A failing test prints the engines' story (captured otherwise).
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "sovereign_replication=info".into()),
+            )
             .with_test_writer()
             .try_init();
         Self {
             inboxes: Arc::default(),
-            wire: Arc::default(),
+            wire: Arc::new(Wire::new()),
             peers: watch::Sender::new(Peers::new()),
         }
     }
@@ -168,12 +199,12 @@ impl Ring {
         let from = name.to_owned();
         tokio::spawn(async move {
             while let Some(out) = out_rx.recv().await {
-                if wire.down.load(Ordering::SeqCst) {
-                    continue;
-                }
                 match Message::decode(&out.payload).unwrap() {
                     Message::Fetch { offset, .. } => {
                         wire.fetches.lock().unwrap().push((from.clone(), offset))
+                    }
+                    Message::Chunk { offset, .. } if offset >= wire.cut.load(Ordering::SeqCst) => {
+                        continue
                     }
                     Message::Chunk { data, .. } => {
                         *wire.chunk_bytes.lock().unwrap() += data.len() as u64
@@ -312,6 +343,24 @@ async fn a_flipped_byte_from_a_peer_is_refused_and_audited_by_the_receiver() {
     b.stop().await;
 }
 
+/// Waits until `node`'s transfer stalls at or past `cut` (it asks twice in a
+/// row from one offset there: asking again after a stall) and returns where.
+async fn stalled_past(ring: &Ring, nodes: &[&Node], node: &str, cut: u64) -> u64 {
+    let mut at = None;
+    until(ring, nodes, "a stalled transfer asking again", || {
+        at = ring
+            .wire
+            .asked_by(node)
+            .windows(2)
+            .rev()
+            .find(|w| w[0] == w[1] && w[0] >= cut)
+            .map(|w| w[0]);
+        at.is_some()
+    })
+    .await;
+    at.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_resumes_after_a_pulled_cable_and_after_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -319,55 +368,42 @@ async fn a_transfer_resumes_after_a_pulled_cable_and_after_a_restart() {
     let ring = Ring::new();
     let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 1);
     let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 1);
-    // Large enough that the transfer cannot finish between two polls of a loaded machine.
-    let size = 64 << 20;
+    let size = 24 << 20;
     let path = bundle(tmp.path(), &keys, "alpha", "1.0.0", size);
+    // The cable is pulled once 4 MiB have passed.
+    ring.wire.cut.store(4 << 20, Ordering::SeqCst);
     a.import(&path, &keys, false);
     let nodes = [&a, &b];
     let spool = Spool::open(&b.dir.join("spool"), 1).unwrap();
     let received = || {
-        let meta = spool.partial().unwrap().first().cloned()?;
-        Some((spool.received(&meta).unwrap(), meta))
+        let meta = spool.partial().unwrap().first().cloned().unwrap();
+        (spool.received(&meta).unwrap(), meta)
     };
-    until(&ring, &nodes, "a started transfer", || {
-        received().is_some_and(|(r, _)| r > 1 << 20)
-    })
-    .await;
-    // Pull the cable: nothing passes for a while.
-    ring.wire.down.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let (at_cut, meta) = received().unwrap();
-    assert!(at_cut < meta.total());
-    let fetches_before = ring.wire.fetches.lock().unwrap().len();
-    ring.wire.down.store(false, Ordering::SeqCst);
-    until(&ring, &nodes, "progress after the cable", || {
-        received().is_some_and(|(r, _)| r > at_cut + (256 << 10))
-    })
-    .await;
-    ring.wire.down.store(true, Ordering::SeqCst);
-    let resumed = ring.wire.fetches.lock().unwrap()[fetches_before].1;
-    assert_eq!(
-        resumed, at_cut,
-        "the first fetch after the cable asks from the spool's length"
+    let at_cut = stalled_past(&ring, &nodes, "b", 4 << 20).await;
+    let (spooled, meta) = received();
+    assert_eq!(spooled, at_cut, "b asks again from its spool's length");
+    // The cable is back (until 8 MiB): the transfer goes on from there.
+    ring.wire.cut.store(8 << 20, Ordering::SeqCst);
+    let at_reboot = stalled_past(&ring, &nodes, "b", 8 << 20).await;
+    let asked = ring.wire.asked_by("b");
+    assert!(
+        asked.windows(2).all(|w| w[0] <= w[1]),
+        "never asks from an earlier offset: {asked:?}"
     );
+    assert!(asked.contains(&at_cut) && asked.iter().any(|o| *o > at_cut));
     // Reboot b mid-transfer: the new engine resumes from its spool.
     let b_dir = b.dir.clone();
     b.stop().await;
-    let (at_reboot, _) = received().unwrap();
-    assert!(at_reboot > at_cut && at_reboot < meta.total());
-    let fetches_before = ring.wire.fetches.lock().unwrap().len();
+    assert_eq!(received().0, at_reboot);
+    assert!(at_reboot < meta.total());
+    let asked_before = ring.wire.asked_by("b").len();
     let b = ring.start(&keys, "b", &b_dir, 1 << 30, 1);
-    ring.wire.down.store(false, Ordering::SeqCst);
+    ring.wire.cut.store(u64::MAX, Ordering::SeqCst);
     let nodes = [&a, &b];
     until(&ring, &nodes, "alpha on b", || b.live() == ["alpha@1.0.0"]).await;
-    let fetches = ring.wire.fetches.lock().unwrap().clone();
-    let after: Vec<u64> = fetches[fetches_before..]
-        .iter()
-        .filter(|(from, _)| from == "b")
-        .map(|(_, offset)| *offset)
-        .collect();
     assert_eq!(
-        after[0], at_reboot,
+        ring.wire.asked_by("b")[asked_before],
+        at_reboot,
         "resumed from the spool after a restart"
     );
     assert!(
@@ -383,13 +419,17 @@ async fn a_rolled_back_version_and_a_bundle_without_room_are_refused_with_reason
     let tmp = tempfile::tempdir().unwrap();
     let keys = keys(tmp.path());
     let ring = Ring::new();
-    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 4);
     let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 4);
     let small = ring.start(&keys, "small", &tmp.path().join("small"), 100_000, 4);
     let v2 = bundle(tmp.path(), &keys, "alpha", "2.0.0", 200_000);
     b.import(&v2, &keys, false);
+    // A holds 1.0.0 before its engine runs, so b's 2.0.0 cannot reach it first.
     let v1 = bundle(tmp.path(), &keys, "alpha", "1.0.0", 200_000);
-    a.import(&v1, &keys, false);
+    let a_store = tmp.path().join("a/store");
+    install_trust(&a_store, &keys);
+    fs::create_dir_all(a_store.join(sovereign_store::OUTBOX)).unwrap();
+    import_into(&a_store, &v1, &keys, false);
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 4);
     let nodes = [&a, &b, &small];
     until(&ring, &nodes, "refusals of alpha@1.0.0", || {
         let refusals = &a.status.borrow().refusals;
@@ -412,10 +452,15 @@ async fn a_rolled_back_version_and_a_bundle_without_room_are_refused_with_reason
     assert!(b.audit_text().contains("rollback refused"));
     assert!(small.audit_text().contains("\"kind\":\"no-room\""));
     // The small node says so itself, for `sovereign ring status`.
-    let own = small.status.borrow().refusals.clone();
-    assert!(own
-        .iter()
-        .any(|r| r.node == "small" && r.reason.starts_with("no room")));
+    until(&ring, &nodes, "small's own refusal", || {
+        small
+            .status
+            .borrow()
+            .refusals
+            .iter()
+            .any(|r| r.node == "small" && r.reason.starts_with("no room"))
+    })
+    .await;
     for node in [a, b, small] {
         node.stop().await;
     }
