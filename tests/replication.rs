@@ -153,6 +153,115 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
     assert!(!ring.ask(2, 8, 1, 0.0).is_empty(), "node-c answers");
 }
 
+/// The checkpoint file of `node`'s folder on the stick.
+fn carried(ring: &Cluster, node: &str) -> String {
+    std::fs::read_to_string(
+        ring.lab
+            .path(&format!("stick/sovereign-audit/{node}/checkpoint")),
+    )
+    .unwrap()
+}
+
+/// `sovereign audit courier` through node `via`'s courier socket.
+fn courier(ring: &Cluster, via: &str) -> String {
+    let socket = format!("courier-{via}.sock");
+    ring.lab
+        .run(&["audit", "courier", "--ring", &socket, "stick"])
+        .ok()
+        .stdout
+}
+
+/// `sovereign audit verify --cluster-ca` of `node`'s folder on the stick.
+fn verify_carried(ring: &Cluster, node: &str) -> String {
+    let folder = format!("stick/sovereign-audit/{node}");
+    #[rustfmt::skip]
+    let run = ring.lab.run(&["audit", "verify", "--cluster-ca", "acme/ca.pem", &folder]).ok();
+    run.stdout
+}
+
+#[test]
+fn one_stick_visit_to_any_node_carries_every_members_checkpoint_and_proof() {
+    let mut ring = Cluster::new(RingNet::ring(3).unwrap(), &NODES, &[]);
+    for (i, node) in NODES.iter().enumerate() {
+        let socket = format!("courier-{node}.sock");
+        ring.start_with(i, &["--courier-socket", &socket]);
+    }
+    ring.wait_for_order(0, &NODES);
+    std::fs::create_dir(ring.lab.path("stick")).unwrap();
+
+    // First visit, to node-a: every member's folder, each verified with the CA alone.
+    let first = courier(&ring, "node-a");
+    for node in NODES {
+        assert!(
+            first.contains(&format!("{node}: left the checkpoint")),
+            "{first}\n{}",
+            ring.logs()
+        );
+        let verified = verify_carried(&ring, node);
+        assert!(verified.contains(&format!("of node {node}")), "{verified}");
+    }
+    let c_before = carried(&ring, "node-c");
+
+    // node-c is powered off; the others record its leave. The next visit
+    // carries what it reaches, says what it does not, and leaves node-c's
+    // folder as it was.
+    ring.kill(2);
+    wait_until(&ring, "node-a and node-b record node-c's leave", || {
+        ["node-a", "node-b"].iter().all(|node| {
+            ring.audited(node, "node", "ring-leave")
+                .iter()
+                .any(|r| r["details"]["node"] == "node-c")
+        })
+    });
+    let second = courier(&ring, "node-a");
+    assert!(second.contains("node-c: not carried"), "{second}");
+    assert_eq!(carried(&ring, "node-c"), c_before);
+    for node in ["node-a", "node-b"] {
+        assert!(
+            second.contains(&format!("{node}: left the checkpoint")),
+            "{second}"
+        );
+        // The log grew (node-c's leave, the new plan) and the proof links
+        // the checkpoint carried last time to the new one.
+        let line = second
+            .lines()
+            .find(|l| l.starts_with(&format!("{node}: left")))
+            .unwrap();
+        let size = |after: &str| -> u64 {
+            line.split(after)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap()
+        };
+        assert!(
+            size("proof from size ") > 0 && size("checkpoint at size ") > size("proof from size "),
+            "{line}"
+        );
+        let verified = verify_carried(&ring, node);
+        assert!(verified.contains("extends the previous one"), "{verified}");
+    }
+
+    // node-c comes back; the stick now visits node-b, and node-c's folder
+    // extends the checkpoint it carried before node-c went down.
+    ring.start_with(2, &["--courier-socket", "courier-node-c.sock"]);
+    ring.wait_for_order(1, &NODES);
+    let third = courier(&ring, "node-b");
+    assert!(
+        third.contains("node-c: left the checkpoint") && !third.contains("not carried"),
+        "{third}\n{}",
+        ring.logs()
+    );
+    let previous = std::fs::read_to_string(
+        ring.lab
+            .path("stick/sovereign-audit/node-c/previous-checkpoint"),
+    )
+    .unwrap();
+    assert_eq!(previous, c_before);
+    let verified = verify_carried(&ring, "node-c");
+    assert!(verified.contains("extends the previous one"), "{verified}");
+}
+
 #[test]
 fn a_transfer_cut_by_a_pulled_cable_resumes_where_it_stopped() {
     // Two cabled nodes serving the demo model; a large bundle imported on

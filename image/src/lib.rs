@@ -46,9 +46,9 @@ pub use spec::{ImageSpec, LanAddress, Network, Profile, Service, SpecError, Trus
 pub use tree::{listing, MASKED_ALWAYS, PRODUCTION_REMOVED};
 pub use units::{
     firewall_audit_timer, firewall_audit_unit, hostname_unit, lock_modules_unit, stick_unit,
-    unit_file, unit_name, AUDIT_SOCKET, CLUSTER_CA, FIREWALL_AUDIT_TIMER, FIREWALL_AUDIT_UNIT,
-    HOSTNAME_UNIT, LOCK_MODULES_UNIT, SPOOL_DIR, STICK_DIR, STICK_MOUNT_OPTIONS, STICK_UNIT,
-    STORE_DIR, STORE_GROUP,
+    unit_file, unit_name, AUDIT_SOCKET, CLUSTER_CA, COURIER_SOCKET, FIREWALL_AUDIT_TIMER,
+    FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT, LOCK_MODULES_UNIT, SPOOL_DIR, STICK_DIR,
+    STICK_MOUNT_OPTIONS, STICK_UNIT, STORE_DIR, STORE_GROUP,
 };
 
 /// The default spec (`image/node.toml`).

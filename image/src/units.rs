@@ -8,6 +8,9 @@ use crate::spec::{ImageSpec, LanAddress, Service};
 
 /// The socket services use to reach the audit daemon.
 pub const AUDIT_SOCKET: &str = "/run/sovereign-audit/audit.sock";
+/// The node service's courier socket: the stick unit's courier step gathers
+/// every ring member's checkpoint through it.
+pub const COURIER_SOCKET: &str = "/run/sovereign-node/courier.sock";
 
 /// Where the node's identity and credentials live (on the state partition).
 pub const NODE_DIR: &str = "/var/lib/sovereign/node";
@@ -153,13 +156,15 @@ pub fn unit_file(service: Service, spec: &ImageSpec) -> String {
                     "Type=simple\nUser=sovereign-api\nGroup=sovereign-api\n\
                      SupplementaryGroups=sovereign-audit {STORE_GROUP}\n\
                      ReadWritePaths={STORE_DIR}\nStateDirectory=sovereign/store.spool\nStateDirectoryMode=0700\n\
+                     RuntimeDirectory=sovereign-node\nRuntimeDirectoryMode=0700\n\
                      LoadCredential=identity.pem:{NODE_DIR}/identity.pem\n\
                      LoadCredential=api-keys:{NODE_DIR}/api-keys\nLoadCredential=cert.pem:{NODE_DIR}/cert.pem\n\
                      LoadCredential=key.pem:{NODE_DIR}/key.pem\n\
                      ExecStart=/usr/bin/sovereign-node --identity %d/identity.pem --store {STORE_DIR} --spool {SPOOL_DIR} \
                      --trust /etc/sovereign/node.trust \
                      --ring-interface {ring} --ring-port {ring_port} --api-listen [::]:{port} \
-                     --keys %d/api-keys --tls-cert %d/cert.pem --tls-key %d/key.pem --audit-socket {AUDIT_SOCKET}\n\
+                     --keys %d/api-keys --tls-cert %d/cert.pem --tls-key %d/key.pem --audit-socket {AUDIT_SOCKET} \
+                     --courier-socket {COURIER_SOCKET}\n\
                      Restart=on-failure\nRestartSec=5\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
                      LimitNOFILE=4096\n\
                      IPAddressAllow=localhost link-local multicast {lan}\n",
@@ -209,7 +214,8 @@ pub const STICK_MOUNT_OPTIONS: &str = "nosuid,nodev,noexec,nosymfollow,umask=002
 /// import's outcome, the stick then becomes the auditor's courier: remounted
 /// read-write for one step, it gets the newest signed checkpoint and the
 /// consistency proof from the one it carried (in the folder named after the
-/// node, see [`hostname_unit`]); then it is unmounted.
+/// node, see [`hostname_unit`]), and through the node service every other
+/// reachable ring member's ([`COURIER_SOCKET`]); then it is unmounted.
 pub fn stick_unit() -> String {
     let mount = format!("{STICK_DIR}/%i");
     format!(
@@ -221,7 +227,7 @@ pub fn stick_unit() -> String {
          ExecStart=/usr/bin/mount -t vfat,exfat -o {STICK_MOUNT_OPTIONS},ro /dev/%i {mount}\n\
          ExecStart=/usr/bin/systemctl start sovereign-import@%i.service\n\
          ExecStopPost=-/usr/bin/mount -o remount,{STICK_MOUNT_OPTIONS},rw {mount}\n\
-         ExecStopPost=-/usr/bin/sovereign-auditctl --socket {AUDIT_SOCKET} courier {mount}\n\
+         ExecStopPost=-/usr/bin/sovereign-auditctl --socket {AUDIT_SOCKET} courier --ring {COURIER_SOCKET} {mount}\n\
          ExecStopPost=-/usr/bin/umount {mount}\n\
          ExecStopPost=-/usr/bin/rmdir {mount}\n\
          PrivateNetwork=yes\nIPAddressDeny=any\nNoNewPrivileges=yes\n\

@@ -7,8 +7,8 @@ use std::process::Command;
 
 use sovereign_image::{
     firewall_audit_unit, fstab, hostname_unit, lan_network, nftables_ruleset, stick_unit, sysusers,
-    tmpfiles, unit_file, unit_name, ImageSpec, Service, FIREWALL_AUDIT_UNIT, HOSTNAME_UNIT,
-    MASKED_ALWAYS, SPOOL_DIR, STICK_UNIT, STORE_DIR, STORE_GROUP, SYSTEM_CONF,
+    tmpfiles, unit_file, unit_name, ImageSpec, Service, COURIER_SOCKET, FIREWALL_AUDIT_UNIT,
+    HOSTNAME_UNIT, MASKED_ALWAYS, SPOOL_DIR, STICK_UNIT, STORE_DIR, STORE_GROUP, SYSTEM_CONF,
 };
 
 const DEFAULT: &str = include_str!("../node.toml");
@@ -414,6 +414,28 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+#[test]
+fn the_sticks_courier_step_carries_every_ring_members_checkpoint_through_the_node_service() {
+    let spec = ImageSpec::parse(DEFAULT).unwrap();
+    let node = unit_file(Service::Api, &spec);
+    assert!(
+        node.contains(&format!("--courier-socket {COURIER_SOCKET}")),
+        "{node}"
+    );
+    // The socket's directory is the node service's own, made at its start.
+    assert!(COURIER_SOCKET.starts_with("/run/sovereign-node/"));
+    assert!(node.contains("RuntimeDirectory=sovereign-node\n"), "{node}");
+    let stick = stick_unit();
+    let courier = stick
+        .lines()
+        .find(|l| l.contains("sovereign-auditctl") && l.contains(" courier "))
+        .unwrap_or_else(|| panic!("no courier step: {stick}"));
+    assert!(
+        courier.contains(&format!("--ring {COURIER_SOCKET}")),
+        "{courier}"
+    );
 }
 
 #[test]

@@ -50,6 +50,16 @@ pub enum AuditCommand {
         /// An export file, a log directory, or a courier folder.
         path: PathBuf,
     },
+    /// Leave every ring member's newest checkpoint and the consistency proof
+    /// from the one the stick carries, gathered over the ring by the node
+    /// serving `--ring` (its `--courier-socket`), in the stick's folders.
+    Courier {
+        /// The node's courier socket.
+        #[arg(long)]
+        ring: PathBuf,
+        /// The stick (its mounted directory).
+        stick: PathBuf,
+    },
     /// Print the records, or JSON Lines for SIEM tools.
     Show {
         /// The log directory or an export file.
@@ -166,6 +176,18 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                 if held.is_some() { "; extends the held checkpoint" } else { "" },
                 if key.is_none() { "; key not pinned (use --key or --cluster-ca)" } else { "" }
             );
+        }
+        AuditCommand::Courier { ring, stick } => {
+            anyhow::ensure!(stick.is_dir(), "{} is not a directory", stick.display());
+            let outcome = sovereign_audit::write_ring_courier(&ring, &stick, None)?;
+            anyhow::ensure!(
+                !outcome.written.is_empty(),
+                "no member's checkpoint reached the stick: {}",
+                outcome.lines().join("; ")
+            );
+            for line in outcome.lines() {
+                println!("{line}");
+            }
         }
         AuditCommand::Show { log, json } => {
             let export = Export::load(&log)?;

@@ -659,16 +659,25 @@ fn three_cabled_nodes_form_a_ring_share_a_stick_answer_as_one_and_survive_a_pull
     assert_eq!(answer, reference, "node-b after its return");
 
     // The auditor's courier: an empty stick plugged into node-c comes back
-    // with its signed checkpoint, verified on the host with the cluster CA alone.
+    // with its signed checkpoint, verified on the host with the cluster CA
+    // alone, and with every other member's, gathered over the ring.
     let courier = stick(d, "courier.img", &[]);
     let verified = courier_visit(&kit, &mut nodes[2], &courier, &d.join("courier"));
     assert!(
         verified.contains("ok: courier checkpoint") && verified.contains("of node node-c"),
         "{verified}"
     );
+    for member in ["node-a", "node-b"] {
+        let carried = kit.verify_audit(&d.join("courier/sovereign-audit").join(member));
+        assert!(
+            carried.contains("ok: courier checkpoint")
+                && carried.contains(&format!("of node {member}")),
+            "{member}'s folder on the stick node-c saw: {carried}"
+        );
+    }
     progress!(
         t0,
-        "node-c's audit courier verified with the cluster CA alone: {}",
+        "node-c's audit courier (and node-a's and node-b's, over the ring) verified with the cluster CA alone: {}",
         verified.trim()
     );
 

@@ -248,6 +248,14 @@ impl Auditor {
         }
     }
 
+    /// A fresh checkpoint and the proof from `previous` (a stick's courier step).
+    pub fn courier(&self, previous: Option<&str>) -> Result<CourierPackage, AuditError> {
+        match self {
+            Self::Local(log) => courier_package(log, previous),
+            Self::Remote(client) => client.courier(previous),
+        }
+    }
+
     /// Whether records can be made now (the log is open; the daemon is
     /// connected or reachable). Records nothing.
     pub fn is_available(&self) -> bool {

@@ -159,10 +159,37 @@ pub fn write_courier(log: &AuditLog, stick: &Path) -> Result<PathBuf, AuditError
 /// Checks a courier folder: both checkpoints signed by `key` and the proof
 /// linking them. Returns the new checkpoint.
 pub fn verify_courier(dir: &Path, key: &PublicKey) -> Result<Checkpoint, AuditError> {
+    verify_package(&read_package(dir)?, key)
+}
+
+/// The courier folder `dir` as a package (the node named by the folder).
+fn read_package(dir: &Path) -> Result<CourierPackage, AuditError> {
     let read = |name: &str| read_courier_file(dir, name);
-    let new = Checkpoint::verify(&read("checkpoint")?, key)?;
+    let checkpoint = read("checkpoint")?;
     let proof: CourierProof = serde_json::from_str(&read("consistency-proof.json")?)
         .map_err(|e| AuditError::Format(format!("consistency-proof.json: {e}")))?;
+    let previous = if proof.old_size == 0 {
+        None
+    } else {
+        Some(read("previous-checkpoint")?)
+    };
+    Ok(CourierPackage {
+        node: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        checkpoint,
+        previous,
+        proof,
+        certificate: read("certificate.pem").ok(),
+    })
+}
+
+/// Checks a package: both checkpoints signed by `key` and the proof linking
+/// them. Returns the new checkpoint.
+pub fn verify_package(package: &CourierPackage, key: &PublicKey) -> Result<Checkpoint, AuditError> {
+    let new = Checkpoint::verify(&package.checkpoint, key)?;
+    let proof = &package.proof;
     let hashes = proof
         .proof
         .iter()
@@ -179,7 +206,10 @@ pub fn verify_courier(dir: &Path, key: &PublicKey) -> Result<Checkpoint, AuditEr
     if proof.old_size == 0 {
         return Ok(new);
     }
-    let old = Checkpoint::verify(&read("previous-checkpoint")?, key)?;
+    let previous = package.previous.as_deref().ok_or_else(|| {
+        AuditError::Format("a proof from an earlier checkpoint comes without it".into())
+    })?;
+    let old = Checkpoint::verify(previous, key)?;
     if old.size != proof.old_size
         || !verify_consistency(old.size, new.size, &old.root, &new.root, &hashes)
     {
@@ -199,10 +229,20 @@ pub fn verify_courier_with_ca(
     revocations: &RevocationList,
     now: SystemTime,
 ) -> Result<(Checkpoint, PeerInfo), AuditError> {
-    let certificate = read_courier_file(dir, "certificate.pem").ok();
-    let peer = certified_key(certificate.as_deref(), ca, revocations, now)?;
+    verify_package_with_ca(&read_package(dir)?, ca, revocations, now)
+}
+
+/// [`verify_package`] with the key of the package's node certificate, which
+/// must be issued by `ca`, valid at `now` and not revoked.
+pub fn verify_package_with_ca(
+    package: &CourierPackage,
+    ca: &ClusterCa,
+    revocations: &RevocationList,
+    now: SystemTime,
+) -> Result<(Checkpoint, PeerInfo), AuditError> {
+    let peer = certified_key(package.certificate.as_deref(), ca, revocations, now)?;
     let key = PublicKey::from_bytes(&peer.public_key.to_bytes())?;
-    Ok((verify_courier(dir, &key)?, peer))
+    Ok((verify_package(package, &key)?, peer))
 }
 
 fn parse_hex(text: &str) -> Option<Hash> {

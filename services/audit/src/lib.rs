@@ -10,7 +10,8 @@ C2SP signed notes, and offline verification that names the first bad record.
   socket; on a node that socket is the only way in.
 - [`Auditor`] is either of the two, for code that records.
 - [`Export`] and [`verify`] are the auditor's side; [`write_courier`] and
-  [`verify_courier`] carry checkpoints and proofs on USB sticks.
+  [`verify_courier`] carry checkpoints and proofs on USB sticks;
+  [`write_ring_courier`] carries every ring member's, gathered by the node.
 */
 #![deny(missing_docs)]
 
@@ -24,13 +25,15 @@ mod log;
 pub mod merkle;
 mod policy;
 mod record;
+mod ring_courier;
 mod verify;
 
 pub use checkpoint::Checkpoint;
 pub use client::{serve, AuditClient, Auditor};
 pub use courier::{
     courier_dir, courier_package, previous_checkpoint, verify_courier, verify_courier_with_ca,
-    write_courier, write_package, CourierPackage, CourierProof,
+    verify_package, verify_package_with_ca, write_courier, write_package, CourierPackage,
+    CourierProof,
 };
 pub use error::AuditError;
 pub use firewall::drop_counters_event;
@@ -38,5 +41,9 @@ pub use log::AuditLog;
 pub use policy::{Gate, Policy, Rule};
 pub use record::{
     Event, Peer, RawRecord, RecordBody, StoredRecord, MAX_DETAILS_DEPTH, MAX_EVENT_BYTES,
+};
+pub use ring_courier::{
+    ask_ring, stick_checkpoints, write_ring_courier, RingCourierOutcome, RingCourierReply,
+    RingCourierRequest, MAX_RING_COURIER_BYTES, MAX_RING_NODES,
 };
 pub use verify::{verify, verify_chain, verify_records, verify_with_ca, Chain, Export, Verified};

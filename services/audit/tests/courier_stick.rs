@@ -9,7 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use sovereign_audit::{
-    courier_dir, previous_checkpoint, verify_courier, write_courier, AuditLog, Event,
+    courier_dir, courier_package, previous_checkpoint, verify_courier, verify_package,
+    write_courier, AuditLog, Event,
 };
 
 /// `previous_checkpoint` on another thread, so a read that blocks fails the
@@ -91,4 +92,43 @@ fn r14_courier_files_on_a_stick_are_not_followed_blocked_on_or_read_past_their_b
     symlink(&outside, other_stick.join("sovereign-audit")).unwrap();
     assert!(write_courier(&log, &other_stick).is_err());
     assert!(!outside.join("node-a/checkpoint").exists());
+}
+
+#[test]
+fn a_package_from_a_ring_member_verifies_only_with_its_own_key_and_an_unbroken_proof() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = AuditLog::open(&tmp.path().join("a"), "node-a").unwrap();
+    let b = AuditLog::open(&tmp.path().join("b"), "node-b").unwrap();
+    let event = |n: u32| Event::new("test", "event", serde_json::json!({ "n": n }));
+    for n in 0..3 {
+        a.record(event(n)).unwrap();
+        b.record(event(n)).unwrap();
+    }
+    let first = courier_package(&a, None).unwrap();
+    for n in 3..9 {
+        a.record(event(n)).unwrap();
+    }
+    let package = courier_package(&a, Some(&first.checkpoint)).unwrap();
+    assert_eq!((package.proof.old_size, package.proof.new_size), (3, 9));
+    verify_package(&package, &a.public_key()).unwrap();
+    // Another member's key does not sign it.
+    assert!(verify_package(&package, &b.public_key()).is_err());
+    // A previous checkpoint of another log, or a proof with a hash changed,
+    // does not link to the new checkpoint.
+    let mut foreign = package.clone();
+    foreign.previous = Some(courier_package(&b, None).unwrap().checkpoint);
+    assert!(verify_package(&foreign, &a.public_key()).is_err());
+    let mut bent = package.clone();
+    let hash = &mut bent.proof.proof[0];
+    let flipped = if hash.starts_with('0') { "1" } else { "0" };
+    hash.replace_range(0..1, flipped);
+    let error = verify_package(&bent, &a.public_key()).unwrap_err();
+    assert!(
+        error.to_string().contains("history was rewritten"),
+        "{error}"
+    );
+    // A proof from an earlier checkpoint without that checkpoint is refused.
+    let mut bare = package;
+    bare.previous = None;
+    assert!(verify_package(&bare, &a.public_key()).is_err());
 }

@@ -11,12 +11,14 @@ replays it when the plan changes, so a lost node costs time, not tokens.
 [`run`] is the node service (`sovereign node run`, `sovereign-node`): the
 ring transport, replication (`replicate`: models, trust files and revocation
 lists imported on one node spread to every member, each importing them
-itself), the planner, this node's stage and the API in one process.
+itself), the planner, this node's stage and the API in one process;
+[`Courier`] gathers every member's audit checkpoint for a stick's courier step.
 */
 #![deny(missing_docs)]
 
 mod backend;
 mod core;
+mod courier;
 mod executor;
 pub mod plan;
 pub mod protocol;
@@ -27,5 +29,6 @@ pub mod status;
 
 pub use crate::core::{Active, Core, Counters, Links, StageState};
 pub use backend::{RingBackend, RingView};
+pub use courier::Courier;
 pub use executor::{RingExecutor, Work};
 pub use service::{run, NodeArgs, NodeError};

@@ -16,6 +16,7 @@ use sovereign_ring::{Advert, Channel, Identity, Membership, Ring, RingConfig};
 use tokio::sync::watch;
 
 use crate::core::{Core, Links};
+use crate::courier::Courier;
 use crate::plan::{self, Candidate, Isa, Plan};
 use crate::{RingBackend, RingView};
 
@@ -82,6 +83,11 @@ pub struct NodeArgs {
     /// Record through the audit daemon's socket instead.
     #[arg(long, conflicts_with = "audit_log")]
     pub audit_socket: Option<PathBuf>,
+    /// Serve the stick's courier step for the whole ring on this Unix socket
+    /// (`sovereign audit courier --ring`, the image's stick unit): every
+    /// reachable member's checkpoint and proof, gathered over the ring.
+    #[arg(long)]
+    pub courier_socket: Option<PathBuf>,
 }
 
 /// Errors starting or running a node.
@@ -496,13 +502,16 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
     );
     let found = find_model(args)?;
     let name = node.name().to_owned();
-    let audit = sovereign_api::open_audit(
-        args.audit_log.as_deref(),
-        args.audit_socket.as_deref(),
-        &name,
-    )?;
+    let audit = match &args.audit_log {
+        // A log of its own signs with the enrolled key, as the daemon's does.
+        Some(dir) => Some(sovereign_audit::Auditor::Local(Arc::new(
+            sovereign_audit::AuditLog::open_enrolled(dir, &name, &node).map_err(setup)?,
+        ))),
+        None => sovereign_api::open_audit(None, args.audit_socket.as_deref(), &name)?,
+    };
     let replication_audit = share_audit(&audit, args.audit_socket.as_deref())?;
     let refusal_audit = share_audit(&audit, args.audit_socket.as_deref())?;
+    let courier_audit = share_audit(&audit, args.audit_socket.as_deref())?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             Some(sovereign_api::pem_server_config(cert, key).map_err(NodeError::Setup)?)
@@ -534,6 +543,17 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         let ring = Arc::new(Ring::start(config).await?);
         if let Some(audit) = refusal_audit {
             tokio::spawn(audit_refusals(ring.refusals(), audit));
+        }
+        let courier = Courier::start(
+            Arc::clone(&ring),
+            courier_audit,
+            ca.clone(),
+            revocations.clone(),
+        );
+        if let Some(path) = &args.courier_socket {
+            courier
+                .serve(path)
+                .map_err(|e| NodeError::Setup(format!("courier socket {}: {e}", path.display())))?;
         }
         tokio::spawn(watch_revocations(
             args.store.clone(),

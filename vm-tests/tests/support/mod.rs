@@ -177,14 +177,15 @@ pub fn stick(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
 }
 
 /// Waits until the node's stick units have left `count` courier checkpoints
-/// in all and no stick is mounted any more (safe to unplug).
+/// of their own node in all (the ring members' lines, `NODE: left ...`, are
+/// not counted) and no stick is mounted any more (safe to unplug).
 pub fn wait_for_couriers(node: &mut Machine, count: usize, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let wanted = [count.to_string(), "0".to_owned()];
     loop {
         let state = node
             .succeed(
-                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c 'left the checkpoint'; \
+                "journalctl -b -o cat -u 'sovereign-stick@*' | grep -c '^left the checkpoint'; \
                  findmnt -rn -o TARGET | grep -c sovereign/stick; true",
                 Duration::from_secs(60),
             )

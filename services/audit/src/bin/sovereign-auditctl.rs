@@ -6,7 +6,9 @@ root-owned units that do what the daemon's sandbox cannot:
   (`nft --json list counters`, which needs CAP_NET_ADMIN) and records them;
 - `courier STICK`: asks the daemon for a fresh signed checkpoint and the
   consistency proof from the one the stick carries, and writes them onto the
-  stick (which the stick unit remounts read-write for just this step).
+  stick (which the stick unit remounts read-write for just this step); with
+  `--ring SOCKET`, every other reachable ring member's too, gathered by the
+  node service over the ring.
 */
 
 use std::path::PathBuf;
@@ -14,7 +16,9 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovereign_audit::{drop_counters_event, previous_checkpoint, write_package, AuditClient};
+use sovereign_audit::{
+    drop_counters_event, previous_checkpoint, write_package, write_ring_courier, AuditClient,
+};
 
 /// Clients of the audit daemon.
 #[derive(Parser)]
@@ -41,6 +45,10 @@ enum Action {
         /// a node takes from its enrolled identity at boot.
         #[arg(long)]
         node: Option<String>,
+        /// The node service's courier socket: every other reachable ring
+        /// member's checkpoint and proof are left on the stick too.
+        #[arg(long)]
+        ring: Option<PathBuf>,
         /// The stick's mount point.
         stick: PathBuf,
     },
@@ -67,7 +75,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
                 "recorded the firewall's drop counters (record {seq})"
             ))
         }
-        Action::Courier { node, stick } => {
+        Action::Courier { node, ring, stick } => {
             let node = match node {
                 Some(node) => node.clone(),
                 None => nix::unistd::gethostname()
@@ -84,12 +92,25 @@ fn run(args: &Args) -> anyhow::Result<String> {
                 package = client.courier(previous.as_deref())?;
             }
             let dir = write_package(&package, stick)?;
-            Ok(format!(
+            let mut done = format!(
                 "left the checkpoint at size {} and the proof from size {} in {}",
                 package.proof.new_size,
                 package.proof.old_size,
                 dir.display()
-            ))
+            );
+            if let Some(ring) = ring {
+                // This node's folder is written; the ring adds the others'.
+                match write_ring_courier(ring, stick, Some(&package.node)) {
+                    Ok(outcome) => {
+                        for line in outcome.lines() {
+                            done.push('\n');
+                            done.push_str(&line);
+                        }
+                    }
+                    Err(e) => done.push_str(&format!("\nthe ring's members: not carried: {e}")),
+                }
+            }
+            Ok(done)
         }
     }
 }
