@@ -19,6 +19,34 @@ fn three_nodes_answer_like_one_and_carry_on_through_a_lost_node_and_a_cut_cable(
         &["node-a", "node-b", "node-c"],
         &[],
     );
+    // What the API does to the logits (bias, penalties, a JSON schema's
+    // grammar) and gives back of them (log-probabilities): the reference is
+    // `sovereign serve`, the batched engine in one process.
+    let shaped = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Describe a lighthouse keeper as JSON."}],
+        "max_tokens": 48, "seed": 11, "temperature": 0.8,
+        "frequency_penalty": 0.6, "presence_penalty": 0.3, "logit_bias": {"28": -5, "30": 2},
+        "logprobs": true, "top_logprobs": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "keeper", "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"]}}},
+    });
+    let shaped_answer = |body: &Value| {
+        let choice = &body["choices"][0];
+        (
+            choice["message"]["content"].clone(),
+            choice["logprobs"]["content"].clone(),
+        )
+    };
+    let serving = ring.serve_alone(0);
+    let (code, alone) = ring.post(0, "/v1/chat/completions", &shaped);
+    drop(serving);
+    assert_eq!(code, 200, "{alone}");
+    let (text, logprobs) = shaped_answer(&alone);
+    assert!(text.as_str().unwrap().starts_with('{'), "{alone}");
+    assert!(!logprobs.as_array().unwrap().is_empty(), "{alone}");
+
     // One node alone serves every layer: the reference answers.
     ring.start(0);
     ring.wait_for_order(0, &["node-a"]);
@@ -26,6 +54,13 @@ fn three_nodes_answer_like_one_and_carry_on_through_a_lost_node_and_a_cut_cable(
     let seeded = ring.ask(0, 32, 7, 0.9);
     assert!(greedy.len() > 100, "a long answer: {greedy:?}");
     assert_ne!(greedy, seeded);
+    let (code, single) = ring.post(0, "/v1/chat/completions", &shaped);
+    assert_eq!(code, 200, "{single}");
+    assert_eq!(
+        shaped_answer(&single),
+        shaped_answer(&alone),
+        "shaped, constrained, with log-probabilities, from a one-node ring"
+    );
 
     // The others join with nothing configured; every node's API answers
     // exactly like the single node, on a plan of three stages.
@@ -52,6 +87,13 @@ fn three_nodes_answer_like_one_and_carry_on_through_a_lost_node_and_a_cut_cable(
         assert_eq!(ring.ask(i, 64, 1, 0.0), greedy, "greedy from node {i}");
     }
     assert_eq!(ring.ask(2, 32, 7, 0.9), seeded, "seeded from node-c");
+    let (code, spread) = ring.post(2, "/v1/chat/completions", &shaped);
+    assert_eq!(code, 200, "{spread}");
+    assert_eq!(
+        shaped_answer(&spread),
+        shaped_answer(&alone),
+        "shaped, constrained, with log-probabilities, from node-c"
+    );
 
     // The middle node dies mid-stream: the entry replays on the new plan and
     // the client gets the single node's tokens.

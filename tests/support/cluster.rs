@@ -112,6 +112,27 @@ impl Cluster {
         self.running[i] = Some(node.spawn(&mut command).unwrap());
     }
 
+    /// `sovereign serve` (the whole model in one process, the batched
+    /// engine: no ring) on node `i`'s store and API address, ready to
+    /// answer; it stops when the returned process is dropped.
+    pub fn serve_alone(&self, i: usize) -> NsProcess {
+        let name = &self.names[i];
+        let mut command = self.net.node(i).command(env!("CARGO_BIN_EXE_sovereign"));
+        #[rustfmt::skip]
+        command
+            .args(["serve", "--store", &format!("store-{name}"), "--listen", "127.0.0.1:8080", "--keys", "keys"])
+            .current_dir(self.lab.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let serving = self.net.node(i).spawn(&mut command).unwrap();
+        let started = Instant::now();
+        while self.http_status(i, "/v1/models") != 200 {
+            assert!(started.elapsed() < WAIT, "sovereign serve never answered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        serving
+    }
+
     /// The audit records of `node` of `service`/`kind`, as JSON.
     pub fn audited(&self, node: &str, service: &str, kind: &str) -> Vec<Value> {
         let shown = self
@@ -226,19 +247,44 @@ impl Cluster {
             .unwrap_or_else(|| panic!("node {} has no metric {name}", self.names[i]))
     }
 
-    /// The HTTP status node `i`'s API gives `GET path` with the key.
+    /// The HTTP status node `i`'s API gives `GET path` with the key (0 when
+    /// nothing answers).
     pub fn http_status(&self, i: usize, path: &str) -> u16 {
         let out = self
             .net
             .node(i)
             .command("python3")
-            .args(["-c", "import sys, urllib.request as u, urllib.error as e\ntry:\n    print(u.urlopen(u.Request('http://127.0.0.1:8080' + sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]})).status)\nexcept e.HTTPError as err:\n    print(err.code)", path, KEY])
+            .args(["-c", "import sys, urllib.request as u, urllib.error as e\ntry:\n    print(u.urlopen(u.Request('http://127.0.0.1:8080' + sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]})).status)\nexcept e.HTTPError as err:\n    print(err.code)\nexcept OSError:\n    print(0)", path, KEY])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("no HTTP status from node {}: {out:?}", self.names[i]))
+    }
+
+    /// Node `i`'s API's answer to `POST path` with the key and `body` (JSON):
+    /// the status and the body, as JSON when it is.
+    pub fn post(&self, i: usize, path: &str, body: &Value) -> (u16, Value) {
+        let script = "import sys, urllib.request as u, urllib.error as e\n\
+            r = u.Request('http://127.0.0.1:8080' + sys.argv[1], data=sys.argv[3].encode(), \
+            headers={'Authorization': 'Bearer ' + sys.argv[2], 'Content-Type': 'application/json'})\n\
+            try:\n    res = u.urlopen(r)\nexcept e.HTTPError as err:\n    res = err\n\
+            print(res.status)\nprint(res.read().decode())";
+        let out = self
+            .net
+            .node(i)
+            .command("python3")
+            .args(["-c", script, path, KEY, &body.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (status, body) = text
+            .split_once('\n')
+            .unwrap_or_else(|| panic!("no answer from node {}: {out:?}", self.names[i]));
+        let status = status.trim().parse().unwrap();
+        let body = serde_json::from_str(body.trim()).unwrap_or(Value::String(body.into()));
+        (status, body)
     }
 
     /// The tail of every node's log.

@@ -166,7 +166,6 @@ fn refused(error: SubmitError) -> ApiError {
             "the model's scheduler has stopped",
         )
         .retry_after(5),
-        SubmitError::Unsupported(message) => ApiError::bad_request(message),
     }
 }
 

@@ -2,22 +2,19 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file;
 use tokenizers::Tokenizer;
 
-use crate::chat::{ChatMessage, ChatTemplate, GEMMA_TEMPLATE};
-use crate::config::Arch;
+use crate::chat::ChatMessage;
 use crate::config::ModelConfig;
 use crate::error::InferenceError;
-use crate::executor::{Executor, LocalExecutor, Work};
-use crate::grammar::{token_bytes, Constraint, Grammars};
+use crate::executor::LocalExecutor;
+use crate::front::Front;
+use crate::grammar::Constraint;
 use crate::logits::LogitShaping;
 use crate::model::Stage;
 use crate::sampling::Sampler;
 use crate::sequence::{Sequence, Vocabulary};
-use crate::tokenizer::{encode, load_tokenizer, PromptEncoder};
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -75,19 +72,11 @@ pub struct Generation {
     pub decode_seconds: f64,
 }
 
-/// A model loaded whole on this node.
+/// A model loaded whole on this node: its tokenizer side ([`Front`]) and
+/// one stage holding every layer.
 pub struct Engine {
     stage: Arc<Stage>,
-    tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
-    prompts: PromptEncoder,
-    eos: Vec<u32>,
-    /// The token that starts every sequence, if the model asks for one.
-    bos: Option<u32>,
-    /// Every token's bytes, made on first use.
-    token_bytes: OnceLock<Vec<Vec<u8>>>,
-    /// The grammar engine, made on first use.
-    grammars: OnceLock<Result<Grammars, String>>,
+    front: Front,
 }
 
 impl Engine {
@@ -95,19 +84,14 @@ impl Engine {
     /// template from its metadata) or a safetensors directory (from
     /// `tokenizer.json` and `tokenizer_config.json`).
     pub fn load(path: &Path) -> Result<Self, InferenceError> {
-        let (_, config, _) = crate::weights::Weights::open(path)?;
-        let (tokenizer, template, eos, bos) = tokenizer_parts(path, &config)?;
-        let stage = Arc::new(Stage::load(path, 0..config.layers)?);
-        Ok(Self {
-            stage,
-            prompts: PromptEncoder::new(&tokenizer)?,
-            tokenizer,
-            template,
-            eos,
-            bos,
-            token_bytes: OnceLock::new(),
-            grammars: OnceLock::new(),
-        })
+        let front = Front::load(path)?;
+        let stage = Arc::new(Stage::load(path, 0..front.config().layers)?);
+        Ok(Self { stage, front })
+    }
+
+    /// The tokenizer side: what turns requests into tokens and tokens into text.
+    pub fn front(&self) -> &Front {
+        &self.front
     }
 
     /// Which path of a stored model to load: its `.gguf` file, or the model
@@ -142,29 +126,17 @@ impl Engine {
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.front.tokenizer()
     }
 
-    /// Token ids of `text` (special tokens recognised), starting with the
-    /// BOS token when the model's file asks for one (`add_bos_token`) and
-    /// the text does not already begin with it.
+    /// Token ids of `text`, as [`Front::tokenize`].
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
-        Ok(with_bos(encode(&self.tokenizer, text)?, self.bos))
+        self.front.tokenize(text)
     }
 
-    /// The BOS token, if the model starts every sequence with one.
-    pub fn bos(&self) -> Option<u32> {
-        self.bos
-    }
-
-    /// The stage holding every layer.
     /// What sequences need of the tokenizer side.
     pub fn vocabulary(&self) -> Vocabulary<'_> {
-        Vocabulary {
-            tokenizer: &self.tokenizer,
-            eos: &self.eos,
-            context: self.config().context,
-        }
+        self.front.vocabulary()
     }
 
     /// An executor running every layer of this model in this process.
@@ -182,62 +154,23 @@ impl Engine {
         self.stage.matrix_paths()
     }
 
-    /// The prompt tokens for a conversation, from the model's chat
-    /// template: control tokens come only from the template's own text,
-    /// never from message text (a typed `<|im_start|>` is ordinary text).
+    /// The prompt tokens for a conversation, as [`Front::chat_tokens`].
     pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
-        self.chat_tokens_with_tools(messages, None)
+        self.front.chat_tokens(messages)
     }
 
-    /// [`Engine::chat_tokens`] with tool definitions, for a template that
-    /// renders them (see [`Engine::template_supports_tools`]).
-    pub fn chat_tokens_with_tools(
-        &self,
-        messages: &[ChatMessage],
-        tools: Option<&serde_json::Value>,
-    ) -> Result<Vec<u32>, InferenceError> {
-        let marked = self
-            .template
-            .as_ref()
-            .ok_or_else(|| InferenceError::Template("the model has no chat template".into()))?
-            .render(messages, tools)?;
-        Ok(with_bos(self.prompts.encode(&marked)?, self.bos))
-    }
-
-    /// Whether the model's chat template renders tool definitions itself.
-    pub fn template_supports_tools(&self) -> bool {
-        self.template
-            .as_ref()
-            .is_some_and(ChatTemplate::supports_tools)
-    }
-
-    /// The bytes token `id` stands for (a control token's name).
+    /// The bytes token `id` stands for, as [`Front::token_bytes`].
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        let all = self
-            .token_bytes
-            .get_or_init(|| token_bytes(&self.tokenizer, self.config().vocab));
-        match all.get(id as usize).map(Vec::as_slice) {
-            Some([llguidance::toktrie::TokTrie::SPECIAL_TOKEN_MARKER, name @ ..]) => name,
-            Some(bytes) => bytes,
-            None => &[],
-        }
+        self.front.token_bytes(id)
     }
 
-    /// A constraint that makes the output JSON matching `schema` (llguidance).
+    /// A constraint that makes the output JSON matching `schema`, as
+    /// [`Front::json_constraint`].
     pub fn json_constraint(
         &self,
         schema: &serde_json::Value,
     ) -> Result<Constraint, InferenceError> {
-        let grammars = self.grammars.get_or_init(|| {
-            let bytes = self
-                .token_bytes
-                .get_or_init(|| token_bytes(&self.tokenizer, self.config().vocab));
-            Grammars::new(&self.tokenizer, bytes, &self.eos).map_err(|e| e.to_string())
-        });
-        grammars
-            .as_ref()
-            .map_err(|e| InferenceError::Grammar(e.clone()))?
-            .json(schema)
+        self.front.json_constraint(schema)
     }
 
     /// The embedding of `tokens`: the final-normed hidden states averaged
@@ -273,116 +206,12 @@ impl Engine {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, InferenceError> {
-        let mut sequence = Sequence::new(prompt.to_vec(), params.clone(), self.config().context)?;
-        let mut executor = self.local_executor();
-        let mut logits = Vec::new();
-        let mut position = 0;
-        while sequence.finish().is_none() {
-            let tokens = &sequence.tokens()[position..];
-            let work = Work {
-                seq: 0,
-                tokens,
-                position,
-                logits: true,
-            };
-            logits.clear();
-            executor.step(&[work], &mut logits)?;
-            position = sequence.len();
-            let output = sequence.advance(&mut logits, self.vocabulary())?;
-            if !output.text.is_empty() && !on_text(output.text) {
-                sequence.cancel();
-            }
-        }
-        Ok(sequence.generation())
+        let sequence = Sequence::new(prompt.to_vec(), params.clone(), self.config().context)?;
+        sequence.run_alone(
+            &mut self.local_executor(),
+            0,
+            self.vocabulary(),
+            &mut |output| output.text.is_empty() || on_text(output.text),
+        )
     }
-}
-
-/// `tokens` starting with `bos` (when the model asks for one and the
-/// tokens do not already start with it).
-pub(crate) fn with_bos(mut tokens: Vec<u32>, bos: Option<u32>) -> Vec<u32> {
-    if let Some(bos) = bos {
-        if tokens.first() != Some(&bos) {
-            tokens.insert(0, bos);
-        }
-    }
-    tokens
-}
-
-pub(crate) type TokenizerParts = (Tokenizer, Option<ChatTemplate>, Vec<u32>, Option<u32>);
-
-/// The tokenizer, chat template, end tokens and BOS of the model at `path`.
-pub(crate) fn tokenizer_parts(
-    path: &Path,
-    config: &ModelConfig,
-) -> Result<TokenizerParts, InferenceError> {
-    let (tokenizer, template, mut eos, bos) = if path.is_dir() {
-        hf_tokenizer(path)?
-    } else {
-        gguf_tokenizer(path, config.arch)?
-    };
-    for end in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
-        if let Some(id) = tokenizer.token_to_id(end) {
-            eos.push(id);
-        }
-    }
-    Ok((tokenizer, template, eos, bos))
-}
-
-fn gguf_tokenizer(path: &Path, arch: Arch) -> Result<TokenizerParts, InferenceError> {
-    let mut file = std::fs::File::open(path).map_err(|e| InferenceError::Io {
-        path: path.to_owned(),
-        source: e,
-    })?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| InferenceError::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
-    let tokenizer = load_tokenizer(&content)?;
-    let id = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
-    let text = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.id_to_token(i))
-            .unwrap_or_default()
-    };
-    let eos_id = id("tokenizer.ggml.eos_token_id");
-    let bos_id = id("tokenizer.ggml.bos_token_id");
-    // llama.cpp's default: SentencePiece vocabularies start with BOS, BPE ones do not.
-    let add_bos = content
-        .metadata
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.to_bool().ok())
-        .unwrap_or_else(|| {
-            content
-                .metadata
-                .get("tokenizer.ggml.model")
-                .and_then(|v| v.to_string().ok())
-                .is_some_and(|m| m == "llama")
-        });
-    let source = match content.metadata.get("tokenizer.chat_template") {
-        Some(v) => Some(v.to_string()?.as_str()),
-        None if arch == Arch::Gemma3 => Some(GEMMA_TEMPLATE),
-        None => None,
-    };
-    let template = source
-        .map(|s| ChatTemplate::new(s).map(|t| t.with_tokens(&text(bos_id), &text(eos_id))))
-        .transpose()?;
-    let bos = if add_bos { bos_id } else { None };
-    Ok((tokenizer, template, eos_id.into_iter().collect(), bos))
-}
-
-fn hf_tokenizer(dir: &Path) -> Result<TokenizerParts, InferenceError> {
-    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
-        InferenceError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
-    })?;
-    let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    let template = config["chat_template"]
-        .as_str()
-        .map(ChatTemplate::new)
-        .transpose()?;
-    let eos = config["eos_token"]
-        .as_str()
-        .and_then(|t| tokenizer.token_to_id(t))
-        .into_iter()
-        .collect();
-    Ok((tokenizer, template, eos, None))
 }

@@ -247,7 +247,7 @@ impl Engine {
         let mut theirs = vec![0f32; self.config().vocab];
         for c in 0..chunks {
             let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
-            if let Some(bos) = self.bos() {
+            if let Some(bos) = self.front().bos() {
                 chunk[0] = bos;
             }
             let mut cache = stage.new_cache();

@@ -108,9 +108,6 @@ pub enum SubmitError {
     /// The scheduler's thread has stopped.
     #[error("the scheduler has stopped")]
     Stopped,
-    /// The backend cannot run what the request asks for (named).
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 /// The handle the API holds: submits requests to the model's thread.

@@ -10,6 +10,7 @@ use tokenizers::Tokenizer;
 
 use crate::engine::{FinishReason, GenerateParams, Generation};
 use crate::error::InferenceError;
+use crate::executor::{Executor, SeqId, Work};
 use crate::logits::{logprobs, TokenLogprob};
 
 /// Per-request changes to the next token's logits before sampling, beyond
@@ -259,6 +260,48 @@ impl Sequence {
             text: &self.text[from..],
             logprobs: &self.pending,
         }
+    }
+
+    /// Runs the sequence alone on `executor` (as sequence `seq`) to its end:
+    /// the prompt in one step, then one token per step. `on_output` gets
+    /// what each step made final (possibly nothing) and returns `false` to
+    /// cancel. The executor forgets the sequence afterwards.
+    pub fn run_alone(
+        mut self,
+        executor: &mut dyn Executor,
+        seq: SeqId,
+        vocab: Vocabulary<'_>,
+        on_output: &mut dyn FnMut(&Output<'_>) -> bool,
+    ) -> Result<Generation, InferenceError> {
+        let mut logits = Vec::new();
+        // Positions already through the model.
+        let mut fed = 0;
+        let outcome = loop {
+            if self.finish.is_some() {
+                break Ok(());
+            }
+            let work = Work {
+                seq,
+                tokens: &self.tokens[fed..],
+                position: fed,
+                logits: true,
+            };
+            logits.clear();
+            if let Err(e) = executor.step(&[work], &mut logits) {
+                break Err(e);
+            }
+            fed = self.len();
+            match self.advance(&mut logits, vocab) {
+                Ok(output) => {
+                    if !on_output(&output) {
+                        self.cancel();
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        executor.release(seq);
+        outcome.map(|()| self.generation())
     }
 
     /// The outcome so far (final once [`Sequence::finish`] is set).

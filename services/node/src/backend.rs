@@ -1,20 +1,20 @@
 //! The API's generations on the ring: this node is the entry. It tokenizes,
-//! keeps the request's tokens, samples with the request's counter-based
-//! sampler and streams the text, while the layers run on the ring's stages.
+//! keeps the request's tokens, shapes the last stage's logits as one node
+//! does (bias, penalties, grammars for JSON output and tool calls), samples
+//! with the request's counter-based sampler and streams the text with
+//! log-probabilities, while the layers run on the ring's stages.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
 
 use serde_json::{Map, Value};
 use sovereign_api::Backend;
 use sovereign_inference::{
-    ChatMessage, FinishReason, Front, GenerateParams, Generation, InferenceError, LogitShaping,
-    ModelConfig, Request, SubmitError,
+    ChatMessage, Constraint, Front, InferenceError, ModelConfig, Request, Sequence, SubmitError,
 };
 
 use crate::core::Core;
-use crate::executor::{RingExecutor, Work};
+use crate::executor::RingExecutor;
 
 /// Generation on the ring, for the API.
 pub struct RingBackend {
@@ -67,8 +67,10 @@ impl Backend for RingBackend {
         self.front().tokenize(text)
     }
 
-    /// Runs the request on its own thread (one sequence at a time on the
-    /// ring); logit processing is not available here.
+    /// Runs the request on its own thread (its steps pipelined through the
+    /// ring with other requests'), with the same sequence logic as one node:
+    /// logit bias, penalties, grammars and log-probabilities are applied here
+    /// to the last stage's logits.
     fn start(self: Arc<Self>, request: Request) -> Result<(), SubmitError> {
         let Request {
             prompt,
@@ -76,26 +78,34 @@ impl Backend for RingBackend {
             processor,
             mut sink,
         } = request;
-        if processor.is_some()
-            || params.logprobs.is_some()
-            || params.shaping != LogitShaping::default()
-        {
-            return Err(SubmitError::Unsupported(
-                "logprobs, penalties, logit_bias and grammars are not supported by the ring".into(),
-            ));
-        }
         std::thread::Builder::new()
             .name("ring-request".into())
             .spawn(move || {
                 let front = self.front();
-                let mut executor = RingExecutor::new(Arc::clone(&self.core));
-                let result = generate(&front, &mut executor, &prompt, &params, &mut |text| {
-                    sink.text(text, &[]) && !sink.is_cancelled()
+                let vocab = front.vocabulary();
+                let result = Sequence::new(prompt, params, vocab.context).and_then(|s| {
+                    let sequence = match processor {
+                        Some(processor) => s.with_processor(processor),
+                        None => s,
+                    };
+                    let mut executor = RingExecutor::new(Arc::clone(&self.core));
+                    sequence.run_alone(&mut executor, 0, vocab, &mut |output| {
+                        (output.is_empty() || sink.text(output.text, output.logprobs))
+                            && !sink.is_cancelled()
+                    })
                 });
                 sink.done(result);
             })
             .map(|_| ())
             .map_err(|_| SubmitError::Stopped)
+    }
+
+    fn json_constraint(&self, schema: &Value) -> Result<Constraint, InferenceError> {
+        self.front().json_constraint(schema)
+    }
+
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.front().token_bytes(id).to_vec()
     }
 
     fn health(&self, detailed: bool) -> Map<String, Value> {
@@ -168,100 +178,4 @@ impl Backend for RingBackend {
         ]
         .concat()
     }
-}
-
-/// The entry's generation loop: the prompt in one step, then one token per
-/// step, sampled here from the last stage's logits.
-fn generate(
-    front: &Front,
-    executor: &mut RingExecutor,
-    prompt: &[u32],
-    params: &GenerateParams,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<Generation, InferenceError> {
-    let context = front.config().context;
-    if prompt.is_empty() || prompt.len() >= context {
-        return Err(InferenceError::Request(format!(
-            "the prompt has {} tokens; the model's context is {context}",
-            prompt.len()
-        )));
-    }
-    let started = Instant::now();
-    let mut logits = Vec::new();
-    executor.step(
-        &[Work {
-            seq: 0,
-            tokens: prompt,
-            position: 0,
-            logits: true,
-        }],
-        &mut logits,
-    )?;
-    let prompt_seconds = started.elapsed().as_secs_f64();
-    let decode_started = Instant::now();
-    let hold_back = params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-    let mut generated: Vec<u32> = Vec::new();
-    let (mut emitted, mut finish, mut text) = (0, FinishReason::Length, String::new());
-    while generated.len() < params.max_tokens && prompt.len() + generated.len() < context {
-        let position = prompt.len() + generated.len();
-        let token = params.sampler.sample(&logits, position as u64);
-        if front.eos().contains(&token) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        generated.push(token);
-        text = front
-            .tokenizer()
-            .decode(&generated, true)
-            .map_err(|e| InferenceError::Tokenizer(e.to_string()))?;
-        if let Some(at) = params
-            .stop
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            text.truncate(at);
-            finish = FinishReason::Stop;
-            break;
-        }
-        let mut ready = text.len().saturating_sub(hold_back);
-        if text.ends_with('\u{FFFD}') {
-            ready = ready.min(text.len() - '\u{FFFD}'.len_utf8());
-        }
-        while !text.is_char_boundary(ready) {
-            ready -= 1;
-        }
-        if ready > emitted {
-            let more = on_text(&text[emitted..ready]);
-            emitted = ready;
-            if !more {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-        }
-        if generated.len() == params.max_tokens {
-            break;
-        }
-        executor.step(
-            &[Work {
-                seq: 0,
-                tokens: &[token],
-                position,
-                logits: true,
-            }],
-            &mut logits,
-        )?;
-    }
-    if finish != FinishReason::Cancelled && text.len() > emitted {
-        on_text(&text[emitted..]);
-    }
-    executor.release(0);
-    Ok(Generation {
-        text,
-        prompt_tokens: prompt.len(),
-        completion_tokens: generated.len(),
-        finish,
-        prompt_seconds,
-        decode_seconds: decode_started.elapsed().as_secs_f64(),
-    })
 }

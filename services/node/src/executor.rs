@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sovereign_inference::{InferenceError, ModelConfig};
+use sovereign_inference::{Executor, InferenceError, ModelConfig, SeqId, Work};
 
 use crate::core::{Core, Reply};
 use crate::protocol::{bytes_f32, Frame, Payload, Row, Step};
@@ -16,19 +16,6 @@ use crate::protocol::{bytes_f32, Frame, Payload, Row, Step};
 /// How long a step may go without an answer and without a change of plan
 /// before the request fails with an error (never a hang).
 const STALL: Duration = Duration::from_secs(30);
-
-/// One sequence's part of a step: `tokens` at `position..`.
-#[derive(Clone, Copy, Debug)]
-pub struct Work<'a> {
-    /// The sequence (chosen by the caller, unique among its live sequences).
-    pub seq: u64,
-    /// Its new tokens.
-    pub tokens: &'a [u32],
-    /// The position of `tokens[0]`.
-    pub position: usize,
-    /// Whether the caller wants the logits of the last of `tokens`.
-    pub logits: bool,
-}
 
 /// A sequence's history: its tokens in the chunks they were first run in.
 /// Replaying the same chunks reproduces the same computation on any plan.
@@ -79,83 +66,6 @@ impl RingExecutor {
             core,
             space,
             histories: HashMap::new(),
-        }
-    }
-
-    /// The model's configuration.
-    pub fn config(&self) -> &ModelConfig {
-        self.core.config()
-    }
-
-    /// Runs one step over `batch`; `logits` gets one row of `vocab` values per
-    /// entry that asked for them, in batch order. If the plan changes on the
-    /// way, the affected sequences are replayed on the new plan first.
-    pub fn step(
-        &mut self,
-        batch: &[Work<'_>],
-        logits: &mut Vec<f32>,
-    ) -> Result<(), InferenceError> {
-        for (i, work) in batch.iter().enumerate() {
-            if work.tokens.is_empty() || batch[..i].iter().any(|w| w.seq == work.seq) {
-                return Err(InferenceError::Request(format!(
-                    "sequence {} is empty or twice in one step",
-                    work.seq
-                )));
-            }
-            let history = self.histories.entry(work.seq).or_default();
-            history.truncate(work.position);
-            if history.len() != work.position {
-                return Err(InferenceError::Request(format!(
-                    "sequence {} has {} positions, not {}",
-                    work.seq,
-                    history.len(),
-                    work.position
-                )));
-            }
-        }
-        let mut stalled = Instant::now();
-        loop {
-            let active = self.core.wait_for_plan(STALL).ok_or_else(|| {
-                InferenceError::Request("the ring has no plan that serves the model".into())
-            })?;
-            let outcome = self.replay(batch, &active).and_then(|()| {
-                let rows: Vec<(u64, &[u32], usize, bool)> = batch
-                    .iter()
-                    .map(|w| (w.seq, w.tokens, w.position, w.logits))
-                    .collect();
-                self.run(&rows, &active)
-            });
-            match outcome {
-                Ok(values) => {
-                    for work in batch {
-                        let history = self.histories.entry(work.seq).or_default();
-                        history.chunks.push(work.tokens.to_vec());
-                        history.synced = Some(active.id);
-                    }
-                    *logits = values;
-                    return Ok(());
-                }
-                Err(reason) => {
-                    if stalled.elapsed() > STALL {
-                        return Err(InferenceError::Request(format!(
-                            "the ring did not answer: {reason}"
-                        )));
-                    }
-                    tracing::info!("the ring failed a step, replaying: {reason}");
-                    for work in batch {
-                        if let Some(h) = self.histories.get_mut(&work.seq) {
-                            h.synced = None;
-                        }
-                    }
-                    // Wait for the plan to change (or retry soon: the other
-                    // nodes may not have the new plan yet).
-                    self.core
-                        .wait_for_change(active.generation, Duration::from_millis(200));
-                    if self.core.generation() != active.generation {
-                        stalled = Instant::now();
-                    }
-                }
-            }
         }
     }
 
@@ -235,9 +145,107 @@ impl RingExecutor {
         self.core.forget(step);
         result
     }
+}
+
+/// The ring behind the engine's executor boundary: a step runs on the
+/// stages of the plan in force, replayed there first when the plan changed.
+impl Executor for RingExecutor {
+    fn config(&self) -> &ModelConfig {
+        self.core.config()
+    }
+
+    /// Runs one step over `batch`; `logits` gets one row of `vocab` values per
+    /// entry that asked for them, in batch order. If the plan changes on the
+    /// way, the affected sequences are replayed on the new plan first.
+    fn step(&mut self, batch: &[Work<'_>], logits: &mut Vec<f32>) -> Result<(), InferenceError> {
+        for (i, work) in batch.iter().enumerate() {
+            if work.tokens.is_empty() || batch[..i].iter().any(|w| w.seq == work.seq) {
+                return Err(InferenceError::Request(format!(
+                    "sequence {} is empty or twice in one step",
+                    work.seq
+                )));
+            }
+            let history = self.histories.entry(work.seq).or_default();
+            history.truncate(work.position);
+            if history.len() != work.position {
+                return Err(InferenceError::Request(format!(
+                    "sequence {} has {} positions, not {}",
+                    work.seq,
+                    history.len(),
+                    work.position
+                )));
+            }
+        }
+        let mut stalled = Instant::now();
+        loop {
+            let active = self.core.wait_for_plan(STALL).ok_or_else(|| {
+                InferenceError::Request("the ring has no plan that serves the model".into())
+            })?;
+            let outcome = self.replay(batch, &active).and_then(|()| {
+                let rows: Vec<(u64, &[u32], usize, bool)> = batch
+                    .iter()
+                    .map(|w| (w.seq, w.tokens, w.position, w.logits))
+                    .collect();
+                self.run(&rows, &active)
+            });
+            match outcome {
+                Ok(values) => {
+                    for work in batch {
+                        let history = self.histories.entry(work.seq).or_default();
+                        history.chunks.push(work.tokens.to_vec());
+                        history.synced = Some(active.id);
+                    }
+                    *logits = values;
+                    return Ok(());
+                }
+                Err(reason) => {
+                    if stalled.elapsed() > STALL {
+                        return Err(InferenceError::Request(format!(
+                            "the ring did not answer: {reason}"
+                        )));
+                    }
+                    tracing::info!("the ring failed a step, replaying: {reason}");
+                    for work in batch {
+                        if let Some(h) = self.histories.get_mut(&work.seq) {
+                            h.synced = None;
+                        }
+                    }
+                    // Wait for the plan to change (or retry soon: the other
+                    // nodes may not have the new plan yet).
+                    self.core
+                        .wait_for_change(active.generation, Duration::from_millis(200));
+                    if self.core.generation() != active.generation {
+                        stalled = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// `dst` takes the first `len` positions of `src`'s history; the stages
+    /// get them as a replay on `dst`'s next step.
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), InferenceError> {
+        let mut history = History {
+            chunks: self
+                .histories
+                .get(&src)
+                .map(|h| h.chunks.clone())
+                .unwrap_or_default(),
+            synced: None,
+        };
+        history.truncate(len);
+        if history.len() != len {
+            return Err(InferenceError::Request(format!(
+                "sequence {src} has fewer than {len} positions"
+            )));
+        }
+        history.synced = None;
+        self.histories.insert(dst, history);
+        Ok(())
+    }
 
     /// Forgets a sequence here and on every stage.
-    pub fn release(&mut self, seq: u64) {
+    fn release(&mut self, seq: SeqId) {
         self.histories.remove(&seq);
         if let Some(active) = self.core.active() {
             for stage in &active.plan.stages {
@@ -248,6 +256,11 @@ impl RingExecutor {
                 let _ = self.core.send(&stage.node, frame);
             }
         }
+    }
+
+    /// The caches live on the stages, not on the entry.
+    fn kv_bytes(&self) -> usize {
+        0
     }
 }
 

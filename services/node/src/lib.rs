@@ -30,5 +30,5 @@ pub mod status;
 pub use crate::core::{Active, Core, Counters, Links, StageState};
 pub use backend::{RingBackend, RingView};
 pub use courier::Courier;
-pub use executor::{RingExecutor, Work};
+pub use executor::RingExecutor;
 pub use service::{run, NodeArgs, NodeError};

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
-use sovereign_inference::{Footprint, ModelConfig, Stage};
+use sovereign_inference::{Executor, Footprint, ModelConfig, Stage, Work};
 use sovereign_node::plan::{compute, Candidate, Isa, Plan};
-use sovereign_node::{Core, Links, RingExecutor, Work};
+use sovereign_node::{Core, Links, RingExecutor};
 
 fn demo_model() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/fetch-model");
