@@ -10,8 +10,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use sovereign_vm_tests::netns::RingNet;
-use support::cluster::{Cluster, WAIT};
+use support::cluster::{answer, Cluster, WAIT};
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 
@@ -151,6 +152,81 @@ fn a_bundle_imported_on_one_node_goes_live_on_all_three_and_a_tampered_one_is_re
         });
     }
     assert!(!ring.ask(2, 8, 1, 0.0).is_empty(), "node-c answers");
+}
+
+/// The version node `i` serves and its `/health` ring fields.
+fn serving(ring: &Cluster, i: usize) -> (String, Value) {
+    let status = ring.status(i).unwrap_or_default();
+    let version = status["ring"]["version"].as_str().unwrap_or("").to_owned();
+    (version, status["ring"].clone())
+}
+
+#[test]
+fn a_newer_version_takes_over_once_the_answers_in_flight_finish_on_theirs() {
+    let mut ring = Cluster::new(RingNet::chain(2).unwrap(), &NODES[..2], &[]);
+    // 2.0.0: the demo model again (the switch, not the weights, is on test).
+    let model = ring.lab.demo_model();
+    #[rustfmt::skip]
+    ring.lab.bundle("smollm2-2.0.0.sovb", "smollm2", "2.0.0", &model, &["alice"], &[]);
+    for i in 0..2 {
+        ring.start(i);
+    }
+    ring.wait_for_order(1, &NODES[..2]);
+    let replays = ring.metric(0, "sovereign_ring_replays_total");
+
+    // A long answer on 1.0.0 (the end tokens biased away: it runs its length).
+    let long = serde_json::json!({
+        "model": "smollm2", "max_tokens": 600, "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell a very long story."}],
+        "logit_bias": {"0": -100, "1": -100, "2": -100},
+    });
+    let running = ring.post_in_background(0, "/v1/chat/completions", &long);
+    wait_until(&ring, "the long answer runs", || {
+        ring.metric(0, "sovereign_api_in_flight") == 1
+    });
+
+    // 2.0.0 arrives on node-a's stick and replicates to node-b; the ring
+    // waits for node-a's answer in flight before it moves.
+    #[rustfmt::skip]
+    ring.lab.run(&["import", "--store", "store-node-a", "--trust", "node.trust", "smollm2-2.0.0.sovb"]).ok();
+    wait_until(
+        &ring,
+        "the switch to 2.0.0 waits for node-a's answer",
+        || {
+            let (version, shown) = serving(&ring, 1);
+            version == "1.0.0"
+                && shown["switch"]["to"] == "2.0.0"
+                && shown["switch"]["waiting_for"] == serde_json::json!(["node-a"])
+        },
+    );
+    // A request that comes meanwhile waits for the switch, then runs on 2.0.0.
+    let short = serde_json::json!({
+        "model": "smollm2", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "Hello"}],
+    });
+    let held = ring.post_in_background(1, "/v1/chat/completions", &short);
+    wait_until(&ring, "node-b holds the new request", || {
+        serving(&ring, 1).1["switch"]["held"] == 1
+    });
+    assert_eq!(serving(&ring, 0).0, "1.0.0", "{}", ring.logs());
+
+    let (code, body) = answer(running);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 600, "{body}");
+    assert_eq!(
+        ring.metric(0, "sovereign_ring_replays_total"),
+        replays,
+        "the long answer ran on 1.0.0 to its end, never replayed"
+    );
+    let (code, body) = answer(held);
+    assert_eq!(code, 200, "{body}");
+    for i in 0..2 {
+        assert_eq!(serving(&ring, i).0, "2.0.0", "{}", ring.logs());
+    }
+    assert!(ring
+        .audited("node-a", "node", "model-loaded")
+        .iter()
+        .any(|r| r["details"]["model"] == "smollm2@2.0.0"));
 }
 
 /// The checkpoint file of `node`'s folder on the stick.

@@ -4,7 +4,7 @@
 //! official `openai` client in a node's namespace, metrics, logs.
 
 use std::io::{BufRead, BufReader, Lines};
-use std::process::{ChildStdout, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -266,25 +266,27 @@ impl Cluster {
     /// Node `i`'s API's answer to `POST path` with the key and `body` (JSON):
     /// the status and the body, as JSON when it is.
     pub fn post(&self, i: usize, path: &str, body: &Value) -> (u16, Value) {
+        let out = self.post_command(i, path, body).output().unwrap();
+        answer_of(&self.names[i], &out)
+    }
+
+    /// [`Cluster::post`] running in the background: [`answer`] waits for it.
+    pub fn post_in_background(&self, i: usize, path: &str, body: &Value) -> Child {
+        self.post_command(i, path, body)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn post_command(&self, i: usize, path: &str, body: &Value) -> Command {
         let script = "import sys, urllib.request as u, urllib.error as e\n\
             r = u.Request('http://127.0.0.1:8080' + sys.argv[1], data=sys.argv[3].encode(), \
             headers={'Authorization': 'Bearer ' + sys.argv[2], 'Content-Type': 'application/json'})\n\
-            try:\n    res = u.urlopen(r)\nexcept e.HTTPError as err:\n    res = err\n\
+            try:\n    res = u.urlopen(r, timeout=600)\nexcept e.HTTPError as err:\n    res = err\n\
             print(res.status)\nprint(res.read().decode())";
-        let out = self
-            .net
-            .node(i)
-            .command("python3")
-            .args(["-c", script, path, KEY, &body.to_string()])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (status, body) = text
-            .split_once('\n')
-            .unwrap_or_else(|| panic!("no answer from node {}: {out:?}", self.names[i]));
-        let status = status.trim().parse().unwrap();
-        let body = serde_json::from_str(body.trim()).unwrap_or(Value::String(body.into()));
-        (status, body)
+        let mut command = self.net.node(i).command("python3");
+        command.args(["-c", script, path, KEY, &body.to_string()]);
+        command
     }
 
     /// The tail of every node's log.
@@ -346,4 +348,20 @@ impl Drop for Stream {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The status and body of a [`Cluster::post_in_background`] once it is done.
+pub fn answer(child: Child) -> (u16, Value) {
+    let out = child.wait_with_output().unwrap();
+    answer_of("a node", &out)
+}
+
+fn answer_of(node: &str, out: &Output) -> (u16, Value) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (status, body) = text
+        .split_once('\n')
+        .unwrap_or_else(|| panic!("no answer from {node}: {out:?}"));
+    let status = status.trim().parse().unwrap();
+    let body = serde_json::from_str(body.trim()).unwrap_or(Value::String(body.into()));
+    (status, body)
 }

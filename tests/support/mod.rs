@@ -164,7 +164,8 @@ impl Lab {
 
     /// Imports the real demo model (scripts/fetch-model) into `store` as
     /// `smollm2@1.0.0`, signed by `alice` under `node.trust`.
-    pub fn import_demo_model(&self) {
+    /// The demo model's file (fetched once per machine by `scripts/fetch-model`).
+    pub fn demo_model(&self) -> String {
         let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model"))
             .output()
             .expect("run scripts/fetch-model");
@@ -173,10 +174,14 @@ impl Lab {
             "fetch-model failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let model = String::from_utf8(out.stdout)
+        String::from_utf8(out.stdout)
             .expect("utf-8 path")
             .trim()
-            .to_owned();
+            .to_owned()
+    }
+
+    pub fn import_demo_model(&self) {
+        let model = self.demo_model();
         self.trust("node.trust", &["alice"], 1, 1);
         self.bundle(
             "smollm2-1.0.0.sovb",

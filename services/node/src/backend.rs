@@ -14,6 +14,7 @@ use sovereign_inference::{
 };
 
 use crate::core::Core;
+use crate::drain::{Drain, DRAIN_LIMIT};
 use crate::executor::RingExecutor;
 
 /// Generation on the ring, for the API.
@@ -22,6 +23,7 @@ pub struct RingBackend {
     front: RwLock<Arc<Front>>,
     config: ModelConfig,
     view: Arc<dyn RingView>,
+    drain: Arc<Drain>,
 }
 
 /// What the ring service shows of the ring beside the generations.
@@ -33,13 +35,15 @@ pub trait RingView: Send + Sync {
 }
 
 impl RingBackend {
-    /// Serves `front`'s model through `core`; `view` shows the ring.
-    pub fn new(core: Arc<Core>, front: Front, view: Arc<dyn RingView>) -> Self {
+    /// Serves `front`'s model through `core`; `view` shows the ring; each
+    /// request enters through `drain` (held while a switch of version waits).
+    pub fn new(core: Arc<Core>, front: Front, view: Arc<dyn RingView>, drain: Arc<Drain>) -> Self {
         Self {
             config: front.config().clone(),
             front: RwLock::new(Arc::new(front)),
             core,
             view,
+            drain,
         }
     }
 
@@ -68,7 +72,8 @@ impl Backend for RingBackend {
     }
 
     /// Runs the request on its own thread (its steps pipelined through the
-    /// ring with other requests'), with the same sequence logic as one node:
+    /// ring with other requests'; held first while a switch of version waits
+    /// for the answers in flight), with the same sequence logic as one node:
     /// logit bias, penalties, grammars and log-probabilities are applied here
     /// to the last stage's logits.
     fn start(self: Arc<Self>, request: Request) -> Result<(), SubmitError> {
@@ -81,6 +86,8 @@ impl Backend for RingBackend {
         std::thread::Builder::new()
             .name("ring-request".into())
             .spawn(move || {
+                // After a switch the request runs on the new version's tokenizer side.
+                let _in_flight = self.drain.enter(DRAIN_LIMIT);
                 let front = self.front();
                 let vocab = front.vocabulary();
                 let result = Sequence::new(prompt, params, vocab.context).and_then(|s| {

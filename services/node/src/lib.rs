@@ -16,9 +16,11 @@ itself), the planner, this node's stage and the API in one process;
 */
 #![deny(missing_docs)]
 
+mod advert;
 mod backend;
 mod core;
 mod courier;
+mod drain;
 mod executor;
 pub mod plan;
 pub mod protocol;

@@ -9,16 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sovereign_replication::{Config, Incoming, Outgoing, Peers, Status};
-use sovereign_ring::{Advert, Channel, Membership, Ring};
+use sovereign_ring::{Channel, Membership, Ring};
 use tokio::sync::{mpsc, watch};
+
+use crate::advert::Adverts;
 
 /// How often the store is looked at for models that became live.
 const STORE_POLL: Duration = Duration::from_secs(1);
 
 /// Starts replication for `ring`'s node as `config` says, and keeps the
-/// node's advert (`advert` with the models the store holds) current.
+/// models the store holds current in the node's `adverts`.
 /// Returns the replication status, kept current for `/health`.
-pub fn start(ring: Arc<Ring>, config: Config, advert: Advert) -> watch::Receiver<Status> {
+pub fn start(ring: Arc<Ring>, config: Config, adverts: Arc<Adverts>) -> watch::Receiver<Status> {
     let store = config.store.clone();
     let (status_tx, status) = watch::channel(Status::default());
     let (inbound_tx, inbound) = mpsc::channel::<Incoming>(64);
@@ -67,7 +69,7 @@ pub fn start(ring: Arc<Ring>, config: Config, advert: Advert) -> watch::Receiver
             tracing::error!("replication stopped: {e}");
         }
     });
-    tokio::spawn(follow_store(ring, store, advert));
+    tokio::spawn(follow_store(store, adverts));
     status
 }
 
@@ -80,15 +82,14 @@ fn peers_of(view: &Membership) -> Peers {
 }
 
 /// Re-advertises the node whenever the models its store holds change.
-async fn follow_store(ring: Arc<Ring>, store: PathBuf, mut advert: Advert) {
+async fn follow_store(store: PathBuf, adverts: Arc<Adverts>) {
     let mut tick = tokio::time::interval(STORE_POLL);
     loop {
         tick.tick().await;
         let held = sovereign_replication::held_models(&store);
-        if held != advert.models {
-            tracing::info!(models = ?held, "store changed: new advert");
-            advert.models = held;
-            ring.set_advert(advert.clone());
+        let shown = format!("{held:?}");
+        if adverts.update(|advert| advert.models = held) {
+            tracing::info!(models = %shown, "store changed: new advert");
         }
     }
 }

@@ -15,8 +15,10 @@ use sovereign_replication::Status as Replication;
 use sovereign_ring::{Advert, Channel, Identity, Membership, Ring, RingConfig};
 use tokio::sync::watch;
 
+use crate::advert::Adverts;
 use crate::core::{Core, Links};
 use crate::courier::Courier;
+use crate::drain::{Drain, DRAIN_LIMIT};
 use crate::plan::{self, Candidate, Isa, Plan};
 use crate::{RingBackend, RingView};
 
@@ -185,6 +187,10 @@ struct Seen {
     members: BTreeMap<String, Value>,
     plan: Option<Plan>,
     problem: Option<String>,
+    /// A switch to a newer version waiting for answers in flight.
+    switch: Option<Value>,
+    /// This node's requests in flight and held.
+    drain: Option<Arc<Drain>>,
 }
 
 /// Each member as `/health` shows it (its layers are added from the plan).
@@ -226,48 +232,152 @@ fn candidates(view: &Membership, model: &str) -> Vec<Candidate> {
 
 /// Re-plans whenever the membership changes; records plans, joins and
 /// leaves in the audit log. When the ring moves to a newer version that this
-/// node holds too, the node takes it (layers and tokenizer).
-async fn planner(
-    mut membership: tokio::sync::watch::Receiver<Membership>,
+/// node holds too, the node takes it (layers and tokenizer), between
+/// requests: new requests wait, the answers in flight finish on the version
+/// they started on, and the ring switches once no member is draining.
+struct Planner {
+    membership: watch::Receiver<Membership>,
     core: Arc<Core>,
-    mut model: Model,
+    model: Model,
     store: PathBuf,
     backend: Arc<RingBackend>,
     view: Arc<Mutex<Seen>>,
     state: Arc<sovereign_api::AppState>,
-) {
-    let audit = &state.audit;
-    let mut known: Vec<String> = Vec::new();
-    loop {
-        let members = membership.borrow_and_update().clone();
-        let names: Vec<String> = members.members.keys().cloned().collect();
-        for joined in names.iter().filter(|n| !known.contains(n)) {
-            record(audit, "ring-join", json!({ "node": joined }));
-        }
-        for left in known.iter().filter(|n| !names.contains(n)) {
-            record(audit, "ring-leave", json!({ "node": left }));
-        }
-        known = names;
-        let candidates = candidates(&members, &model.name);
-        let chosen = plan::choose_version(&candidates);
-        if let Some(version) = chosen.as_ref().filter(|v| **v != model.version) {
-            match tokio::task::block_in_place(|| switch(&store, &model, version, &core)) {
-                Ok((next, front)) => {
-                    tracing::info!(version = %version, "ring: serving a newer version");
-                    record(
-                        audit,
-                        "model-loaded",
-                        json!({ "model": format!("{}@{version}", model.name) }),
-                    );
-                    backend.replace_front(front);
-                    model = next;
+    drain: Arc<Drain>,
+}
+
+/// How long a switch of version waits before anything else, so that every
+/// member has seen it coming and said whether it drains answers first.
+const SWITCH_SETTLE: Duration = Duration::from_secs(2);
+
+/// A newer version the ring is to move to, and since when it waits.
+struct Pending {
+    version: semver::Version,
+    since: tokio::time::Instant,
+}
+
+impl Planner {
+    async fn run(mut self) {
+        let mut known: Vec<String> = Vec::new();
+        let mut pending: Option<Pending> = None;
+        let mut draining = self.drain.subscribe();
+        let me = self.core.name().to_owned();
+        loop {
+            let members = self.membership.borrow_and_update().clone();
+            let names: Vec<String> = members.members.keys().cloned().collect();
+            for joined in names.iter().filter(|n| !known.contains(n)) {
+                self.record("ring-join", json!({ "node": joined }));
+            }
+            for left in known.iter().filter(|n| !names.contains(n)) {
+                self.record("ring-leave", json!({ "node": left }));
+            }
+            known = names;
+            let candidates = candidates(&members, &self.model.name);
+            let chosen = plan::choose_version(&candidates);
+            let wanted = chosen.clone().filter(|v| *v != self.model.version);
+            if pending.as_ref().map(|p| &p.version) != wanted.as_ref() {
+                pending = wanted.map(|version| Pending {
+                    version,
+                    since: tokio::time::Instant::now(),
+                });
+            }
+            let mut target = chosen;
+            let mut expired = false;
+            if let Some(p) = &pending {
+                let holds = candidates
+                    .iter()
+                    .any(|c| c.name == me && c.versions.contains(&p.version));
+                expired = p.since.elapsed() >= DRAIN_LIMIT;
+                self.drain.hold(holds && !expired);
+            }
+            // Who still runs answers on the version in force.
+            let mut waiting_for: Vec<String> = members
+                .members
+                .iter()
+                .filter(|(name, m)| m.advert.draining && **name != me)
+                .map(|(name, _)| name.clone())
+                .collect();
+            if self.drain.draining() {
+                waiting_for.push(me.clone());
+            }
+            if let Some(p) = &pending {
+                // Every member sees the switch coming and says whether it drains first.
+                let settled = p.since.elapsed() >= SWITCH_SETTLE;
+                if expired || (settled && waiting_for.is_empty()) {
+                    if !waiting_for.is_empty() {
+                        tracing::warn!(version = %p.version, ?waiting_for, "ring: switching before every answer in flight finished (drain limit): they are replayed on the new version");
+                    }
+                    if self.switch(&p.version) {
+                        pending = None;
+                    }
+                } else {
+                    // The plan stays on the version in force meanwhile.
+                    target = Some(self.model.version.clone());
                 }
-                Err(e) => tracing::debug!("ring: staying on {}: {e}", model.version),
+            }
+            if pending.is_none() {
+                self.drain.hold(false);
+            }
+            self.replan(
+                &members,
+                &candidates,
+                target,
+                pending.as_ref(),
+                &waiting_for,
+            );
+            // Wake when the switch has settled, and at the drain limit.
+            let deadline = pending.as_ref().and_then(|p| {
+                [p.since + SWITCH_SETTLE, p.since + DRAIN_LIMIT]
+                    .into_iter()
+                    .find(|at| *at > tokio::time::Instant::now())
+            });
+            tokio::select! {
+                changed = self.membership.changed() => if changed.is_err() { return },
+                _ = draining.changed() => {}
+                () = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            // Let a burst of changes (a node and its cables) settle into one plan.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Takes `version` if this node holds it (`false`: it stays as it is).
+    fn switch(&mut self, version: &semver::Version) -> bool {
+        match tokio::task::block_in_place(|| switch(&self.store, &self.model, version, &self.core))
+        {
+            Ok((next, front)) => {
+                tracing::info!(version = %version, "ring: serving a newer version");
+                let id = format!("{}@{version}", self.model.name);
+                self.record("model-loaded", json!({ "model": id }));
+                self.backend.replace_front(front);
+                self.model = next;
+                true
+            }
+            Err(e) => {
+                tracing::debug!("ring: staying on {}: {e}", self.model.version);
+                false
             }
         }
-        let outcome = match chosen {
+    }
+
+    /// Puts the plan for `target` in force, shows it and records changes.
+    fn replan(
+        &self,
+        members: &Membership,
+        candidates: &[Candidate],
+        target: Option<semver::Version>,
+        pending: Option<&Pending>,
+        waiting_for: &[String],
+    ) {
+        let model = &self.model;
+        let outcome = match target {
             Some(version) if version == model.version => {
-                plan::compute(&version, &model.footprint, &candidates).map_err(|e| e.to_string())
+                plan::compute(&version, &model.footprint, candidates).map_err(|e| e.to_string())
             }
             Some(version) => Err(format!(
                 "the ring serves {}@{version}; this node holds {}",
@@ -275,12 +385,20 @@ async fn planner(
             )),
             None => Err(format!("no member holds {}", model.name)),
         };
-        let previous = core.active().map(|a| a.plan);
+        let previous = self.core.active().map(|a| a.plan);
         {
-            let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
-            v.members = members_json(&members);
+            let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            v.members = members_json(members);
             v.plan = outcome.as_ref().ok().cloned();
             v.problem = outcome.as_ref().err().cloned();
+            v.switch = pending.map(|p| {
+                json!({
+                    "to": p.version.to_string(),
+                    "waiting_for": waiting_for,
+                    "seconds": p.since.elapsed().as_secs(),
+                })
+            });
+            v.drain = Some(Arc::clone(&self.drain));
         }
         match outcome {
             Ok(plan) => {
@@ -298,27 +416,25 @@ async fn planner(
                     } else {
                         "ring-plan"
                     };
-                    record(
-                        audit,
+                    self.record(
                         kind,
                         json!({ "model": format!("{}@{}", model.name, plan.version), "isa": plan.isa.name(), "stages": stages, "left_out": plan.left_out }),
                     );
                 }
-                core.set_plan(Some(plan), model.path.clone());
+                self.core.set_plan(Some(plan), model.path.clone());
             }
             Err(problem) => {
                 if previous.is_some() {
                     tracing::warn!("ring: no plan: {problem}");
-                    record(audit, "ring-replan", json!({ "problem": problem }));
+                    self.record("ring-replan", json!({ "problem": problem }));
                 }
-                core.set_plan(None, model.path.clone());
+                self.core.set_plan(None, model.path.clone());
             }
         }
-        if membership.changed().await.is_err() {
-            return;
-        }
-        // Let a burst of changes (a node and its cables) settle into one plan.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    fn record(&self, kind: &str, details: Value) {
+        record(&self.state.audit, kind, details);
     }
 }
 
@@ -485,6 +601,11 @@ fn health(view: &Mutex<Seen>, core: &Core, detailed: bool) -> Map<String, Value>
             "version": v.plan.as_ref().map(|p| p.version.to_string()),
             "isa": v.plan.as_ref().map(|p| p.isa.name()),
             "problem": v.problem,
+            "switch": v.switch.clone().map(|mut switch| {
+                // Requests here waiting for it, counted now.
+                switch["held"] = json!(v.drain.as_ref().map_or(0, |d| d.held()));
+                switch
+            }),
         }),
     );
     out
@@ -538,9 +659,11 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             memory_budget_mb: args.memory_budget_mb,
             models: sovereign_replication::held_models(&args.store),
             isa: Isa::detect().name().into(),
+            draining: false,
         };
         let advert = config.advert.clone();
         let ring = Arc::new(Ring::start(config).await?);
+        let adverts = Adverts::new(Arc::clone(&ring), advert);
         if let Some(audit) = refusal_audit {
             tokio::spawn(audit_refusals(ring.refusals(), audit));
         }
@@ -574,7 +697,8 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
         replicate.trust = args.trust.clone();
         replicate.cluster_ca = Some(ca);
         replicate.audit = replication_audit;
-        let replication = crate::replicate::start(Arc::clone(&ring), replicate, advert);
+        let replication =
+            crate::replicate::start(Arc::clone(&ring), replicate, Arc::clone(&adverts));
         let model = match found {
             Some(model) => model,
             None => {
@@ -647,7 +771,20 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             ring: Arc::clone(&ring),
             replication,
         });
-        let backend = Arc::new(RingBackend::new(Arc::clone(&core), front, shown));
+        let drain = Drain::new();
+        let mut draining = drain.subscribe();
+        tokio::spawn(async move {
+            while draining.changed().await.is_ok() {
+                let now = *draining.borrow_and_update();
+                adverts.update(|advert| advert.draining = now);
+            }
+        });
+        let backend = Arc::new(RingBackend::new(
+            Arc::clone(&core),
+            front,
+            shown,
+            Arc::clone(&drain),
+        ));
         let limits = sovereign_api::Limits {
             max_concurrency: args.max_concurrency.max(1),
             kv_budget_bytes: plan::KV_POSITIONS
@@ -669,15 +806,17 @@ pub fn run(args: &NodeArgs) -> Result<(), NodeError> {
             ring.port(),
             args.ring_interfaces.join(",")
         );
-        tokio::spawn(planner(
-            ring.membership(),
-            Arc::clone(&core),
+        let planner = Planner {
+            membership: ring.membership(),
+            core: Arc::clone(&core),
             model,
-            args.store.clone(),
+            store: args.store.clone(),
             backend,
-            Arc::clone(&view),
-            Arc::clone(&state),
-        ));
+            view: Arc::clone(&view),
+            state: Arc::clone(&state),
+            drain,
+        };
+        tokio::spawn(planner.run());
         sovereign_api::serve_until(args.api_listen, tls, state, stop).await?;
         Ok(())
     });

@@ -20,6 +20,10 @@ pub struct Advert {
     pub models: Vec<(String, String)>,
     /// The kernel instruction set the node runs (`avx2`, `avx512`, `scalar`...).
     pub isa: String,
+    /// Requests that entered the ring here still run on the version in force
+    /// while the ring waits to move to a newer one (it moves once no member
+    /// is draining).
+    pub draining: bool,
 }
 
 /// How a node joins the ring. Build it with [`RingConfig::new`] and change

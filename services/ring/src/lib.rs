@@ -13,7 +13,7 @@ that loses a cable routes the other way).
 # use sovereign_ring::*;
 # async fn demo(node: Arc<sovereign_identity::NodeIdentity>, revocations: sovereign_identity::Revocations) -> Result<(), RingError> {
 let mut config = RingConfig::new(Identity::new(node, revocations), vec!["thunderbolt*".into()]);
-config.advert = Advert { memory_budget_mb: 4096, models: vec![], isa: "avx2".into() };
+config.advert = Advert { memory_budget_mb: 4096, models: vec![], isa: "avx2".into(), draining: false };
 let ring = Ring::start(config).await?;
 let mut view = ring.membership();
 view.changed().await.ok();

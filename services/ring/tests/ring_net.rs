@@ -312,6 +312,7 @@ fn an_open_chain_relays_between_its_ends_and_a_cut_splits_it() {
         memory_budget_mb: 2048,
         models: vec![("smollm2".into(), "1.0.0".into())],
         isa: "avx2".into(),
+        draining: false,
     });
     wait_until("node-a to see node-c's advert", || {
         nodes[0]
