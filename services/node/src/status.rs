@@ -134,9 +134,10 @@ pub fn fetch_blocking(url: &str, key: &str, cacert: Option<&Path>) -> Result<Val
         .block_on(fetch(url, key, cacert))
 }
 
-/// The status as lines for a terminal: the ring, one line per member (its
-/// layers, budget and the model versions it holds), then this node's
-/// replication (transfers with progress, refusals).
+/// The status as lines for a terminal: the ring (and a switch of version
+/// waiting for answers in flight), one line per member (its layers, budget
+/// and the model versions it holds), then this node's replication
+/// (transfers with progress, refusals).
 pub fn render(health: &Value) -> String {
     let ring = &health["ring"];
     let mut out = format!(
@@ -157,6 +158,25 @@ pub fn render(health: &Value) -> String {
             )
         }
     );
+    if let Some(switch) = ring["switch"].as_object() {
+        let waiting: Vec<&str> = switch["waiting_for"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        out.push_str(&format!(
+            "moving to {} for {} s: {}, {} request(s) held here\n",
+            switch["to"].as_str().unwrap_or("?"),
+            switch["seconds"].as_u64().unwrap_or(0),
+            if waiting.is_empty() {
+                "no answer in flight".to_owned()
+            } else {
+                format!("answers in flight on {}", waiting.join(","))
+            },
+            switch["held"].as_u64().unwrap_or(0)
+        ));
+    }
     out.push_str(&format!(
         "{:<16} {:<9} {:>11} {:<8} {}\n",
         "NODE", "LAYERS", "BUDGET", "ISA", "MODELS"
@@ -240,4 +260,30 @@ fn render_replication(replication: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_switch_of_version_is_shown_with_whom_it_waits_for() {
+        let health = serde_json::json!({
+            "node": "node-b", "model": "smollm2",
+            "ring": {"serving": true, "version": "1.0.0", "order": ["node-a", "node-b"], "isa": "avx2",
+                     "switch": {"to": "2.0.0", "waiting_for": ["node-a"], "seconds": 3, "held": 1}},
+            "members": [],
+        });
+        let shown = render(&health);
+        assert!(
+            shown.contains("serving smollm2@1.0.0 on 2 node(s)"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(
+                "moving to 2.0.0 for 3 s: answers in flight on node-a, 1 request(s) held here"
+            ),
+            "{shown}"
+        );
+    }
 }
