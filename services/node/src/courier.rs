@@ -22,12 +22,14 @@ use sovereign_identity::{ClusterCa, RevocationList, Revocations};
 use sovereign_ring::{Channel, Ring};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 /// How long the members asked are waited for.
 const MEMBER_WAIT: Duration = Duration::from_secs(10);
 /// How long a socket client may take to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(5);
+/// Members' courier asks answered at once (each asks this node's audit log).
+const ANSWERING: usize = 4;
 
 /// Control-channel messages of the courier (JSON).
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +61,7 @@ pub struct Courier {
     revocations: Revocations,
     next: AtomicU64,
     waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<Answer>>>,
+    answering: Arc<Semaphore>,
 }
 
 impl Courier {
@@ -78,32 +81,48 @@ impl Courier {
             revocations,
             next: AtomicU64::new(1),
             waiting: Mutex::default(),
+            answering: Arc::new(Semaphore::new(ANSWERING)),
         });
         let receiver = Arc::clone(&courier);
         tokio::spawn(async move {
             while let Some(message) = inbox.recv().await {
-                receiver.receive(message.from, &message.payload).await;
+                receiver.receive(message.from, &message.payload);
             }
         });
         courier
     }
 
-    async fn receive(&self, from: String, payload: &[u8]) {
+    /// Never waits: the control channel is kept drained (a full receiver
+    /// would hold up the link delivering to it); asks are answered by tasks
+    /// of their own, at most [`ANSWERING`] at once.
+    fn receive(self: &Arc<Self>, from: String, payload: &[u8]) {
         if payload.len() as u64 > MAX_RING_COURIER_BYTES {
             tracing::warn!(peer = %from, bytes = payload.len(), "control message too large: dropped");
             return;
         }
         match serde_json::from_slice::<Control>(payload) {
             Ok(Control::CourierAsk { id, previous }) => {
-                let package = self.own_package(previous).await;
-                if let Err(reason) = &package {
-                    tracing::warn!(peer = %from, %reason, "no courier package for a member");
-                }
-                let answer = Control::CourierPackage { id, package };
-                let bytes = serde_json::to_vec(&answer).expect("a courier answer serializes");
-                if let Err(e) = self.ring.send(&from, Channel::Control, bytes.into()).await {
-                    tracing::warn!(peer = %from, "cannot answer a courier ask: {e}");
-                }
+                let Ok(permit) = Arc::clone(&self.answering).try_acquire_owned() else {
+                    tracing::warn!(peer = %from, "courier asks come faster than they are answered: one dropped");
+                    return;
+                };
+                let courier = Arc::clone(self);
+                tokio::spawn(async move {
+                    let package = courier.own_package(previous).await;
+                    drop(permit);
+                    if let Err(reason) = &package {
+                        tracing::warn!(peer = %from, %reason, "no courier package for a member");
+                    }
+                    let answer = Control::CourierPackage { id, package };
+                    let bytes = serde_json::to_vec(&answer).expect("a courier answer serializes");
+                    if let Err(e) = courier
+                        .ring
+                        .send(&from, Channel::Control, bytes.into())
+                        .await
+                    {
+                        tracing::warn!(peer = %from, "cannot answer a courier ask: {e}");
+                    }
+                });
             }
             Ok(Control::CourierPackage { id, package }) => {
                 let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);

@@ -315,9 +315,6 @@ impl Planner {
                     target = Some(self.model.version.clone());
                 }
             }
-            if pending.is_none() {
-                self.drain.hold(false);
-            }
             self.replan(
                 &members,
                 &candidates,
@@ -325,6 +322,10 @@ impl Planner {
                 pending.as_ref(),
                 &waiting_for,
             );
+            // Held requests go in once the new plan is in force.
+            if pending.is_none() {
+                self.drain.hold(false);
+            }
             // Wake when the switch has settled, and at the drain limit.
             let deadline = pending.as_ref().and_then(|p| {
                 [p.since + SWITCH_SETTLE, p.since + DRAIN_LIMIT]

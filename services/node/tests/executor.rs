@@ -153,4 +153,17 @@ fn a_ring_gives_one_stages_logits_and_survives_a_lost_middle_node() {
     }];
     executor.step(&work, &mut logits).unwrap();
     assert!(same_bits(&logits, &expected[0]));
+    // A sequence that starts from another's prefix (the executor boundary's
+    // copy_prefix) gets the stages' caches by replay: same logits.
+    let split = prompt.len() - 2;
+    executor.copy_prefix(8, 9, split).unwrap();
+    let work = [Work {
+        seq: 9,
+        tokens: &prompt[split..],
+        position: split,
+        logits: true,
+    }];
+    executor.step(&work, &mut logits).unwrap();
+    assert!(same_bits(&logits, &expected[0]), "after copy_prefix");
+    assert!(executor.copy_prefix(8, 10, prompt.len() + 1).is_err());
 }
