@@ -49,5 +49,5 @@ pub use sampling::Sampler;
 pub use scheduler::{
     bytes_per_position, EventSink, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
 };
-pub use sequence::{LogitsProcessor, Output, Sequence, Vocabulary};
+pub use sequence::{LogitsProcessor, Output, Sequence, StepFn, Vocabulary};
 pub use tokenizer::load_tokenizer;

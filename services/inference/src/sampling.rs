@@ -3,8 +3,9 @@
 //! `p`, so any node that samples position `p` draws the same number, and a
 //! re-planned ring continues the same sequence.
 
-/// How the next token is chosen.
-#[derive(Clone, Debug, PartialEq)]
+/// How the next token is chosen (it travels to a ring's last stage, which
+/// samples where the logits are when nothing else needs them).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sampler {
     /// 0 means greedy.
     pub temperature: f32,

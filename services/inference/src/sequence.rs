@@ -11,7 +11,8 @@ use tokenizers::Tokenizer;
 use crate::engine::{FinishReason, GenerateParams, Generation};
 use crate::error::InferenceError;
 use crate::executor::{Executor, SeqId, Work};
-use crate::logits::{logprobs, TokenLogprob};
+use crate::logits::{logprobs, LogitShaping, TokenLogprob};
+use crate::sampling::Sampler;
 
 /// Per-request changes to the next token's logits before sampling, beyond
 /// the request's own logit bias and penalties (a grammar's mask). Runs on the
@@ -45,6 +46,12 @@ impl Output<'_> {
         self.text.is_empty() && self.logprobs.is_empty()
     }
 }
+
+/// One forward step of a sequence's new tokens for [`Sequence::run`]: fills
+/// the logits of the last position and returns `None`, or, given the
+/// sampler, may return the token it chose where the logits are.
+pub type StepFn<'a> = dyn FnMut(Work<'_>, Option<&Sampler>, &mut Vec<f32>) -> Result<Option<u32>, InferenceError>
+    + 'a;
 
 /// What the tokenizer side of a model gives a sequence: the tokenizer, the
 /// end-of-sequence tokens and the context length.
@@ -179,14 +186,8 @@ impl Sequence {
         logits: &mut [f32],
         vocab: Vocabulary<'_>,
     ) -> Result<Output<'_>, InferenceError> {
-        if std::mem::take(&mut self.delivered) {
-            self.pending.clear();
-        }
-        if self.finish.is_some() {
+        if !self.begin_step() {
             return Ok(Output::default());
-        }
-        if self.first_token.is_none() {
-            self.first_token = Some(Instant::now());
         }
         let top = self.params.logprobs;
         if top.is_some() {
@@ -197,14 +198,59 @@ impl Sequence {
         if let Some(processor) = &mut self.processor {
             processor.process(&self.tokens[self.prompt_len..], logits)?;
         }
-        let position = self.len() as u64;
-        let token = self.params.sampler.sample(logits, position);
+        let token = self.params.sampler.sample(logits, self.len() as u64);
+        if let Some(top) = top {
+            if !vocab.eos.contains(&token) {
+                self.pending.push(logprobs(&self.raw, token, top));
+            }
+        }
+        self.accept(token, vocab)
+    }
+
+    /// The sampler, when it alone chooses this sequence's tokens (no bias,
+    /// penalties, grammar or log-probabilities): then the token can be
+    /// sampled wherever the logits are (a ring's last stage) and given to
+    /// [`Sequence::advance_with`].
+    pub fn sampler_alone(&self) -> Option<&Sampler> {
+        let alone = self.processor.is_none()
+            && self.params.logprobs.is_none()
+            && self.params.shaping == LogitShaping::default();
+        alone.then_some(&self.params.sampler)
+    }
+
+    /// [`Sequence::advance`] with the token that [`Sequence::sampler_alone`]
+    /// chose at this sequence's next position, elsewhere.
+    pub fn advance_with(
+        &mut self,
+        token: u32,
+        vocab: Vocabulary<'_>,
+    ) -> Result<Output<'_>, InferenceError> {
+        if !self.begin_step() {
+            return Ok(Output::default());
+        }
+        self.accept(token, vocab)
+    }
+
+    /// Clears what the last output passed on; `false` once finished.
+    fn begin_step(&mut self) -> bool {
+        if std::mem::take(&mut self.delivered) {
+            self.pending.clear();
+        }
+        if self.finish.is_some() {
+            return false;
+        }
+        if self.first_token.is_none() {
+            self.first_token = Some(Instant::now());
+        }
+        true
+    }
+
+    /// Takes the chosen token: the end, a stop text, the length limit, or
+    /// more text made final.
+    fn accept(&mut self, token: u32, vocab: Vocabulary<'_>) -> Result<Output<'_>, InferenceError> {
         if vocab.eos.contains(&token) {
             self.finish = Some(FinishReason::Stop);
             return Ok(self.flush());
-        }
-        if let Some(top) = top {
-            self.pending.push(logprobs(&self.raw, token, top));
         }
         if let Some(processor) = &mut self.processor {
             processor.accepted(token)?;
@@ -267,41 +313,58 @@ impl Sequence {
     /// what each step made final (possibly nothing) and returns `false` to
     /// cancel. The executor forgets the sequence afterwards.
     pub fn run_alone(
-        mut self,
+        self,
         executor: &mut dyn Executor,
         seq: SeqId,
         vocab: Vocabulary<'_>,
         on_output: &mut dyn FnMut(&Output<'_>) -> bool,
     ) -> Result<Generation, InferenceError> {
+        let outcome = self.run(
+            vocab,
+            &mut |work, _, logits| {
+                executor.step(&[Work { seq, ..work }], logits)?;
+                Ok(None)
+            },
+            on_output,
+        );
+        executor.release(seq);
+        outcome
+    }
+
+    /// Runs the sequence to its end, one forward step of its new tokens at
+    /// a time: `step` fills the logits of the last position and returns
+    /// `None`, or, given the sampler (when it alone chooses the tokens, see
+    /// [`Sequence::sampler_alone`]), may return the token it chose where the
+    /// logits are. `on_output` gets what each step made final and returns
+    /// `false` to cancel.
+    pub fn run(
+        mut self,
+        vocab: Vocabulary<'_>,
+        step: &mut StepFn<'_>,
+        on_output: &mut dyn FnMut(&Output<'_>) -> bool,
+    ) -> Result<Generation, InferenceError> {
         let mut logits = Vec::new();
         // Positions already through the model.
         let mut fed = 0;
-        let outcome = loop {
-            if self.finish.is_some() {
-                break Ok(());
-            }
+        while self.finish.is_none() {
             let work = Work {
-                seq,
+                seq: 0,
                 tokens: &self.tokens[fed..],
                 position: fed,
                 logits: true,
             };
             logits.clear();
-            if let Err(e) = executor.step(&[work], &mut logits) {
-                break Err(e);
-            }
+            let chosen = step(work, self.sampler_alone(), &mut logits)?;
             fed = self.len();
-            match self.advance(&mut logits, vocab) {
-                Ok(output) => {
-                    if !on_output(&output) {
-                        self.cancel();
-                    }
-                }
-                Err(e) => break Err(e),
+            let output = match chosen {
+                Some(token) => self.advance_with(token, vocab)?,
+                None => self.advance(&mut logits, vocab)?,
+            };
+            if !on_output(&output) {
+                self.cancel();
             }
-        };
-        executor.release(seq);
-        outcome.map(|()| self.generation())
+        }
+        Ok(self.generation())
     }
 
     /// The outcome so far (final once [`Sequence::finish`] is set).

@@ -1,8 +1,10 @@
 //! The API's generations on the ring: this node is the entry. It tokenizes,
-//! keeps the request's tokens, shapes the last stage's logits as one node
-//! does (bias, penalties, grammars for JSON output and tool calls), samples
-//! with the request's counter-based sampler and streams the text with
-//! log-probabilities, while the layers run on the ring's stages.
+//! keeps the request's tokens and streams the text, while the layers run on
+//! the ring's stages. When the request's counter-based sampler alone chooses
+//! its tokens, the last stage samples them (no logits cross the ring);
+//! otherwise the logits come back and the entry shapes them as one node
+//! does (bias, penalties, grammars for JSON output and tool calls) and
+//! reports log-probabilities.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -10,7 +12,8 @@ use std::sync::{Arc, RwLock};
 use serde_json::{Map, Value};
 use sovereign_api::Backend;
 use sovereign_inference::{
-    ChatMessage, Constraint, Front, InferenceError, ModelConfig, Request, Sequence, SubmitError,
+    ChatMessage, Constraint, Executor, Front, InferenceError, ModelConfig, Request, Sequence,
+    SubmitError,
 };
 
 use crate::core::Core;
@@ -96,10 +99,21 @@ impl Backend for RingBackend {
                         None => s,
                     };
                     let mut executor = RingExecutor::new(Arc::clone(&self.core));
-                    sequence.run_alone(&mut executor, 0, vocab, &mut |output| {
-                        (output.is_empty() || sink.text(output.text, output.logprobs))
-                            && !sink.is_cancelled()
-                    })
+                    // The last stage samples when the sampler alone chooses
+                    // (no logits cross the ring); otherwise they come here.
+                    let outcome = sequence.run(
+                        vocab,
+                        &mut |work, sampler, logits| match sampler {
+                            Some(sampler) => executor.step_sampled(work, sampler).map(Some),
+                            None => executor.step(&[work], logits).map(|()| None),
+                        },
+                        &mut |output| {
+                            (output.is_empty() || sink.text(output.text, output.logprobs))
+                                && !sink.is_cancelled()
+                        },
+                    );
+                    executor.release(0);
+                    outcome
                 });
                 sink.done(result);
             })

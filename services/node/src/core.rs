@@ -51,7 +51,8 @@ enum StageJob {
 /// An answer to a step, for the entry side.
 #[derive(Debug)]
 pub(crate) enum Reply {
-    Logits(Vec<u8>),
+    /// Logits (little-endian f32) and sampled tokens.
+    Answer(Vec<u8>, Vec<u32>),
     Failed(String),
 }
 
@@ -232,7 +233,11 @@ impl Core {
             Frame::Release { entry, seqs } => {
                 let _ = lock(&self.stage_jobs).send(StageJob::Release { entry, seqs });
             }
-            Frame::Logits { step, values } => self.answer(step, Reply::Logits(values)),
+            Frame::Answer {
+                step,
+                values,
+                tokens,
+            } => self.answer(step, Reply::Answer(values, tokens)),
             Frame::Failed { step, reason } => self.answer(step, Reply::Failed(reason)),
         }
     }

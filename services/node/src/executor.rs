@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sovereign_inference::{Executor, InferenceError, ModelConfig, SeqId, Work};
+use sovereign_inference::{Executor, InferenceError, ModelConfig, Sampler, SeqId, Work};
 
 use crate::core::{Core, Reply};
 use crate::protocol::{bytes_f32, Frame, Payload, Row, Step};
@@ -69,95 +69,13 @@ impl RingExecutor {
         }
     }
 
-    /// Replays on `active`'s plan the history of every sequence of `batch`
-    /// whose caches are not there, chunk by chunk as they first ran.
-    fn replay(&mut self, batch: &[Work<'_>], active: &crate::core::Active) -> Result<(), String> {
-        for work in batch {
-            let Some(history) = self.histories.get(&work.seq) else {
-                continue;
-            };
-            if history.synced == Some(active.id) || history.chunks.is_empty() {
-                continue;
-            }
-            let chunks = history.chunks.clone();
-            self.core.counters.replays.fetch_add(1, Ordering::Relaxed);
-            let mut position = 0;
-            for chunk in &chunks {
-                self.run(&[(work.seq, chunk, position, false)], active)?;
-                position += chunk.len();
-            }
-            if let Some(h) = self.histories.get_mut(&work.seq) {
-                h.synced = Some(active.id);
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends one step to the first stage and waits for the logits.
-    fn run(
-        &self,
-        rows: &[(u64, &[u32], usize, bool)],
-        active: &crate::core::Active,
-    ) -> Result<Vec<f32>, String> {
-        let (step, answer) = self.core.expect();
-        let frame = Frame::Step(Step {
-            plan: active.id,
-            entry: self.core.name().to_owned(),
-            step,
-            rows: rows
-                .iter()
-                .map(|&(seq, tokens, position, logits)| Row {
-                    seq: self.space | seq,
-                    position: position as u32,
-                    len: tokens.len() as u32,
-                    logits,
-                })
-                .collect(),
-            payload: Payload::Tokens(rows.iter().flat_map(|r| r.1.iter().copied()).collect()),
-        });
-        let wanted = rows.iter().filter(|r| r.3).count() * self.config().vocab;
-        let sent = Instant::now();
-        let result = (|| {
-            self.core.send(active.plan.first(), frame)?;
-            loop {
-                if sent.elapsed() > STALL {
-                    return Err(format!("no answer from the ring in {STALL:?}"));
-                }
-                match answer.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Reply::Logits(bytes)) => {
-                        let values = bytes_f32(&bytes).map_err(|e| e.to_string())?;
-                        if values.len() != wanted {
-                            return Err(format!("{} logits, expected {wanted}", values.len()));
-                        }
-                        return Ok(values);
-                    }
-                    Ok(Reply::Failed(reason)) => return Err(reason),
-                    Err(_) if self.core.generation() != active.generation => {
-                        return Err("the plan changed".into())
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                        return Err("the node is shutting down".into())
-                    }
-                }
-            }
-        })();
-        self.core.forget(step);
-        result
-    }
-}
-
-/// The ring behind the engine's executor boundary: a step runs on the
-/// stages of the plan in force, replayed there first when the plan changed.
-impl Executor for RingExecutor {
-    fn config(&self) -> &ModelConfig {
-        self.core.config()
-    }
-
-    /// Runs one step over `batch`; `logits` gets one row of `vocab` values per
-    /// entry that asked for them, in batch order. If the plan changes on the
-    /// way, the affected sequences are replayed on the new plan first.
-    fn step(&mut self, batch: &[Work<'_>], logits: &mut Vec<f32>) -> Result<(), InferenceError> {
+    /// [`Executor::step`]; with `sampler`, the last stage samples the next
+    /// token of every entry that asked for logits and answers tokens instead.
+    fn step_with(
+        &mut self,
+        batch: &[Work<'_>],
+        sampler: Option<&Sampler>,
+    ) -> Result<(Vec<f32>, Vec<u32>), InferenceError> {
         for (i, work) in batch.iter().enumerate() {
             if work.tokens.is_empty() || batch[..i].iter().any(|w| w.seq == work.seq) {
                 return Err(InferenceError::Request(format!(
@@ -186,17 +104,16 @@ impl Executor for RingExecutor {
                     .iter()
                     .map(|w| (w.seq, w.tokens, w.position, w.logits))
                     .collect();
-                self.run(&rows, &active)
+                self.run(&rows, &active, sampler)
             });
             match outcome {
-                Ok(values) => {
+                Ok(answer) => {
                     for work in batch {
                         let history = self.histories.entry(work.seq).or_default();
                         history.chunks.push(work.tokens.to_vec());
                         history.synced = Some(active.id);
                     }
-                    *logits = values;
-                    return Ok(());
+                    return Ok(answer);
                 }
                 Err(reason) => {
                     if stalled.elapsed() > STALL {
@@ -220,6 +137,130 @@ impl Executor for RingExecutor {
                 }
             }
         }
+    }
+
+    /// One step of one sequence whose next token the last stage samples
+    /// with `sampler` (no logits cross the ring): the token.
+    pub fn step_sampled(
+        &mut self,
+        work: Work<'_>,
+        sampler: &Sampler,
+    ) -> Result<u32, InferenceError> {
+        let (_, tokens) = self.step_with(
+            &[Work {
+                logits: true,
+                ..work
+            }],
+            Some(sampler),
+        )?;
+        tokens
+            .first()
+            .copied()
+            .ok_or_else(|| InferenceError::Request("the ring answered no token".into()))
+    }
+
+    /// Replays on `active`'s plan the history of every sequence of `batch`
+    /// whose caches are not there, chunk by chunk as they first ran.
+    fn replay(&mut self, batch: &[Work<'_>], active: &crate::core::Active) -> Result<(), String> {
+        for work in batch {
+            let Some(history) = self.histories.get(&work.seq) else {
+                continue;
+            };
+            if history.synced == Some(active.id) || history.chunks.is_empty() {
+                continue;
+            }
+            let chunks = history.chunks.clone();
+            self.core.counters.replays.fetch_add(1, Ordering::Relaxed);
+            let mut position = 0;
+            for chunk in &chunks {
+                self.run(&[(work.seq, chunk, position, false)], active, None)?;
+                position += chunk.len();
+            }
+            if let Some(h) = self.histories.get_mut(&work.seq) {
+                h.synced = Some(active.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one step to the first stage and waits for the logits (and the
+    /// tokens the last stage sampled with `sampler`).
+    fn run(
+        &self,
+        rows: &[(u64, &[u32], usize, bool)],
+        active: &crate::core::Active,
+        sampler: Option<&Sampler>,
+    ) -> Result<(Vec<f32>, Vec<u32>), String> {
+        let (step, answer) = self.core.expect();
+        let frame = Frame::Step(Step {
+            plan: active.id,
+            entry: self.core.name().to_owned(),
+            step,
+            rows: rows
+                .iter()
+                .map(|&(seq, tokens, position, logits)| Row {
+                    seq: self.space | seq,
+                    position: position as u32,
+                    len: tokens.len() as u32,
+                    logits,
+                    sample: sampler.filter(|_| logits).cloned(),
+                })
+                .collect(),
+            payload: Payload::Tokens(rows.iter().flat_map(|r| r.1.iter().copied()).collect()),
+        });
+        let asked = rows.iter().filter(|r| r.3).count();
+        let (wanted, wanted_tokens) = match sampler {
+            Some(_) => (0, asked),
+            None => (asked * self.config().vocab, 0),
+        };
+        let sent = Instant::now();
+        let result = (|| {
+            self.core.send(active.plan.first(), frame)?;
+            loop {
+                if sent.elapsed() > STALL {
+                    return Err(format!("no answer from the ring in {STALL:?}"));
+                }
+                match answer.recv_timeout(Duration::from_millis(100)) {
+                    Ok(Reply::Answer(bytes, tokens)) => {
+                        let values = bytes_f32(&bytes).map_err(|e| e.to_string())?;
+                        if values.len() != wanted || tokens.len() != wanted_tokens {
+                            return Err(format!(
+                                "{} logits and {} tokens, expected {wanted} and {wanted_tokens}",
+                                values.len(),
+                                tokens.len()
+                            ));
+                        }
+                        return Ok((values, tokens));
+                    }
+                    Ok(Reply::Failed(reason)) => return Err(reason),
+                    Err(_) if self.core.generation() != active.generation => {
+                        return Err("the plan changed".into())
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err("the node is shutting down".into())
+                    }
+                }
+            }
+        })();
+        self.core.forget(step);
+        result
+    }
+}
+
+/// The ring behind the engine's executor boundary: a step runs on the
+/// stages of the plan in force, replayed there first when the plan changed.
+impl Executor for RingExecutor {
+    fn config(&self) -> &ModelConfig {
+        self.core.config()
+    }
+
+    /// Runs one step over `batch`; `logits` gets one row of `vocab` values per
+    /// entry that asked for them, in batch order. If the plan changes on the
+    /// way, the affected sequences are replayed on the new plan first.
+    fn step(&mut self, batch: &[Work<'_>], logits: &mut Vec<f32>) -> Result<(), InferenceError> {
+        *logits = self.step_with(batch, None)?.0;
+        Ok(())
     }
 
     /// `dst` takes the first `len` positions of `src`'s history; the stages

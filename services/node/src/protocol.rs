@@ -6,16 +6,18 @@
 //! parsed. Hidden states and logits travel as little-endian `f32` bytes.
 
 use serde::{Deserialize, Serialize};
+use sovereign_inference::Sampler;
 
-/// This build's protocol version.
-pub const VERSION: u16 = 1;
+/// This build's protocol version (2: the last stage may sample a row's
+/// token itself, [`Row::sample`]).
+pub const VERSION: u16 = 2;
 
 /// Largest frame accepted (a prefill chunk's hidden states; the ring's own
 /// frame limit applies first).
 pub const MAX_FRAME: usize = 16 << 20;
 
 /// One sequence's rows in a [`Step`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// The sequence, unique per entry node.
     pub seq: u64,
@@ -26,6 +28,10 @@ pub struct Row {
     pub len: u32,
     /// Whether the entry wants the logits of the row's last token.
     pub logits: bool,
+    /// With `logits`: the last stage samples the row's next token with this
+    /// sampler (counter-based: any node draws the same) and answers the
+    /// token instead of the logits, when nothing else needs them.
+    pub sample: Option<Sampler>,
 }
 
 /// What a step carries into a stage.
@@ -58,13 +64,16 @@ pub enum Frame {
     /// Run a step (entry to the first stage, stage to stage).
     Step(Step),
     /// The last stage's answer to the entry: one row of logits per row that
-    /// asked for them, little-endian f32.
-    Logits {
+    /// asked for them without a sampler (little-endian f32), and one token
+    /// per row that asked with one, each in row order.
+    Answer {
         /// The step answered.
         step: u64,
         /// The logits.
         #[serde(with = "serde_bytes")]
         values: Vec<u8>,
+        /// The sampled tokens.
+        tokens: Vec<u32>,
     },
     /// A stage could not run a step (another plan, a cache it lost).
     Failed {
@@ -156,6 +165,12 @@ mod tests {
                 position: 0,
                 len: 2,
                 logits: true,
+                sample: Some(Sampler {
+                    temperature: 0.7,
+                    top_k: 40,
+                    top_p: 0.9,
+                    seed: 5,
+                }),
             }],
             payload: Payload::Hidden(f32_bytes(&[1.5, -0.0, f32::MIN_POSITIVE, 3.0e7])),
         })
@@ -165,9 +180,10 @@ mod tests {
     fn frames_round_trip_bit_for_bit() {
         for frame in [
             step(),
-            Frame::Logits {
+            Frame::Answer {
                 step: 3,
                 values: f32_bytes(&[0.25; 5]),
+                tokens: vec![17],
             },
             Frame::Failed {
                 step: 9,
@@ -191,10 +207,10 @@ mod tests {
     #[test]
     fn another_version_and_garbage_are_refused() {
         let mut bytes = step().encode();
-        bytes[0] = 2;
+        bytes[0] = 1;
         assert!(matches!(
             Frame::decode(&bytes),
-            Err(ProtocolError::Version(2))
+            Err(ProtocolError::Version(1))
         ));
         assert!(matches!(
             Frame::decode(&[1]),

@@ -118,6 +118,7 @@ impl StageServer {
         let last = self.stage.range().end == self.stage.config().layers;
         let mut outputs = Vec::with_capacity(step.rows.len());
         let mut logits = Vec::new();
+        let mut tokens = Vec::new();
         let mut at = 0;
         for row in &step.rows {
             let len = row.len as usize;
@@ -142,7 +143,13 @@ impl StageServer {
                         .head(&out)
                         .and_then(|l| l.to_vec1::<f32>().map_err(Into::into))
                         .map_err(|e| e.to_string())?;
-                    logits.extend_from_slice(&values);
+                    match &row.sample {
+                        // The position of the token being chosen.
+                        Some(sampler) => tokens.push(
+                            sampler.sample(&values, u64::from(row.position) + u64::from(row.len)),
+                        ),
+                        None => logits.extend_from_slice(&values),
+                    }
                 }
             } else {
                 outputs.push(out);
@@ -151,9 +158,10 @@ impl StageServer {
         if last {
             return Ok(Outgoing {
                 to: step.entry,
-                frame: Frame::Logits {
+                frame: Frame::Answer {
                     step: step.step,
                     values: f32_bytes(&logits),
+                    tokens,
                 },
             });
         }

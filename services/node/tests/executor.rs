@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
-use sovereign_inference::{Executor, Footprint, ModelConfig, Stage, Work};
+use sovereign_inference::{Executor, Footprint, ModelConfig, Sampler, Stage, Work};
 use sovereign_node::plan::{compute, Candidate, Isa, Plan};
 use sovereign_node::{Core, Links, RingExecutor};
 
@@ -166,4 +166,14 @@ fn a_ring_gives_one_stages_logits_and_survives_a_lost_middle_node() {
     executor.step(&work, &mut logits).unwrap();
     assert!(same_bits(&logits, &expected[0]), "after copy_prefix");
     assert!(executor.copy_prefix(8, 10, prompt.len() + 1).is_err());
+    // The last stage samples when asked (no logits cross the ring): greedy
+    // gives the argmax of the logits one stage gives.
+    let work = Work {
+        seq: 11,
+        tokens: &prompt,
+        position: 0,
+        logits: true,
+    };
+    let token = executor.step_sampled(work, &Sampler::default()).unwrap();
+    assert_eq!(token, argmax(&expected[0]));
 }
