@@ -188,11 +188,18 @@ impl KQuantMatMul {
     /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
     pub fn matmul_q8k(&self, q: &Q8KRows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
+        // Checked once per call rather than per dot product.
+        assert!(
+            self.isa.available(),
+            "{:?} kernels on a CPU without them",
+            self.isa
+        );
         par_rows(self.n, self.k, q.rows(), out, KQuantRows { mm: self, q });
     }
 }
 
-/// The k-quant dot products of one [`KQuantMatMul::matmul_q8k`] call.
+/// The k-quant dot products of one [`KQuantMatMul::matmul_q8k`] call; built
+/// only after that call has checked that `mm.isa` is available.
 struct KQuantRows<'a> {
     mm: &'a KQuantMatMul,
     q: &'a Q8KRows,
@@ -209,7 +216,9 @@ impl RowsDot for KQuantRows<'_> {
             d: q.row_d(r + i),
             bsums: q.row_bsums(r + i),
         });
-        dot(mm.kind, mm.isa, w, &xs)
+        // SAFETY: `matmul_q8k` asserted that `mm.isa` is available before
+        // building this `KQuantRows`.
+        unsafe { dot(mm.kind, mm.isa, w, &xs) }
     }
 }
 
@@ -223,9 +232,12 @@ pub(crate) struct XRow<'a> {
 /// The dot products of one weight row (`w`, whole blocks of `kind`) with
 /// each row of `xs`; element `i` is bit for bit what `xs[i]` alone gives.
 ///
+/// # Safety
+/// `isa` must be available on this CPU ([`Isa::available`]).
+///
 /// # Panics
-/// If the rows do not hold the same number of blocks, or `isa` is not available.
-fn dot<const R: usize>(kind: KQuant, isa: Isa, w: &[u8], xs: &[XRow<'_>; R]) -> [f32; R] {
+/// If the rows do not hold the same number of blocks.
+unsafe fn dot<const R: usize>(kind: KQuant, isa: Isa, w: &[u8], xs: &[XRow<'_>; R]) -> [f32; R] {
     let nb = w.len() / kind.block_bytes();
     assert!(
         w.len() == nb * kind.block_bytes()
@@ -242,12 +254,8 @@ fn dot<const R: usize>(kind: KQuant, isa: Isa, w: &[u8], xs: &[XRow<'_>; R]) -> 
         }),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            assert!(
-                isa.available(),
-                "AVX-512 kernel on a CPU without AVX-512 VNNI"
-            );
             // SAFETY: the CPU supports avx512f/bw/vl/vnni, avx2, fma and f16c
-            // (checked above), and every slice holds `nb` blocks (asserted above).
+            // (caller), and every slice holds `nb` blocks (asserted above).
             unsafe {
                 match kind {
                     KQuant::Q4K => x86::avx512::dot_q4k(w, xs),
@@ -258,11 +266,7 @@ fn dot<const R: usize>(kind: KQuant, isa: Isa, w: &[u8], xs: &[XRow<'_>; R]) -> 
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            assert!(
-                isa.available(),
-                "AVX2 kernel on a CPU without AVX2/FMA/F16C"
-            );
-            // SAFETY: the CPU supports avx2, fma and f16c (checked above), and
+            // SAFETY: the CPU supports avx2, fma and f16c (caller), and
             // every slice holds `nb` blocks (asserted above).
             unsafe {
                 match kind {
@@ -273,7 +277,8 @@ fn dot<const R: usize>(kind: KQuant, isa: Isa, w: &[u8], xs: &[XRow<'_>; R]) -> 
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => dot(kind, Isa::Scalar, w, xs),
+        // SAFETY: the scalar kernels run anywhere.
+        _ => unsafe { dot(kind, Isa::Scalar, w, xs) },
     }
 }
 

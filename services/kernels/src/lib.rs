@@ -48,6 +48,7 @@ mod q5;
 mod q8;
 mod q80;
 mod q8k;
+mod round;
 mod simd;
 
 use candle_core::quantized::{GgmlDType, QTensor};

@@ -194,11 +194,18 @@ impl Q5MatMul {
     /// If `q` was not quantized with this matrix's `k` or `out` is not `q.rows() * n` long.
     pub fn matmul_q8(&self, q: &Q8Rows, out: &mut [f32]) {
         assert_eq!(q.k(), self.k, "activations quantized for another k");
+        // Checked once per call rather than per dot product.
+        assert!(
+            self.isa.available(),
+            "{:?} kernels on a CPU without them",
+            self.isa
+        );
         par_rows(self.n, self.k, q.rows(), out, Q5Rows { mm: self, q });
     }
 }
 
-/// The Q5_0/Q5_1 dot products of one [`Q5MatMul::matmul_q8`] call.
+/// The Q5_0/Q5_1 dot products of one [`Q5MatMul::matmul_q8`] call; built
+/// only after that call has checked that `mm.isa` is available.
 struct Q5Rows<'a> {
     mm: &'a Q5MatMul,
     q: &'a Q8Rows,
@@ -222,7 +229,9 @@ impl RowsDot for Q5Rows<'_> {
             s: q.row_s(r + i),
             isum: q.row_isum(r + i),
         });
-        dot(mm.isa, &w, &xs)
+        // SAFETY: `matmul_q8` asserted that `mm.isa` is available before
+        // building this `Q5Rows`.
+        unsafe { dot(mm.isa, &w, &xs) }
     }
 }
 
@@ -246,9 +255,12 @@ struct XRow<'a> {
 /// The dot products of `w` with each row of `xs`; element `i` is bit for
 /// bit what `xs[i]` alone gives.
 ///
+/// # Safety
+/// `isa` must be available on this CPU ([`Isa::available`]).
+///
 /// # Panics
-/// If the rows hold different block counts, or `isa` is not available.
-fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
+/// If the rows hold different block counts.
+unsafe fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
     let nb = w.d.len();
     assert!(
         w.qhl.len() == nb
@@ -265,11 +277,7 @@ fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         Isa::Scalar => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            assert!(
-                isa.available(),
-                "AVX2 kernel on a CPU without AVX2/FMA/F16C"
-            );
-            // SAFETY: avx2, fma, f16c available (checked above); every slice holds
+            // SAFETY: avx2, fma, f16c available (caller); every slice holds
             // `nb` blocks (asserted above); `m` is there exactly for Q5_1.
             unsafe {
                 if w.m.is_some() {
@@ -281,11 +289,7 @@ fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            assert!(
-                isa.available(),
-                "AVX-512 kernel on a CPU without AVX-512 VNNI"
-            );
-            // SAFETY: avx512f/bw/vl/vnni, avx2, fma, f16c available (checked above);
+            // SAFETY: avx512f/bw/vl/vnni, avx2, fma, f16c available (caller);
             // every slice holds `nb` blocks (asserted above); `m` is there exactly
             // for Q5_1.
             unsafe {

@@ -15,7 +15,7 @@ one load of each half here.
 
 use half::f16;
 
-use crate::QK;
+use crate::{round, QK};
 
 /// Rows of activations quantized to Q8_1, in the grouped layout.
 #[derive(Clone, Debug)]
@@ -59,18 +59,18 @@ impl Q8Rows {
         for (r, row) in xs.chunks_exact(k.max(1)).enumerate() {
             let out = &mut qs[r * k..(r + 1) * k];
             for (b, x) in row.chunks_exact(QK).enumerate() {
-                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let amax = abs_max(x);
                 let db = amax / 127.0;
                 let id = if db != 0.0 { 1.0 / db } else { 0.0 };
                 let (lo, hi) = half_offsets(nb, b);
+                let (first, second) = x.split_at(QK / 2);
                 let mut sum = 0i32;
-                for (j, &xj) in x.iter().enumerate() {
-                    // |xj * id| <= 127 up to rounding, so the cast cannot saturate
-                    // for finite input; NaN becomes 0 (as casts define).
-                    let q = (xj * id).round() as i8;
-                    let at = if j < QK / 2 { lo + j } else { hi + j - QK / 2 };
-                    out[at] = q;
-                    sum += i32::from(q);
+                for (at, half) in [(lo, first), (hi, second)] {
+                    for (q, &xj) in out[at..at + QK / 2].iter_mut().zip(half) {
+                        // |xj * id| <= 127 up to rounding; NaN becomes 0.
+                        *q = round::half_away(xj * id) as i8;
+                        sum += i32::from(*q);
+                    }
                 }
                 d.push(f16::from_f32(db).to_f32());
                 s.push(f16::from_f32(sum as f32 * db).to_f32());
@@ -129,4 +129,20 @@ impl Q8Rows {
         let nb = self.k / QK;
         &self.s[r * nb..(r + 1) * nb]
     }
+}
+
+/// The largest `|v|` of `x` (0 for none; NaNs ignored), taken in eight
+/// lanes so that it vectorizes: `max` gives the same value in any order.
+#[inline]
+pub(crate) fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v.abs());
+        }
+    }
+    let lanes = lanes.iter().fold(0f32, |a, &l| a.max(l));
+    rest.iter().fold(lanes, |a, v| a.max(v.abs()))
 }

@@ -6,6 +6,9 @@ quant is `min(127, round_ties_even(iscale * x))`, `d = 1 / iscale` (f32), and
 for their mins and offsets). Quants stay in natural order.
 */
 
+use crate::q8::abs_max;
+use crate::round;
+
 /// Values per k-quant super-block (and per Q8_K block).
 pub const QK_K: usize = 256;
 
@@ -35,21 +38,17 @@ impl Q8KRows {
             .zip(qs.chunks_exact_mut(QK_K))
             .enumerate()
         {
-            let (mut max, mut amax) = (0f32, 0f32);
-            for &v in x {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
+            let amax = abs_max(x);
             if amax == 0.0 {
                 d.push(0.0);
                 continue;
             }
+            // The first value of largest magnitude, as a scan keeping strict maxima finds.
+            let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
             let iscale = -127.0 / max;
             for (qj, &v) in q.iter_mut().zip(x) {
-                // |iscale * v| <= 127 up to rounding; `as` saturates and maps NaN to 0.
-                *qj = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+                // |iscale * v| <= 127 up to rounding; NaN becomes 0.
+                *qj = round::ties_even(iscale * v).min(127) as i8;
             }
             for (s, chunk) in q.chunks_exact(16).enumerate() {
                 bsums[b * QK_K / 16 + s] = chunk.iter().map(|&v| i16::from(v)).sum();
