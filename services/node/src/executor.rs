@@ -153,10 +153,14 @@ impl RingExecutor {
             }],
             Some(sampler),
         )?;
-        tokens
-            .first()
-            .copied()
-            .ok_or_else(|| InferenceError::Request("the ring answered no token".into()))
+        let vocab = self.config().vocab;
+        match tokens.first() {
+            Some(&token) if (token as usize) < vocab => Ok(token),
+            Some(token) => Err(InferenceError::Request(format!(
+                "the ring answered token {token}, outside the vocabulary of {vocab}"
+            ))),
+            None => Err(InferenceError::Request("the ring answered no token".into())),
+        }
     }
 
     /// Replays on `active`'s plan the history of every sequence of `batch`
