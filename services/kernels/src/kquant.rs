@@ -398,6 +398,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{scales_mins, XRow};
+    use crate::lanes::hsum256;
     use crate::q8k::QK_K;
 
     /// The f32 value of the f16 at `b[at..at + 2]` with F16C (exact, as
@@ -407,16 +408,6 @@ mod x86 {
     fn f16_at(b: &[u8], at: usize) -> f32 {
         let bits = u16::from_le_bytes([b[at], b[at + 1]]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
-    /// Sum of the 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
     }
 
     /// The 8 mins as 16 i16 lanes, each repeated for its two 16-sums (the
@@ -528,7 +519,7 @@ mod x86 {
             // SAFETY: a whole block; the rows hold block b (caller).
             unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, quants) };
         }
-        std::array::from_fn(|i| hsum(acc[i]) - hsum(accm[i]))
+        std::array::from_fn(|i| hsum256(acc[i]) - hsum256(accm[i]))
     }
 
     /// Q5_K: as Q4_K, with each value's fifth bit taken from the block's 32
@@ -561,7 +552,7 @@ mod x86 {
             // SAFETY: a whole block; the rows hold block b (caller).
             unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, quants) };
         }
-        std::array::from_fn(|i| hsum(acc[i]) - hsum(accm[i]))
+        std::array::from_fn(|i| hsum256(acc[i]) - hsum256(accm[i]))
     }
 
     /// Q6_K: per 128 values, two loads of low nibbles and one of high bit
@@ -641,7 +632,7 @@ mod x86 {
                 fma_lanes(acc, x.d[b] * d, total);
             }
         }
-        std::array::from_fn(|i| hsum(acc[i]))
+        std::array::from_fn(|i| hsum256(acc[i]))
     }
 
     /// The AVX-512 VNNI kernels.
@@ -659,7 +650,7 @@ mod x86 {
         use std::arch::x86_64::*;
 
         use super::super::{scales_mins, XRow};
-        use super::{f16_at, fma_lanes, hsum, mins_lanes, mins_pairs};
+        use super::{f16_at, fma_lanes, hsum256, mins_lanes, mins_pairs};
         use crate::q8k::QK_K;
 
         /// Word indices for `vpermw`: word `8L + p` (128-bit lane `L`,
@@ -787,7 +778,7 @@ mod x86 {
                 // SAFETY: a whole block; the rows hold block b (caller).
                 unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, &picks, quants) };
             }
-            std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) - hsum(accm[i]))
+            std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) - hsum256(accm[i]))
         }
 
         /// Q5_K: as Q4_K, with the fifth bits from the 32 `qh` bytes: bit 2j
@@ -829,7 +820,7 @@ mod x86 {
                 // SAFETY: a whole block; the rows hold block b (caller).
                 unsafe { block_q45k(blk, b, xs, &mut acc, &mut accm, &picks, quants) };
             }
-            std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) - hsum(accm[i]))
+            std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) - hsum256(accm[i]))
         }
 
         /// Q6_K: per 128 values one 64-byte load of low nibbles and one

@@ -43,6 +43,7 @@ so the `QTensor` can be dropped afterwards.
 
 mod half_mm;
 mod kquant;
+mod lanes;
 mod pool;
 mod q5;
 mod q8;

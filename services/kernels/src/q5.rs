@@ -344,26 +344,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{block_dot, WRow, XRow};
+    use crate::lanes::{hsum128, hsum256};
     use crate::QK;
-
-    /// Sum of the 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn hsum256(v: __m256) -> f32 {
-        hsum128(_mm_add_ps(
-            _mm256_castps256_ps128(v),
-            _mm256_extractf128_ps(v, 1),
-        ))
-    }
-
-    /// Sum of the 4 lanes.
-    #[inline]
-    #[target_feature(enable = "sse3")]
-    fn hsum128(s: __m128) -> f32 {
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 
     /// Byte `i` of the result is 0x10 when bit `i` of `bits` is set, else 0:
     /// the u32 broadcast, each byte lane given the byte holding its bit,
