@@ -159,12 +159,7 @@ pub fn render(health: &Value) -> String {
         }
     );
     if let Some(switch) = ring["switch"].as_object() {
-        let waiting: Vec<&str> = switch["waiting_for"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let waiting = strings(&switch["waiting_for"]);
         out.push_str(&format!(
             "moving to {} for {} s: {}, {} request(s) held here\n",
             switch["to"].as_str().unwrap_or("?"),
@@ -186,12 +181,7 @@ pub fn render(health: &Value) -> String {
             .as_array()
             .map(|r| format!("{}..{}", r[0], r[1]))
             .unwrap_or_else(|| "-".into());
-        let models: Vec<&str> = m["models"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let models = strings(&m["models"]);
         out.push_str(&format!(
             "{:<16} {:<9} {:>7} MiB {:<8} {}",
             m["name"].as_str().unwrap_or("?"),
@@ -209,20 +199,22 @@ pub fn render(health: &Value) -> String {
     out
 }
 
+/// The strings of a JSON array (none for anything else).
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// This node's replication: the spool, transfers in progress, refusals.
 fn render_replication(replication: &Value) -> String {
     let Some(r) = replication.as_object() else {
         return String::new();
     };
     let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
-    let names = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(str::to_owned))
-            .collect()
-    };
-    let spooled = names(&r["spooled"]);
+    let spooled = strings(&r["spooled"]);
     let mut out = format!(
         "replication: spool {:.1} of {:.0} MiB{}\n",
         mib(&r["spool_bytes"]),
@@ -254,7 +246,7 @@ fn render_replication(replication: &Value) -> String {
             f["reason"].as_str().unwrap_or("?")
         ));
     }
-    for item in names(&r["relayed_unopened"]) {
+    for item in strings(&r["relayed_unopened"]) {
         out.push_str(&format!(
             "  relaying {item} unopened (no identity opens it)\n"
         ));
