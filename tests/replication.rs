@@ -279,6 +279,16 @@ fn one_stick_visit_to_any_node_carries_every_members_checkpoint_and_proof() {
         assert!(verified.contains(&format!("of node {node}")), "{verified}");
     }
     let c_before = carried(&ring, "node-c");
+    // A node whose folder this visit already wrote (the image's stick unit
+    // writes its own node's first) is not asked again.
+    let request = sovereign_audit::RingCourierRequest {
+        previous: Default::default(),
+        written: vec!["node-a".into()],
+    };
+    let reply = sovereign_audit::ask_ring(&ring.lab.path("courier-node-a.sock"), &request).unwrap();
+    let nodes: Vec<&str> = reply.packages.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes, ["node-b", "node-c"], "{:?}", reply.missing);
+    assert!(reply.missing.is_empty(), "{:?}", reply.missing);
 
     // node-c is powered off; the others record its leave. The next visit
     // carries what it reaches, says what it does not, and leaves node-c's

@@ -29,6 +29,10 @@ const REPLY_WAIT: Duration = Duration::from_secs(60);
 pub struct RingCourierRequest {
     /// The checkpoint note on the stick, by node name.
     pub previous: BTreeMap<String, String>,
+    /// Nodes whose folder this visit already wrote (not asked again: each
+    /// ask signs and stores a checkpoint in that node's log).
+    #[serde(default)]
+    pub written: Vec<String>,
 }
 
 /// What the node gathered: a checked package per member that answered.
@@ -110,15 +114,16 @@ pub fn ask_ring(
 }
 
 /// Gathers every reachable member's package through the node at `socket`
-/// and writes each into its folder on `stick` (`skip`: a node whose folder
-/// was already written this visit, by its own audit daemon).
+/// and writes each into its folder on `stick` (`written`: a node whose
+/// folder this visit already wrote, by its own audit daemon: not asked again).
 pub fn write_ring_courier(
     socket: &Path,
     stick: &Path,
-    skip: Option<&str>,
+    written: Option<&str>,
 ) -> Result<RingCourierOutcome, AuditError> {
     let request = RingCourierRequest {
         previous: stick_checkpoints(stick),
+        written: written.into_iter().map(str::to_owned).collect(),
     };
     let reply = ask_ring(socket, &request)?;
     let mut outcome = RingCourierOutcome {
@@ -126,9 +131,6 @@ pub fn write_ring_courier(
         ..RingCourierOutcome::default()
     };
     for package in reply.packages.iter().take(MAX_RING_NODES) {
-        if Some(package.node.as_str()) == skip {
-            continue;
-        }
         let dir = write_package(package, stick)?;
         outcome.written.push((
             package.node.clone(),

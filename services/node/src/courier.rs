@@ -148,9 +148,9 @@ impl Courier {
         .unwrap_or_else(|e| Err(format!("the courier task failed: {e}")))
     }
 
-    /// Every member's checked package (this node's included), and why the
-    /// others, and the nodes the stick carries that are not members now,
-    /// have none.
+    /// Every member's checked package (this node's included) but those the
+    /// request says are written already, and why the others, and the nodes
+    /// the stick carries that are not members now, have none.
     pub async fn gather(&self, request: &RingCourierRequest) -> RingCourierReply {
         let members: Vec<String> = self
             .ring
@@ -158,6 +158,7 @@ impl Courier {
             .borrow()
             .members
             .keys()
+            .filter(|member| !request.written.contains(member))
             .take(MAX_RING_NODES)
             .cloned()
             .collect();
@@ -224,7 +225,9 @@ impl Courier {
         }
         // Nodes the stick carries that are not in the ring now keep their folders.
         for node in request.previous.keys().take(MAX_RING_NODES) {
-            if !reply.packages.iter().any(|p| p.node == *node) && !reply.missing.contains_key(node)
+            if !reply.packages.iter().any(|p| p.node == *node)
+                && !reply.missing.contains_key(node)
+                && !request.written.contains(node)
             {
                 reply
                     .missing
