@@ -16,6 +16,7 @@ This crate depends on no other crate of the project.
 */
 #![deny(missing_docs)]
 
+mod arriving;
 mod create;
 mod error;
 mod format;
@@ -28,6 +29,7 @@ pub mod stick;
 mod trust;
 mod verify;
 
+pub use arriving::Arrival;
 pub use create::{create_bundle, sign_bundle, BundleSpec, SignOutcome, DEFAULT_PART_SIZE};
 pub use error::{BundleError, KeyError, TrustError};
 pub use format::{is_bundle_file_name, is_part_file_name, BUNDLE_EXTENSION};

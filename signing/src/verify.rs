@@ -4,7 +4,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::arriving::{Arrival, ArrivingReader};
 use crate::error::BundleError;
 use crate::format::Header;
 use crate::keys::PublicKey;
@@ -19,7 +21,15 @@ pub struct UnverifiedBundle {
     path: PathBuf,
     header: Header,
     manifest: Manifest,
-    parts: Vec<File>,
+    parts: Parts,
+}
+
+/// Where the payload is read from.
+enum Parts {
+    /// Every part opened and its size checked.
+    Complete(Vec<File>),
+    /// Still being written: read as it arrives, sizes checked at the end.
+    Arriving(ArrivingReader),
 }
 
 impl UnverifiedBundle {
@@ -29,23 +39,32 @@ impl UnverifiedBundle {
         let mut first = open_no_follow(path)?;
         let header = Header::read(&mut first)?;
         let manifest = Manifest::parse(&header.manifest_bytes)?;
-        if header.len() > manifest.part_size {
-            return Err(BundleError::Malformed(format!(
-                "header ({} bytes) does not fit in a part of {} bytes",
-                header.len(),
-                manifest.part_size
-            )));
-        }
-        let total = header
-            .len()
-            .checked_add(manifest.payload.size)
-            .ok_or_else(|| BundleError::Malformed("payload size overflows".into()))?;
+        let total = total_len(&header, &manifest)?;
         let parts = open_parts(path, total, manifest.part_size)?;
         Ok(Self {
             path: path.to_owned(),
             header,
             manifest,
-            parts,
+            parts: Parts::Complete(parts),
+        })
+    }
+
+    /// Opens a bundle whose files are still being written (a transfer into
+    /// a spool), as far as `arrival` says they have arrived: waits for the
+    /// header and the manifest and checks them as [`UnverifiedBundle::open`]
+    /// does. Unpacking then verifies each byte as it lands; the parts' exact
+    /// sizes are checked once `arrival` says the transfer is complete.
+    pub fn open_arriving(path: &Path, arrival: Arc<dyn Arrival>) -> Result<Self, BundleError> {
+        let mut reader = ArrivingReader::new(path, arrival);
+        let header = Header::read(&mut reader)?;
+        let manifest = Manifest::parse(&header.manifest_bytes)?;
+        let total = total_len(&header, &manifest)?;
+        reader.set_layout(total, manifest.part_size)?;
+        Ok(Self {
+            path: path.to_owned(),
+            header,
+            manifest,
+            parts: Parts::Arriving(reader),
         })
     }
 
@@ -70,7 +89,11 @@ impl UnverifiedBundle {
 
     /// The number of part files.
     pub fn part_count(&self) -> usize {
-        self.parts.len()
+        let total = self.header.len() + self.manifest.payload.size;
+        match &self.parts {
+            Parts::Complete(parts) => parts.len(),
+            Parts::Arriving(_) => total.div_ceil(self.manifest.part_size.max(1)).max(1) as usize,
+        }
     }
 
     /// Checks the signatures against `trust`: at least `trust.threshold` distinct
@@ -150,26 +173,48 @@ impl VerifiedBundle {
     ) -> Result<VerifiedPayload, BundleError> {
         let VerifiedBundle { bundle } = self;
         let offset = bundle.header.len();
-        let io_error = |e: io::Error| BundleError::io(&bundle.path, e);
-        // A second reading of the parts, for decryption after the ciphertext hash.
-        let again = match (&bundle.manifest.payload.encryption, identity) {
-            (Encryption::Age { .. }, Some(_)) => Some(
-                bundle
-                    .parts
-                    .iter()
-                    .map(File::try_clone)
-                    .collect::<io::Result<Vec<_>>>()
-                    .map_err(io_error)?,
-            ),
-            _ => None,
+        let total = offset + bundle.manifest.payload.size;
+        let part_size = bundle.manifest.part_size;
+        let path = bundle.path.clone();
+        let io_error = |e: io::Error| BundleError::io(&path, e);
+        let decrypting = matches!(
+            (&bundle.manifest.payload.encryption, identity),
+            (Encryption::Age { .. }, Some(_))
+        );
+        let (mut reader, mut settle): (Box<dyn Read + Send>, Settle) = match bundle.parts {
+            Parts::Complete(parts) => {
+                // A second reading of the parts, for decryption after the ciphertext hash.
+                let again = if decrypting {
+                    parts
+                        .iter()
+                        .map(File::try_clone)
+                        .collect::<io::Result<Vec<_>>>()
+                        .map_err(io_error)?
+                } else {
+                    Vec::new()
+                };
+                let reader = PartsReader::new(parts, offset).map_err(io_error)?;
+                (Box::new(reader), Settle::Ready(again))
+            }
+            Parts::Arriving(reader) => {
+                let arrival = Arc::clone(reader.arrival());
+                (Box::new(reader), Settle::Arriving(arrival))
+            }
         };
-        let mut reader = PartsReader::new(bundle.parts, offset).map_err(io_error)?;
+        let settled = |settle: &mut Settle| -> Result<Vec<File>, BundleError> {
+            match std::mem::replace(settle, Settle::Ready(Vec::new())) {
+                Settle::Ready(files) => Ok(files),
+                Settle::Arriving(arrival) => {
+                    arrival.wait_complete().map_err(io_error)?;
+                    open_parts(&path, total, part_size)
+                }
+            }
+        };
         let files = &bundle.manifest.files;
         let content_checked = match (&bundle.manifest.payload.encryption, identity) {
             (Encryption::None, _) => {
-                let path = bundle.path.clone();
-                let io_error = move |e: io::Error| BundleError::io(&path, e);
-                stream_files(&mut reader, files, sink, &io_error)?;
+                stream_files(&mut *reader, files, sink, &io_error)?;
+                settled(&mut settle)?;
                 true
             }
             (Encryption::Age { blake3, .. }, None) => {
@@ -178,9 +223,9 @@ impl VerifiedBundle {
                         "bundle is encrypted: an age identity is needed (--identity)".into(),
                     ));
                 }
-                let mut hashing = HashingReader::new(&mut reader);
-                io::copy(&mut hashing, &mut io::sink())
-                    .map_err(|e| BundleError::io(&bundle.path, e))?;
+                let mut hashing = HashingReader::new(&mut *reader);
+                io::copy(&mut hashing, &mut io::sink()).map_err(io_error)?;
+                settled(&mut settle)?;
                 check_payload_hash(hashing.finish(), blake3)?;
                 false
             }
@@ -193,15 +238,15 @@ impl VerifiedBundle {
                 // The signed ciphertext hash first (as TUF checks a target's
                 // hash before parsing it): no byte reaches the decryptor
                 // before the whole ciphertext matched the signature.
-                let mut hashing = HashingReader::new(&mut reader);
+                let mut hashing = HashingReader::new(&mut *reader);
                 io::copy(&mut hashing, &mut io::sink()).map_err(io_error)?;
+                let again = settled(&mut settle)?;
                 check_payload_hash(hashing.finish(), blake3)?;
                 // Then decrypt, hashing again: a medium that answers a second
                 // read with other bytes is refused at the end (age
                 // authenticates every segment and every plaintext byte is
                 // hashed against the manifest meanwhile).
-                let mut reader =
-                    PartsReader::new(again.unwrap_or_default(), offset).map_err(io_error)?;
+                let mut reader = PartsReader::new(again, offset).map_err(io_error)?;
                 let mut hashing = HashingReader::new(&mut reader);
                 let mut plaintext = SegmentReader::new(&mut hashing, segments, identity)?;
                 let corrupt = |e: io::Error| {
@@ -222,6 +267,29 @@ impl VerifiedBundle {
             content_checked,
         })
     }
+}
+
+/// What is left to check about the parts once the payload was read.
+enum Settle {
+    /// Nothing: the parts were checked when opened (kept for a second reading).
+    Ready(Vec<File>),
+    /// Wait for the transfer to complete, then check every part's size.
+    Arriving(Arc<dyn Arrival>),
+}
+
+/// The header and payload's length, checking the header fits in the first part.
+fn total_len(header: &Header, manifest: &Manifest) -> Result<u64, BundleError> {
+    if header.len() > manifest.part_size {
+        return Err(BundleError::Malformed(format!(
+            "header ({} bytes) does not fit in a part of {} bytes",
+            header.len(),
+            manifest.part_size
+        )));
+    }
+    header
+        .len()
+        .checked_add(manifest.payload.size)
+        .ok_or_else(|| BundleError::Malformed("payload size overflows".into()))
 }
 
 fn check_payload_hash(actual: blake3::Hash, expected: &str) -> Result<(), BundleError> {
@@ -261,12 +329,12 @@ impl VerifiedPayload {
 
 /// Hashes everything read through it.
 struct HashingReader<'a> {
-    inner: &'a mut PartsReader,
+    inner: &'a mut (dyn Read + Send),
     hasher: blake3::Hasher,
 }
 
 impl<'a> HashingReader<'a> {
-    fn new(inner: &'a mut PartsReader) -> Self {
+    fn new(inner: &'a mut (dyn Read + Send)) -> Self {
         Self {
             inner,
             hasher: blake3::Hasher::new(),

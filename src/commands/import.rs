@@ -8,6 +8,9 @@ use sovereign_store::{ImportOptions, Outcome, Store};
 
 use super::format_bytes;
 
+/// How long an import waits for another holder of the store.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Import arguments.
 #[derive(Args)]
 pub struct ImportArgs {
@@ -57,7 +60,9 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(sovereign_identity::ClusterCa::load)
         .transpose()?;
-    let store = Store::open(&args.store)?;
+    // A running node's replication may be importing into it (while a
+    // bundle arrives from a peer): wait for it as a stick import does.
+    let store = Store::open_waiting(&args.store, STORE_WAIT)?;
     let outbox = store.outbox();
     let options = ImportOptions {
         trust: args.trust.as_deref(),
@@ -68,6 +73,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             .map(|a| a as &dyn sovereign_store::ImportAudit),
         cluster_ca: cluster_ca.as_ref(),
         outbox: outbox.as_deref(),
+        arrival: None,
     };
     let report = store.import_path(&args.path, &options)?;
     if let Some(log) = &log {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use crate::arrival::Progress;
 use crate::error::{describe, ReplicationError};
 use crate::import::{import_item, ImportKeys, Verdict};
 use crate::item::{ItemMeta, Kind};
@@ -47,10 +48,15 @@ pub struct Config {
     pub stall: Duration,
     /// How often the outbox and the trust file are looked at and offers repeated.
     pub tick: Duration,
+    /// A bundle is imported while it arrives; without a new byte for this
+    /// long that import gives up (releasing the store) and the bundle is
+    /// imported once complete instead.
+    pub import_idle: Duration,
 }
 
 impl Config {
-    /// Defaults: 1 MiB chunks, 8 in flight (8 MiB per transfer), stall after 3 s, tick 1 s.
+    /// Defaults: 1 MiB chunks, 8 in flight (8 MiB per transfer), stall after
+    /// 3 s, tick 1 s, an import following a transfer gives up after 10 s idle.
     pub fn new(node: &str, store: &Path, spool: &Path, spool_capacity: u64) -> Self {
         Self {
             node: node.to_owned(),
@@ -65,6 +71,7 @@ impl Config {
             window: 8,
             stall: Duration::from_secs(3),
             tick: Duration::from_secs(1),
+            import_idle: Duration::from_secs(10),
         }
     }
 }
@@ -100,7 +107,30 @@ struct Transfer {
     progress: Instant,
     /// When this transfer (or its resumption) began.
     started: Instant,
+    /// The import verifying the bundle as it arrives, while it runs.
+    following: Option<Arc<Progress>>,
 }
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        // An import still following a dropped transfer stops (and frees the store).
+        if let Some(progress) = &self.following {
+            progress.give_up();
+        }
+    }
+}
+
+/// How an import read its item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    /// From the complete spool item.
+    Spooled,
+    /// From the partial item, as the transfer wrote it.
+    Following,
+}
+
+/// An import's outcome, for the engine.
+type Finished = (ItemMeta, String, Verdict, Reading);
 
 /// What the node knows about one item it holds, per peer.
 #[derive(Default)]
@@ -121,7 +151,7 @@ struct Engine {
     refused: BTreeMap<String, Refusal>,
     unopened: BTreeSet<String>,
     importing: BTreeSet<String>,
-    done: mpsc::Sender<(ItemMeta, String, Verdict)>,
+    done: mpsc::Sender<Finished>,
     serving: BTreeMap<String, ItemMeta>,
     trust_digest: Option<String>,
     crl_digest: Option<String>,
@@ -163,6 +193,7 @@ pub async fn run(
     };
     engine.resume_partials()?;
     let mut tick = tokio::time::interval(engine.config.tick);
+    let mut outbox_poll = tokio::time::interval(OUTBOX_POLL);
     let mut published = Instant::now();
     status.send_replace(engine.status());
     tokio::pin!(shutdown);
@@ -173,7 +204,9 @@ pub async fn run(
                 Some(message) => engine.receive(message).await,
                 None => return Ok(()),
             },
-            Some((meta, from, verdict)) = finished.recv() => engine.imported(meta, from, verdict).await,
+            Some((meta, from, verdict, reading)) = finished.recv() => {
+                engine.imported(meta, from, verdict, reading).await
+            }
             changed = peers.changed() => {
                 if changed.is_err() {
                     return Ok(());
@@ -182,6 +215,12 @@ pub async fn run(
                 engine.offer_all().await;
             }
             _ = tick.tick() => engine.tick().await,
+            _ = outbox_poll.tick() => {
+                // A bundle imported here is offered at once, not at the next tick.
+                if engine.adopt_outbox().unwrap_or(0) > 0 {
+                    engine.offer_all().await;
+                }
+            }
         }
         if published.elapsed() >= STATUS_EVERY {
             status.send_replace(engine.status());
@@ -189,6 +228,9 @@ pub async fn run(
         }
     }
 }
+
+/// How often the store's outbox is looked at for bundles imported here.
+const OUTBOX_POLL: Duration = Duration::from_millis(100);
 
 /// How often [`Status`] is refreshed at most (it reads the spool directory).
 const STATUS_EVERY: Duration = Duration::from_millis(250);
@@ -232,9 +274,12 @@ impl Engine {
         self.offer_all().await;
     }
 
-    fn adopt_outbox(&mut self) -> Result<(), ReplicationError> {
+    /// Takes what the store's import left in its outbox into the spool;
+    /// returns how many bundles were taken.
+    fn adopt_outbox(&mut self) -> Result<usize, ReplicationError> {
         let outbox = self.config.store.join(sovereign_store::OUTBOX);
         let entries = std::fs::read_dir(&outbox).map_err(|e| ReplicationError::io(&outbox, e))?;
+        let mut adopted = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
@@ -242,6 +287,7 @@ impl Engine {
             }
             match self.spool.adopt_bundle(&entry.path()) {
                 Ok(meta) => {
+                    adopted += 1;
                     tracing::info!(item = %meta.id(), "imported here: offering to peers");
                     self.audit(
                         "offer",
@@ -254,7 +300,7 @@ impl Engine {
                 }
             }
         }
-        Ok(())
+        Ok(adopted)
     }
 
     /// A newer trust file installed here (from a stick) is offered too.
@@ -472,6 +518,13 @@ impl Engine {
             "receive",
             serde_json::json!({"model": meta.id(), "from": from, "resume_at": received}),
         );
+        let following = (meta.kind == Kind::Bundle).then(|| {
+            let progress = Arc::new(Progress::new(&meta, received, self.config.import_idle));
+            let files = self.spool.partial_files(&meta);
+            let arrival: Arc<dyn sovereign_signing::Arrival> = progress.clone();
+            self.start_import(meta.clone(), from.clone(), files, Some(arrival));
+            progress
+        });
         let transfer = Transfer {
             meta,
             source: from,
@@ -480,6 +533,7 @@ impl Engine {
             in_flight: 0,
             progress: Instant::now(),
             started: Instant::now(),
+            following,
         };
         self.transfers.insert(key.clone(), transfer);
         self.request(&key).await;
@@ -646,6 +700,9 @@ impl Engine {
         }
         match self.spool.append(&transfer.meta, offset, &data) {
             Ok(received) => {
+                if let Some(following) = &transfer.following {
+                    following.advance(received);
+                }
                 transfer.received = received;
                 transfer.in_flight = transfer.in_flight.saturating_sub(1);
                 transfer.progress = Instant::now();
@@ -659,7 +716,7 @@ impl Engine {
             self.request(&key).await;
             return;
         }
-        let transfer = self.transfers.remove(&key).expect("transfer exists");
+        let mut transfer = self.transfers.remove(&key).expect("transfer exists");
         let seconds = transfer.started.elapsed().as_secs_f64();
         tracing::info!(
             item = %transfer.meta.id(),
@@ -668,14 +725,39 @@ impl Engine {
             mib_per_s = transfer.meta.total() as f64 / (1u64 << 20) as f64 / seconds.max(1e-9),
             "received in full: importing"
         );
-        match self.spool.finish(&transfer.meta) {
-            Ok(files) => self.start_import(transfer.meta, transfer.source, files),
+        if let Some(following) = transfer.following.take() {
+            // The import read along; it finishes with the last byte.
+            following.complete();
+            self.importing.insert(key);
+            return;
+        }
+        self.import_spooled(&transfer.meta, &transfer.source);
+    }
+
+    /// Completes a fully received item in the spool and imports it from there.
+    fn import_spooled(&mut self, meta: &ItemMeta, from: &str) {
+        match self.spool.finish(meta) {
+            Ok(files) => self.start_import(meta.clone(), from.to_owned(), files, None),
             Err(e) => tracing::warn!(error = %describe(&e), "cannot complete transfer"),
         }
     }
 
-    fn start_import(&mut self, meta: ItemMeta, from: String, files: PathBuf) {
-        self.importing.insert(meta.key());
+    /// Imports the item in `files` on a blocking thread; its verdict comes
+    /// back through `done`. With `arrival` the files are still arriving.
+    fn start_import(
+        &mut self,
+        meta: ItemMeta,
+        from: String,
+        files: PathBuf,
+        arrival: Option<Arc<dyn sovereign_signing::Arrival>>,
+    ) {
+        let reading = match arrival {
+            Some(_) => Reading::Following,
+            None => {
+                self.importing.insert(meta.key());
+                Reading::Spooled
+            }
+        };
         let store = self.config.store.clone();
         let keys = ImportKeys {
             identity: self.config.identity.clone(),
@@ -688,13 +770,49 @@ impl Engine {
             let audit = audit
                 .as_deref()
                 .map(|a| a as &dyn sovereign_store::ImportAudit);
-            let verdict = import_item(&store, &files, &meta, &keys, audit);
-            let _ = done.blocking_send((meta, from, verdict));
+            let verdict = import_item(&store, &files, &meta, &keys, audit, arrival);
+            let _ = done.blocking_send((meta, from, verdict, reading));
         });
     }
 
-    async fn imported(&mut self, meta: ItemMeta, from: String, verdict: Verdict) {
-        self.importing.remove(&meta.key());
+    async fn imported(&mut self, meta: ItemMeta, from: String, verdict: Verdict, reading: Reading) {
+        let key = meta.key();
+        self.importing.remove(&key);
+        if reading == Reading::Following {
+            let receiving = self.transfers.get_mut(&key);
+            match (&verdict, receiving) {
+                // Gave up (a long stall, the store busy): the transfer goes on
+                // and the complete item is imported from the spool.
+                (Verdict::Failed(reason) | Verdict::Unopened(reason), Some(transfer)) => {
+                    tracing::info!(item = %meta.id(), %reason, "import stopped following the transfer; it imports once complete");
+                    transfer.following = None;
+                    return;
+                }
+                (Verdict::Failed(reason), None) => {
+                    tracing::info!(item = %meta.id(), %reason, "import while receiving failed; importing the complete item");
+                    self.import_spooled(&meta, &from);
+                    return;
+                }
+                // Already live here (a stick brought it meanwhile): stop fetching.
+                (Verdict::Live, Some(_)) => {
+                    self.transfers.remove(&key);
+                    let _ = self.spool.remove(&meta);
+                    tracing::info!(item = %meta.id(), "already live: transfer stopped");
+                    self.send(&from, &Message::Have { key }).await;
+                    return;
+                }
+                // Refused before the last byte (signatures, rollback): stop fetching.
+                (Verdict::Refused(_), Some(_)) => {
+                    self.transfers.remove(&key);
+                }
+                (Verdict::Live | Verdict::Unopened(_), None) => {
+                    if let Err(e) = self.spool.finish(&meta) {
+                        tracing::warn!(item = %meta.id(), error = %describe(&e), "cannot keep the item to pass on");
+                    }
+                }
+                (Verdict::Refused(_), None) => {}
+            }
+        }
         match verdict {
             Verdict::Live => {
                 tracing::info!(item = %meta.id(), peer = %from, "replicated and imported");

@@ -3,9 +3,10 @@
 //! rollback refused, every outcome audited exactly as for a stick.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use sovereign_signing::{BundleError, UnverifiedBundle};
+use sovereign_signing::{Arrival, BundleError, UnverifiedBundle};
 use sovereign_store::{ImportAudit, ImportOptions, Outcome, Store, StoreError};
 
 use crate::error::describe;
@@ -52,14 +53,17 @@ pub struct ImportKeys {
     pub cluster_ca: Option<sovereign_identity::ClusterCa>,
 }
 
-/// Imports the complete item whose files are in `files` into the store at
-/// `store` (blocking: it reads every byte).
+/// Imports the item whose files are in `files` into the store at `store`
+/// (blocking: it reads every byte). With `arrival` the files are still being
+/// received: a bundle is verified and unpacked as its bytes land, and the
+/// verdict comes once the last one did (or at the first refusal).
 pub fn import_item(
     store: &Path,
     files: &Path,
     meta: &ItemMeta,
     keys: &ImportKeys,
     audit: Option<&dyn ImportAudit>,
+    arrival: Option<Arc<dyn Arrival>>,
 ) -> Verdict {
     let opened = match open_store(store) {
         Ok(opened) => opened,
@@ -70,6 +74,7 @@ pub fn import_item(
         trust: keys.trust.as_deref(),
         audit,
         cluster_ca: keys.cluster_ca.as_ref(),
+        arrival: arrival.clone(),
         ..ImportOptions::default()
     };
     match meta.kind {
@@ -77,11 +82,16 @@ pub fn import_item(
             let bundle = files.join(&meta.files[0].name);
             match opened.import_bundle(&bundle, &options) {
                 Ok(_) => Verdict::Live,
-                Err(e @ (StoreError::Audit(_) | StoreError::Busy(_) | StoreError::Io { .. })) => {
-                    Verdict::Failed(describe(&e))
-                }
+                // Reading this node's own spool or writing its store failed
+                // (or a transfer followed was given up): not the item's fault.
+                Err(
+                    e @ (StoreError::Audit(_)
+                    | StoreError::Busy(_)
+                    | StoreError::Io { .. }
+                    | StoreError::Bundle(BundleError::Io { .. })),
+                ) => Verdict::Failed(describe(&e)),
                 Err(StoreError::Bundle(BundleError::Decrypt(reason))) => {
-                    match check_ciphertext(store, &bundle) {
+                    match check_ciphertext(store, &bundle, arrival) {
                         Ok(()) => Verdict::Unopened(reason),
                         Err(refused) => Verdict::Refused(refused),
                     }
@@ -110,13 +120,20 @@ pub fn import_item(
 /// Signatures against the node's trust, then every stored (encrypted) byte
 /// against the signed ciphertext hash: what a node that cannot decrypt checks
 /// before relaying.
-fn check_ciphertext(store: &Path, bundle: &Path) -> Result<(), String> {
+fn check_ciphertext(
+    store: &Path,
+    bundle: &Path,
+    arrival: Option<Arc<dyn Arrival>>,
+) -> Result<(), String> {
     let trust = sovereign_store::installed_trust(store)
         .map_err(|e| describe(&e))?
         .ok_or("no trust file is installed")?;
-    UnverifiedBundle::open(bundle)
-        .and_then(|b| b.verify(trust.trust()))
-        .and_then(|b| b.check_payload(None))
-        .map(|_| ())
-        .map_err(|e| describe(&e))
+    match arrival {
+        Some(arrival) => UnverifiedBundle::open_arriving(bundle, arrival),
+        None => UnverifiedBundle::open(bundle),
+    }
+    .and_then(|b| b.verify(trust.trust()))
+    .and_then(|b| b.check_payload(None))
+    .map(|_| ())
+    .map_err(|e| describe(&e))
 }

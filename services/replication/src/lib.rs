@@ -24,6 +24,7 @@ window of requests in flight per transfer.
 */
 #![deny(missing_docs)]
 
+mod arrival;
 mod engine;
 mod error;
 mod import;

@@ -108,6 +108,11 @@ impl Spool {
         self.item_dir(&meta.key()).join(FILES)
     }
 
+    /// The directory a partial item's files are received into.
+    pub(crate) fn partial_files(&self, meta: &ItemMeta) -> PathBuf {
+        self.partial_dir(&meta.key()).join(FILES)
+    }
+
     fn list(&self, sub: &str) -> Result<Vec<ItemMeta>, ReplicationError> {
         let dir = self.dir.join(sub);
         let mut items = Vec::new();

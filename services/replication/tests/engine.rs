@@ -59,7 +59,8 @@ fn bundle(dir: &Path, keys: &Keys, name: &str, version: &str, size: usize) -> Pa
     out
 }
 
-/// The store exists with the operator's trust before the node runs.
+/// The store exists with the operator's trust before the node runs (waiting
+/// for a stopped engine's import, which lets go of the store as it stops).
 fn install_trust(store: &Path, keys: &Keys) {
     let empty = store.with_extension("empty");
     fs::create_dir_all(&empty).unwrap();
@@ -67,7 +68,7 @@ fn install_trust(store: &Path, keys: &Keys) {
         trust: Some(&keys.trust),
         ..ImportOptions::default()
     };
-    Store::open(store)
+    Store::open_waiting(store, Duration::from_secs(60))
         .unwrap()
         .import_path(&empty, &options)
         .unwrap();
@@ -182,6 +183,19 @@ impl Ring {
 
     /// Starts a node's engine on `dir` (store `dir/store`, spool `dir/spool`).
     fn start(&self, keys: &Keys, name: &str, dir: &Path, capacity: u64, window: usize) -> Node {
+        self.start_with(keys, name, dir, capacity, window, |_| {})
+    }
+
+    /// [`Ring::start`], with `tweak` applied to the engine's configuration.
+    fn start_with(
+        &self,
+        keys: &Keys,
+        name: &str,
+        dir: &Path,
+        capacity: u64,
+        window: usize,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Node {
         let store = dir.join("store");
         install_trust(&store, keys);
         let audit = Arc::new(sovereign_audit::AuditLog::open(&dir.join("audit"), name).unwrap());
@@ -191,6 +205,7 @@ impl Ring {
         config.window = window;
         config.stall = Duration::from_millis(300);
         config.tick = Duration::from_millis(100);
+        tweak(&mut config);
         let (in_tx, in_rx) = mpsc::channel(64);
         let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(64);
         self.inboxes.lock().unwrap().insert(name.to_owned(), in_tx);
@@ -414,6 +429,70 @@ async fn a_transfer_resumes_after_a_pulled_cable_and_after_a_restart() {
     b.stop().await;
 }
 
+/// Bytes of `file` in any import's staging directory of `store`.
+fn staged(store: &Path, file: &str) -> u64 {
+    let Ok(entries) = fs::read_dir(store.join("staging")) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| fs::metadata(e.path().join("files").join(file)).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiver_verifies_while_it_receives_and_lets_go_of_its_store_when_the_cable_stays_pulled(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let ring = Ring::new();
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 1);
+    let idle = Duration::from_secs(3);
+    let b = ring.start_with(&keys, "b", &tmp.path().join("b"), 1 << 30, 1, |config| {
+        config.import_idle = idle;
+    });
+    let path = bundle(tmp.path(), &keys, "alpha", "1.0.0", 24 << 20);
+    // The cable is pulled once 12 MiB have passed: the transfer cannot end.
+    ring.wire.cut.store(12 << 20, Ordering::SeqCst);
+    a.import(&path, &keys, false);
+    let nodes = [&a, &b];
+    // b's import has hashed and written model bytes before the last one
+    // arrived: it reads the spool as it fills.
+    until(
+        &ring,
+        &nodes,
+        "model bytes staged during the transfer",
+        || staged(&b.store, "weights.bin") >= 4 << 20,
+    )
+    .await;
+    assert!(b.live().is_empty());
+    let spool = Spool::open(&b.dir.join("spool"), 1).unwrap();
+    assert!(spool
+        .complete()
+        .unwrap()
+        .iter()
+        .all(|m| m.kind == Kind::Trust));
+    // Nothing arrives for `idle`: the import lets go of the store (a stick
+    // could import now) and its staging is gone.
+    until(&ring, &nodes, "b's store free again", || {
+        Store::open(&b.store).is_ok()
+    })
+    .await;
+    assert_eq!(staged(&b.store, "weights.bin"), 0);
+    // The cable is back: the transfer ends and the complete item imports.
+    ring.wire.cut.store(u64::MAX, Ordering::SeqCst);
+    until(&ring, &nodes, "alpha on b", || b.live() == ["alpha@1.0.0"]).await;
+    let model = sovereign_store::live_model(&b.store, "alpha").unwrap();
+    assert_eq!(
+        fs::read(model.dir.join("weights.bin")).unwrap(),
+        fs::read(tmp.path().join("src-alpha-1.0.0/weights.bin")).unwrap()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_version_and_a_bundle_without_room_are_refused_with_reasons() {
     let tmp = tempfile::tempdir().unwrap();
@@ -487,7 +566,7 @@ fn a_spool_item_survives_a_restart_and_imports_with_the_stores_own_checks() {
     let store = tmp.path().join("store");
     install_trust(&store, &keys);
     let verdict =
-        sovereign_replication::import_item(&store, &files, &meta, &Default::default(), None);
+        sovereign_replication::import_item(&store, &files, &meta, &Default::default(), None, None);
     assert_eq!(verdict, Verdict::Live);
     assert_eq!(
         sovereign_store::live_model(&store, "beta")
@@ -506,8 +585,14 @@ fn a_spool_item_survives_a_restart_and_imports_with_the_stores_own_checks() {
     .unwrap();
     let mut meta2 = meta.clone();
     meta2.version = "0.2.0".into();
-    match sovereign_replication::import_item(&store, &truncated, &meta2, &Default::default(), None)
-    {
+    match sovereign_replication::import_item(
+        &store,
+        &truncated,
+        &meta2,
+        &Default::default(),
+        None,
+        None,
+    ) {
         Verdict::Refused(reason) => assert!(
             reason.contains("size") || reason.contains("short") || reason.contains("trunc"),
             "{reason}"

@@ -90,6 +90,10 @@ pub struct ImportOptions<'a> {
     /// Where a copy of each newly imported bundle file (and its parts) is left
     /// for the node's replication to pass on: [`Store::outbox`].
     pub outbox: Option<&'a Path>,
+    /// The bundle is still arriving (a replication transfer into a spool):
+    /// verify and unpack each byte as it lands
+    /// ([`UnverifiedBundle::open_arriving`]).
+    pub arrival: Option<std::sync::Arc<dyn sovereign_signing::Arrival>>,
 }
 
 /// A version that became live.
@@ -370,7 +374,11 @@ impl Store {
         model: &mut Option<String>,
     ) -> Result<Option<Imported>, StoreError> {
         let started = Instant::now();
-        let bundle = UnverifiedBundle::open(path).map_err(StoreError::from_bundle)?;
+        let bundle = match &options.arrival {
+            Some(arrival) => UnverifiedBundle::open_arriving(path, arrival.clone()),
+            None => UnverifiedBundle::open(path),
+        }
+        .map_err(StoreError::from_bundle)?;
         let manifest = bundle.manifest().clone();
         *model = Some(manifest.id());
         let trust = trust_state::installed(&self.root)?.ok_or(StoreError::NoTrust)?;
