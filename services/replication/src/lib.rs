@@ -7,8 +7,10 @@ spreads over the ring, and every node re-verifies and imports it itself.
  STORE/outbox/NAME@VER ──adopt──▶ spool ──Offer──▶  space? rollback? ──Fetch(offset)──▶
                                         ◀──Chunk── each chunk appended (fsynced every 64 MiB)
                                                    into B's spool (resumes from its length)
-                                                   complete ──▶ the store's own import
-                                                   (B's trust, signatures first, every byte)
+                                                   meanwhile the store's own import reads
+                                                   the spool as it fills (B's trust,
+                                                   signatures first, every byte) and
+                                                   commits once the last byte verified
 ```
 
 The engine ([`run`]) speaks [`Message`]s over any transport that carries
@@ -18,7 +20,9 @@ as for a stick, so a peer is never trusted: a modified, truncated or rolled-back
 bundle is refused and audited by the receiver.
 
 **Architecture Invariant:** this crate never writes the model store; it hands
-complete spool files to `Store::import_bundle` / `Store::import_path`.
+spool files to `Store::import_bundle` / `Store::import_path`: complete ones, or
+a bundle still being received together with its progress
+(`sovereign_signing::Arrival`), which the import never reads beyond.
 **Architecture Invariant:** memory is bounded: one chunk per request, a fixed
 window of requests in flight per transfer.
 */
