@@ -698,20 +698,25 @@ impl Engine {
             // A reply to a fetch from before a stall: the window was re-issued.
             return;
         }
-        match self.spool.append(&transfer.meta, offset, &data) {
-            Ok(received) => {
-                if let Some(following) = &transfer.following {
-                    following.advance(received);
-                }
-                transfer.received = received;
-                transfer.in_flight = transfer.in_flight.saturating_sub(1);
-                transfer.progress = Instant::now();
-            }
+        let received = match self.spool.append(&transfer.meta, offset, &data) {
+            Ok(received) => received,
             Err(e) => {
                 tracing::warn!(peer = %from, error = %describe(&e), "chunk refused");
-                return;
+                // Its bytes may have landed before the error (a failed fsync):
+                // go on from the spool's length, never ask for them again.
+                match self.spool.received(&transfer.meta) {
+                    Ok(received) if received > transfer.received => received,
+                    _ => return,
+                }
             }
+        };
+        if let Some(following) = &transfer.following {
+            following.advance(received);
         }
+        transfer.received = received;
+        transfer.requested = transfer.requested.max(received);
+        transfer.in_flight = transfer.in_flight.saturating_sub(1);
+        transfer.progress = Instant::now();
         if transfer.received < transfer.meta.total() {
             self.request(&key).await;
             return;

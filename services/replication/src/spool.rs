@@ -9,8 +9,9 @@
 //! ```
 //!
 //! A transfer resumes from the files' lengths. Chunks are not fsynced one by
-//! one: every [`SYNC_EVERY`] bytes (and at each file's end) the files are
-//! fsynced and `synced` records how far. In the boot that wrote them the
+//! one: every [`SYNC_EVERY`] bytes the files are fsynced and `synced` records
+//! how far, on a background thread in order (the receiving task goes on);
+//! at each file's end that is done at once. In the boot that wrote them the
 //! files' lengths are exact (the page cache holds what was written); after a
 //! reboot the tail past `synced` may not have reached the disk, so it is cut
 //! off and fetched again (at most [`SYNC_EVERY`] bytes).
@@ -21,6 +22,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::ReplicationError;
 use crate::item::ItemMeta;
@@ -55,6 +58,46 @@ fn boot_id() -> Option<String> {
 pub struct Spool {
     dir: PathBuf,
     capacity: u64,
+    /// The background fsyncs, started at the first one.
+    syncer: OnceLock<Mutex<mpsc::Sender<SyncJob>>>,
+}
+
+/// Work for the background fsync thread.
+enum SyncJob {
+    /// Make `file` durable, then record in `dir`'s mark that `bytes` are.
+    Sync {
+        file: PathBuf,
+        dir: PathBuf,
+        bytes: u64,
+    },
+    /// Answer once every earlier job is done.
+    Barrier(mpsc::Sender<()>),
+}
+
+/// Runs fsync jobs in order until the spool is dropped.
+fn run_syncs(jobs: mpsc::Receiver<SyncJob>) {
+    for job in jobs {
+        match job {
+            SyncJob::Sync { file, dir, bytes } => {
+                let durable = File::open(&file)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| ReplicationError::io(&file, e))
+                    .and_then(|()| sync_dir(file.parent().unwrap_or(&dir)));
+                // A transfer that finished or was dropped meanwhile has no mark to move.
+                let result = durable.and_then(|()| match read_mark(&dir) {
+                    Some(mark) if mark.bytes >= bytes => Ok(()),
+                    Some(_) => mark_synced(&dir, bytes),
+                    None => Ok(()),
+                });
+                if let Err(e) = result {
+                    tracing::warn!(file = %file.display(), error = %e, "spool fsync failed: those bytes are fetched again after a reboot");
+                }
+            }
+            SyncJob::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReplicationError + '_ {
@@ -63,6 +106,30 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReplicationError + '_ {
 
 fn sync_dir(dir: &Path) -> Result<(), ReplicationError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// The durable mark of the partial item in `dir`, if it has a readable one.
+fn read_mark(dir: &Path) -> Option<SyncMark> {
+    fs::read(dir.join(SYNCED))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<SyncMark>(&b).ok())
+}
+
+/// Records that the first `bytes` of the partial item in `dir` are durable.
+fn mark_synced(dir: &Path, bytes: u64) -> Result<(), ReplicationError> {
+    let mark = serde_json::to_vec(&SyncMark {
+        bytes,
+        boot: boot_id(),
+    })
+    .expect("sync mark serializes");
+    // A name of its own per write: a mark written at a restart never meets
+    // one the fsync thread writes for an earlier transfer of the same item.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (path, next) = (dir.join(SYNCED), dir.join(format!("synced.{n}.next")));
+    write_synced(&next, &mark)?;
+    fs::rename(&next, &path).map_err(io(&path))?;
+    sync_dir(dir)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ReplicationError> {
@@ -82,7 +149,31 @@ impl Spool {
         Ok(Self {
             dir: dir.to_owned(),
             capacity,
+            syncer: OnceLock::new(),
         })
+    }
+
+    fn queue_sync(&self, job: SyncJob) {
+        let syncer = self.syncer.get_or_init(|| {
+            let (jobs, receiver) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("spool-fsync".into())
+                .spawn(move || run_syncs(receiver))
+                .expect("a thread starts");
+            Mutex::new(jobs)
+        });
+        let jobs = syncer.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = jobs.send(job);
+    }
+
+    /// Waits until every fsync queued so far is done.
+    pub fn wait_synced(&self) {
+        if self.syncer.get().is_none() {
+            return;
+        }
+        let (done, wait) = mpsc::channel();
+        self.queue_sync(SyncJob::Barrier(done));
+        let _ = wait.recv();
     }
 
     /// The spool's directory.
@@ -165,23 +256,10 @@ impl Spool {
             fs::create_dir_all(&files).map_err(io(&files))?;
             let bytes = serde_json::to_vec(meta).expect("item metadata serializes");
             write_synced(&dir.join(META), &bytes)?;
-            self.mark_synced(&dir, 0)?;
+            mark_synced(&dir, 0)?;
             sync_dir(&self.dir.join("partial"))?;
         }
         self.received(meta)
-    }
-
-    /// Records that the first `bytes` of the partial item in `dir` are durable.
-    fn mark_synced(&self, dir: &Path, bytes: u64) -> Result<(), ReplicationError> {
-        let mark = serde_json::to_vec(&SyncMark {
-            bytes,
-            boot: boot_id(),
-        })
-        .expect("sync mark serializes");
-        let (path, next) = (dir.join(SYNCED), dir.join("synced.next"));
-        write_synced(&next, &mark)?;
-        fs::rename(&next, &path).map_err(io(&path))?;
-        sync_dir(dir)
     }
 
     /// Bytes of a partial item already in the spool: where its transfer
@@ -189,14 +267,11 @@ impl Spool {
     pub fn received(&self, meta: &ItemMeta) -> Result<u64, ReplicationError> {
         let dir = self.partial_dir(&meta.key());
         let received = self.written(meta);
-        let mark = fs::read(dir.join(SYNCED))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<SyncMark>(&b).ok());
-        match mark {
+        match read_mark(&dir) {
             Some(mark) if received > mark.bytes && mark.boot != boot_id() => {
                 self.truncate(meta, mark.bytes)?;
                 tracing::info!(item = %meta.id(), kept = mark.bytes, dropped = received - mark.bytes, "bytes not known durable before a reboot are fetched again");
-                self.mark_synced(&dir, mark.bytes)?;
+                mark_synced(&dir, mark.bytes)?;
                 Ok(mark.bytes)
             }
             _ => Ok(received),
@@ -241,8 +316,9 @@ impl Spool {
     }
 
     /// Appends `data` at byte `offset` of the partial item (which must be
-    /// exactly the bytes received so far); fsyncs when it crosses a multiple
-    /// of [`SYNC_EVERY`] or ends a file. Returns the bytes received after it.
+    /// exactly the bytes received so far); fsyncs when it ends a file, and
+    /// queues an fsync when it crosses a multiple of [`SYNC_EVERY`]. Returns
+    /// the bytes received after it.
     pub fn append(
         &self,
         meta: &ItemMeta,
@@ -281,12 +357,19 @@ impl Spool {
         out.write_all(data).map_err(io(&path))?;
         let now = have + data.len() as u64;
         let file_done = within + data.len() as u64 == file.size;
+        let dir = self.partial_dir(&meta.key());
         if file_done || now / SYNC_EVERY != have / SYNC_EVERY {
             // Earlier files were synced when they ended; this one's data and
-            // its directory entry now, then the mark.
-            out.sync_data().map_err(io(&path))?;
-            sync_dir(path.parent().unwrap_or(&self.dir))?;
-            self.mark_synced(&self.partial_dir(&meta.key()), now)?;
+            // its directory entry, then the mark, on the one thread that
+            // writes marks. A file's end waits for it.
+            self.queue_sync(SyncJob::Sync {
+                file: path,
+                dir,
+                bytes: now,
+            });
+            if file_done {
+                self.wait_synced();
+            }
         }
         Ok(now)
     }
@@ -489,6 +572,8 @@ mod tests {
         let tail = vec![1u8; 1 << 19];
         at = spool.append(&meta, at, &tail).unwrap();
         assert_eq!(at, SYNC_EVERY + (1 << 19));
+        // The fsync runs beside the receiving task: the mark moves once it is done.
+        spool.wait_synced();
         reboot(&spool, &meta);
         // Synced up to the crossing; the half MiB after it is fetched again.
         assert_eq!(spool.received(&meta).unwrap(), SYNC_EVERY);
