@@ -189,27 +189,17 @@ fn a_flipped_byte_in_a_later_part_is_refused() {
 
 #[test]
 fn a_transfer_that_ends_short_is_truncated_and_one_given_up_is_an_io_error() {
-    let f = fixture();
-    let copier = copy_slowly(
-        parts(&f.bundle),
-        f.received.clone(),
-        |_, _| {},
-        600_000,
-        true,
-    );
-    let error = unpack_arriving(&f, copier).expect_err("refused");
-    assert!(matches!(error, BundleError::Truncated(_)), "{error}");
-
-    let f = fixture();
-    let copier = copy_slowly(
-        parts(&f.bundle),
-        f.received.clone(),
-        |_, _| {},
-        600_000,
-        false,
-    );
-    let error = unpack_arriving(&f, copier).expect_err("refused");
-    assert!(matches!(error, BundleError::Io { .. }), "{error}");
+    for complete in [true, false] {
+        let f = fixture();
+        let sources = parts(&f.bundle);
+        let copier = copy_slowly(sources, f.received.clone(), |_, _| {}, 600_000, complete);
+        let error = unpack_arriving(&f, copier).expect_err("refused");
+        if complete {
+            assert!(matches!(error, BundleError::Truncated(_)), "{error}");
+        } else {
+            assert!(matches!(error, BundleError::Io { .. }), "{error}");
+        }
+    }
 }
 
 #[test]

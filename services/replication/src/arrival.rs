@@ -112,27 +112,10 @@ impl Arrival for Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::item::{FileMeta, Kind};
     use std::sync::Arc;
 
     fn meta() -> ItemMeta {
-        ItemMeta {
-            kind: Kind::Bundle,
-            name: "m".into(),
-            version: "1.0.0".into(),
-            digest: "0".repeat(64),
-            content: 0,
-            files: vec![
-                FileMeta {
-                    name: "m.sovb".into(),
-                    size: 100,
-                },
-                FileMeta {
-                    name: "m.sovb.001".into(),
-                    size: 50,
-                },
-            ],
-        }
+        ItemMeta::for_tests(&[100, 50])
     }
 
     #[test]

@@ -60,6 +60,30 @@ pub struct ItemMeta {
 }
 
 impl ItemMeta {
+    /// A bundle item `m@1.0.0` of files `m.sovb`, `m.sovb.001`, ... of `sizes`.
+    #[cfg(test)]
+    pub(crate) fn for_tests(sizes: &[u64]) -> Self {
+        Self {
+            kind: Kind::Bundle,
+            name: "m".into(),
+            version: "1.0.0".into(),
+            digest: "0".repeat(64),
+            content: 0,
+            files: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| FileMeta {
+                    name: if i == 0 {
+                        "m.sovb".into()
+                    } else {
+                        format!("m.sovb.{i:03}")
+                    },
+                    size,
+                })
+                .collect(),
+        }
+    }
+
     /// `NAME@VERSION`.
     pub fn id(&self) -> String {
         format!("{}@{}", self.name, self.version)

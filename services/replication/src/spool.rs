@@ -490,26 +490,9 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::item::{FileMeta, Kind};
 
     fn meta() -> ItemMeta {
-        ItemMeta {
-            kind: Kind::Bundle,
-            name: "m".into(),
-            version: "1.0.0".into(),
-            digest: "0".repeat(64),
-            content: 0,
-            files: vec![
-                FileMeta {
-                    name: "m.sovb".into(),
-                    size: 3 << 20,
-                },
-                FileMeta {
-                    name: "m.sovb.001".into(),
-                    size: 1 << 20,
-                },
-            ],
-        }
+        ItemMeta::for_tests(&[3 << 20, 1 << 20])
     }
 
     /// Pretends the machine rebooted since the mark was written.

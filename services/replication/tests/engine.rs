@@ -306,14 +306,7 @@ async fn a_bundle_imported_on_one_node_goes_live_on_the_others_and_leaves_the_sp
     }
     // Once every node advertises it, no spool keeps it.
     until(&ring, &nodes, "empty spools", || {
-        nodes.iter().all(|n| {
-            let spool = Spool::open(&n.dir.join("spool"), 1).unwrap();
-            spool
-                .complete()
-                .unwrap()
-                .iter()
-                .all(|m| m.kind == Kind::Trust)
-        })
+        nodes.iter().all(|n| spools_only_trust(n))
     })
     .await;
     for node in [a, b, c] {
@@ -348,12 +341,7 @@ async fn a_flipped_byte_from_a_peer_is_refused_and_audited_by_the_receiver() {
     assert!(audit.contains("\"outcome\":\"rejected\""), "{audit}");
     assert!(audit.contains("\"kind\":\"refused\""), "{audit}");
     assert!(audit.contains("\"from\":\"a\""), "{audit}");
-    let spool = Spool::open(&b.dir.join("spool"), 1).unwrap();
-    assert!(spool
-        .complete()
-        .unwrap()
-        .iter()
-        .all(|m| m.kind == Kind::Trust));
+    assert!(spools_only_trust(&b));
     a.stop().await;
     b.stop().await;
 }
@@ -429,6 +417,16 @@ async fn a_transfer_resumes_after_a_pulled_cable_and_after_a_restart() {
     b.stop().await;
 }
 
+/// Whether `node`'s spool holds no complete item but trust files.
+fn spools_only_trust(node: &Node) -> bool {
+    let spool = Spool::open(&node.dir.join("spool"), 1).unwrap();
+    spool
+        .complete()
+        .unwrap()
+        .iter()
+        .all(|m| m.kind == Kind::Trust)
+}
+
 /// Bytes of `file` in any import's staging directory of `store`.
 fn staged(store: &Path, file: &str) -> u64 {
     let Ok(entries) = fs::read_dir(store.join("staging")) else {
@@ -468,12 +466,7 @@ async fn the_receiver_verifies_while_it_receives_and_lets_go_of_its_store_when_t
     )
     .await;
     assert!(b.live().is_empty());
-    let spool = Spool::open(&b.dir.join("spool"), 1).unwrap();
-    assert!(spool
-        .complete()
-        .unwrap()
-        .iter()
-        .all(|m| m.kind == Kind::Trust));
+    assert!(spools_only_trust(&b));
     // Nothing arrives for `idle`: the import lets go of the store (a stick
     // could import now) and its staging is gone.
     until(&ring, &nodes, "b's store free again", || {
