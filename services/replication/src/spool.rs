@@ -11,7 +11,7 @@
 //! A transfer resumes from the files' lengths. Chunks are not fsynced one by
 //! one: every [`SYNC_EVERY`] bytes the files are fsynced and `synced` records
 //! how far, on a background thread in order (the receiving task goes on);
-//! at each file's end that is done at once. In the boot that wrote them the
+//! at each file's end the receiving task waits for it. In the boot that wrote them the
 //! files' lengths are exact (the page cache holds what was written); after a
 //! reboot the tail past `synced` may not have reached the disk, so it is cut
 //! off and fetched again (at most [`SYNC_EVERY`] bytes).
@@ -58,8 +58,9 @@ fn boot_id() -> Option<String> {
 pub struct Spool {
     dir: PathBuf,
     capacity: u64,
-    /// The background fsyncs, started at the first one.
-    syncer: OnceLock<Mutex<mpsc::Sender<SyncJob>>>,
+    /// The background fsyncs, started at the first one (`None`: no thread
+    /// could start, so they run on the caller's).
+    syncer: OnceLock<Option<Mutex<mpsc::Sender<SyncJob>>>>,
 }
 
 /// Work for the background fsync thread.
@@ -156,18 +157,32 @@ impl Spool {
     fn queue_sync(&self, job: SyncJob) {
         let syncer = self.syncer.get_or_init(|| {
             let (jobs, receiver) = mpsc::channel();
-            std::thread::Builder::new()
+            let started = std::thread::Builder::new()
                 .name("spool-fsync".into())
-                .spawn(move || run_syncs(receiver))
-                .expect("a thread starts");
-            Mutex::new(jobs)
+                .spawn(move || run_syncs(receiver));
+            match started {
+                Ok(_) => Some(Mutex::new(jobs)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no fsync thread: the receiving task syncs");
+                    None
+                }
+            }
         });
-        let jobs = syncer.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = jobs.send(job);
+        match syncer {
+            Some(jobs) => {
+                let _ = jobs.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+            }
+            None => {
+                let (jobs, receiver) = mpsc::channel();
+                let _ = jobs.send(job);
+                drop(jobs);
+                run_syncs(receiver);
+            }
+        }
     }
 
     /// Waits until every fsync queued so far is done.
-    pub fn wait_synced(&self) {
+    pub(crate) fn wait_synced(&self) {
         if self.syncer.get().is_none() {
             return;
         }
