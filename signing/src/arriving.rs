@@ -44,6 +44,9 @@ pub(crate) struct ArrivingReader {
     end: u64,
     position: u64,
     open: Option<(usize, File)>,
+    /// The last error the arrival or a part gave, kept for callers that
+    /// report a short read in their own words (the header's reader).
+    failed: Option<io::Error>,
 }
 
 impl ArrivingReader {
@@ -60,7 +63,14 @@ impl ArrivingReader {
             end: u64::MAX,
             position: 0,
             open: None,
+            failed: None,
         }
+    }
+
+    /// The error that ended the last read, if one did: a transfer given up
+    /// or a part that cannot be read, rather than a short bundle.
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.failed.take()
     }
 
     /// Sets the layout the manifest declares: `total` bytes (header and
@@ -98,6 +108,14 @@ impl ArrivingReader {
 
 impl Read for ArrivingReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_arrived(buf).inspect_err(|e| {
+            self.failed = Some(io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+}
+
+impl ArrivingReader {
+    fn read_arrived(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() || self.position >= self.end {
             return Ok(0);
         }

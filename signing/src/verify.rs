@@ -56,7 +56,11 @@ impl UnverifiedBundle {
     /// sizes are checked once `arrival` says the transfer is complete.
     pub fn open_arriving(path: &Path, arrival: Arc<dyn Arrival>) -> Result<Self, BundleError> {
         let mut reader = ArrivingReader::new(path, arrival);
-        let header = Header::read(&mut reader)?;
+        // A transfer given up before the header arrived is not a bad bundle.
+        let header = Header::read(&mut reader).map_err(|e| match reader.take_error() {
+            Some(failed) => BundleError::io(path, failed),
+            None => e,
+        })?;
         let manifest = Manifest::parse(&header.manifest_bytes)?;
         let total = total_len(&header, &manifest)?;
         reader.set_layout(total, manifest.part_size)?;

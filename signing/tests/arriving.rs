@@ -189,15 +189,18 @@ fn a_flipped_byte_in_a_later_part_is_refused() {
 
 #[test]
 fn a_transfer_that_ends_short_is_truncated_and_one_given_up_is_an_io_error() {
-    for complete in [true, false] {
-        let f = fixture();
-        let sources = parts(&f.bundle);
-        let copier = copy_slowly(sources, f.received.clone(), |_, _| {}, 600_000, complete);
-        let error = unpack_arriving(&f, copier).expect_err("refused");
-        if complete {
-            assert!(matches!(error, BundleError::Truncated(_)), "{error}");
-        } else {
-            assert!(matches!(error, BundleError::Io { .. }), "{error}");
+    // Before the header is in and in the middle of the payload.
+    for stop_at in [0, 600_000] {
+        for complete in [true, false] {
+            let f = fixture();
+            let sources = parts(&f.bundle);
+            let copier = copy_slowly(sources, f.received.clone(), |_, _| {}, stop_at, complete);
+            let error = unpack_arriving(&f, copier).expect_err("refused");
+            if complete {
+                assert!(matches!(error, BundleError::Truncated(_)), "{error}");
+            } else {
+                assert!(matches!(error, BundleError::Io { .. }), "{error}");
+            }
         }
     }
 }
