@@ -314,6 +314,16 @@ async fn a_bundle_imported_on_one_node_goes_live_on_the_others_and_leaves_the_sp
     }
 }
 
+/// Leaves `bytes` as bundle `file` of `id` where `node` passes bundles on,
+/// as the store's import does: written aside, then renamed into place.
+fn pass_on(node: &Node, id: &str, file: &str, bytes: &[u8]) {
+    let outbox = node.store.join(sovereign_store::OUTBOX);
+    let aside = outbox.join(format!(".{id}.tmp"));
+    fs::create_dir_all(&aside).unwrap();
+    fs::write(aside.join(file), bytes).unwrap();
+    fs::rename(&aside, outbox.join(id)).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_from_a_peer_is_refused_and_audited_by_the_receiver() {
     let tmp = tempfile::tempdir().unwrap();
@@ -326,9 +336,7 @@ async fn a_flipped_byte_from_a_peer_is_refused_and_audited_by_the_receiver() {
     let mut bytes = fs::read(&path).unwrap();
     let at = bytes.len() - 1000;
     bytes[at] ^= 1;
-    let outbox = a.store.join(sovereign_store::OUTBOX).join("alpha@1.0.0");
-    fs::create_dir_all(&outbox).unwrap();
-    fs::write(outbox.join("alpha-1.0.0.sovb"), &bytes).unwrap();
+    pass_on(&a, "alpha@1.0.0", "alpha-1.0.0.sovb", &bytes);
     let nodes = [&a, &b];
     until(&ring, &nodes, "b's refusal", || {
         a.status.borrow().refusals.iter().any(|r| r.node == "b")
@@ -342,6 +350,46 @@ async fn a_flipped_byte_from_a_peer_is_refused_and_audited_by_the_receiver() {
     assert!(audit.contains("\"kind\":\"refused\""), "{audit}");
     assert!(audit.contains("\"from\":\"a\""), "{audit}");
     assert!(spools_only_trust(&b));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_bundle_is_refused_from_its_header_before_the_rest_is_fetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let ring = Ring::new();
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 1);
+    let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 1);
+    // Signed by a key no node trusts, put where a passes bundles on.
+    let stranger = Keys {
+        key: SigningKey::from_seed(&[9; 32]),
+        trust: keys.trust.clone(),
+    };
+    let path = bundle(tmp.path(), &stranger, "alpha", "1.0.0", 24 << 20);
+    pass_on(
+        &a,
+        "alpha@1.0.0",
+        "alpha-1.0.0.sovb",
+        &fs::read(&path).unwrap(),
+    );
+    // Only the first MiB ever passes: the transfer cannot complete.
+    ring.wire.cut.store(1 << 20, Ordering::SeqCst);
+    let nodes = [&a, &b];
+    until(&ring, &nodes, "b's refusal", || {
+        a.status.borrow().refusals.iter().any(|r| r.node == "b")
+    })
+    .await;
+    let refusal = a.status.borrow().refusals[0].clone();
+    assert!(refusal.reason.contains("signature"), "{}", refusal.reason);
+    assert!(b.audit_text().contains("\"kind\":\"refused\""));
+    // Nothing of it stays on b, and b stopped asking for the rest.
+    let spool = Spool::open(&b.dir.join("spool"), 1).unwrap();
+    assert!(spool.partial().unwrap().is_empty());
+    until(&ring, &nodes, "no transfer on b", || {
+        b.status.borrow().transfers.is_empty()
+    })
+    .await;
     a.stop().await;
     b.stop().await;
 }
