@@ -518,6 +518,12 @@ impl Engine {
             "receive",
             serde_json::json!({"model": meta.id(), "from": from, "resume_at": received}),
         );
+        if received == meta.total() {
+            // Received in full before a restart, not yet imported.
+            tracing::info!(item = %meta.id(), "received in full before: importing");
+            self.import_spooled(&meta, &from);
+            return;
+        }
         let following = (meta.kind == Kind::Bundle).then(|| {
             let progress = Arc::new(Progress::new(&meta, received, self.config.import_idle));
             let files = self.spool.partial_files(&meta);

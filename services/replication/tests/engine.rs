@@ -535,6 +535,43 @@ async fn the_receiver_verifies_while_it_receives_and_lets_go_of_its_store_when_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_received_in_full_before_a_restart_imports_without_fetching_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keys(tmp.path());
+    let ring = Ring::new();
+    let a = ring.start(&keys, "a", &tmp.path().join("a"), 1 << 30, 4);
+    let path = bundle(tmp.path(), &keys, "alpha", "1.0.0", 3 << 20);
+    a.import(&path, &keys, false);
+    let a_spool = Spool::open(&a.dir.join("spool"), 1).unwrap();
+    let mut meta = None;
+    until(&ring, &[&a], "alpha in a's spool", || {
+        meta = a_spool
+            .complete()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.kind == Kind::Bundle);
+        meta.is_some()
+    })
+    .await;
+    let meta = meta.unwrap();
+    // b got every byte, then stopped before its import finished.
+    let b_spool = Spool::open(&tmp.path().join("b/spool"), 1 << 30).unwrap();
+    assert_eq!(b_spool.begin(&meta).unwrap(), 0);
+    let bytes = fs::read(&path).unwrap();
+    let mut at = 0;
+    for chunk in bytes.chunks(1 << 20) {
+        at = b_spool.append(&meta, at, chunk).unwrap();
+    }
+    drop(b_spool);
+    let b = ring.start(&keys, "b", &tmp.path().join("b"), 1 << 30, 4);
+    let nodes = [&a, &b];
+    until(&ring, &nodes, "alpha on b", || b.live() == ["alpha@1.0.0"]).await;
+    assert!(ring.wire.asked_by("b").is_empty(), "nothing fetched again");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_version_and_a_bundle_without_room_are_refused_with_reasons() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keys(tmp.path());
