@@ -37,10 +37,12 @@ split the output with `Tensor::narrow`; for the Q8_0 output head
 [`Q80MatMul`]; for the k-quants (Q4_K, Q5_K, Q6_K) [`KQuantMatMul`], with
 activations quantized to Q8_K ([`Q8KRows`]); for Q5_0/Q5_1 [`Q5MatMul`]; for F16/BF16 weights
 [`HalfMatMul`]. All are `Send + Sync` and hold their own copy of the weights,
-so the `QTensor` can be dropped afterwards.
+so the `QTensor` can be dropped afterwards. [`attend`] is one head of
+causal attention for one row, with the same bits on every instruction set.
 */
 #![allow(unsafe_code)]
 
+mod attention;
 mod half_mm;
 mod kquant;
 mod lanes;
@@ -56,6 +58,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Storage, Tensor};
 use pool::SharedOut;
 
+pub use attention::attend;
 pub use half_mm::{Half, HalfMatMul};
 pub use kquant::{KQuant, KQuantMatMul};
 pub use pool::par_chunks_mut;
