@@ -1,5 +1,6 @@
 //! The per-row arithmetic of a decoder layer on plain `f32` slices: RMSNorm,
-//! RoPE, causal attention over a sequence's cache, SiLU gating.
+//! RoPE, SiLU gating (attention over a sequence's cache is
+//! `sovereign_kernels::attend`, with the same fixed order).
 //!
 //! Every function computes a row from that row's inputs alone, with
 //! reductions in a fixed order (eight lanes, then the lanes in order), so a
@@ -66,46 +67,6 @@ pub(crate) fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], int
     }
 }
 
-/// One head of causal attention for one row: `q` (`head_dim`) against the
-/// first `len` positions of a cache whose rows are `stride` values apart,
-/// starting at `offset` inside each row; the weighted values go to `out`.
-/// `scores` is scratch space.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    offset: usize,
-    len: usize,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    let scale = 1.0 / (hd as f32).sqrt();
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for p in 0..len {
-        let at = p * stride + offset;
-        let s = dot(q, &keys[at..at + hd]) * scale;
-        max = max.max(s);
-        scores.push(s);
-    }
-    let mut total = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    out.fill(0.0);
-    for (p, &s) in scores.iter().enumerate() {
-        let at = p * stride + offset;
-        let w = s / total;
-        for (o, &v) in out.iter_mut().zip(&values[at..at + hd]) {
-            *o += w * v;
-        }
-    }
-}
-
 /// `out[i] = silu(gate[i]) * up[i]` for rows holding gate then up (`2 * n` values each).
 pub(crate) fn silu_gate(gate_up: &[f32], n: usize, out: &mut [f32]) {
     for (row, dst) in gate_up.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
@@ -167,29 +128,6 @@ pub(crate) fn add(x: &mut [f32], y: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn attention_over_one_position_returns_its_value() {
-        let q = [1.0, 2.0, 3.0, 4.0];
-        let keys = [0.5, 0.5, 0.5, 0.5];
-        let values = [9.0, 8.0, 7.0, 6.0];
-        let mut out = [0.0; 4];
-        attend(&q, &keys, &values, 4, 0, 1, &mut Vec::new(), &mut out);
-        assert_eq!(out, values);
-    }
-
-    #[test]
-    fn attention_weights_follow_the_scores() {
-        // Two positions, the second's key aligned with q: it gets most weight.
-        let q = [4.0, 0.0];
-        let keys = [0.0, 1.0, 1.0, 0.0];
-        let values = [0.0, 10.0, 10.0, 0.0];
-        let mut out = [0.0; 2];
-        attend(&q, &keys, &values, 2, 0, 2, &mut Vec::new(), &mut out);
-        let w = 1.0 / (1.0 + (-4.0f32 / 2f32.sqrt()).exp());
-        assert!((out[0] - 10.0 * w).abs() < 1e-5, "{out:?}");
-        assert!((out[1] - 10.0 * (1.0 - w)).abs() < 1e-5, "{out:?}");
-    }
 
     #[test]
     fn exp_is_within_a_few_ulp_of_std() {

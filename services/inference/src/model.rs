@@ -496,7 +496,7 @@ impl Stage {
                 let first = (pos + 1).saturating_sub(window);
                 let stride = kv_n;
                 SCORES.with(|scores| {
-                    forward::attend(
+                    sovereign_kernels::attend(
                         q,
                         &kv.k[first * stride..],
                         &kv.v[first * stride..],

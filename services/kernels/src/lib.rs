@@ -37,10 +37,12 @@ split the output with `Tensor::narrow`; for the Q8_0 output head
 [`Q80MatMul`]; for the k-quants (Q4_K, Q5_K, Q6_K) [`KQuantMatMul`], with
 activations quantized to Q8_K ([`Q8KRows`]); for Q5_0/Q5_1 [`Q5MatMul`]; for F16/BF16 weights
 [`HalfMatMul`]. All are `Send + Sync` and hold their own copy of the weights,
-so the `QTensor` can be dropped afterwards.
+so the `QTensor` can be dropped afterwards. [`attend`] is one head of
+causal attention for one row, with the same bits on every instruction set.
 */
 #![allow(unsafe_code)]
 
+mod attention;
 mod half_mm;
 mod kquant;
 mod lanes;
@@ -56,6 +58,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Storage, Tensor};
 use pool::SharedOut;
 
+pub use attention::attend;
 pub use half_mm::{Half, HalfMatMul};
 pub use kquant::{KQuant, KQuantMatMul};
 pub use pool::par_chunks_mut;
@@ -340,6 +343,13 @@ pub(crate) fn input_rows(
 /// Activation rows the multi-row kernels take in one call (see [`RowsDot`]).
 const ROW_TILE: usize = 4;
 
+/// Weight rows [`par_rows`] hands to one [`RowsDot::dots`] call when there
+/// are several activation rows. With one (decode) they go one at a time:
+/// the AVX-512 Q5 kernel took 27 µs a call one at a time against 42 in
+/// pairs at 1536x576 (`benches/rows.rs`), where with 32 rows pairs took
+/// 530 µs against 890 for the same code one weight row at a time.
+const WEIGHT_TILE: usize = 2;
+
 /// The dot products of one matmul: weight row `j` with `R` consecutive
 /// activation rows `r..r + R`, one weight-row unpacking shared by all of them.
 ///
@@ -350,6 +360,14 @@ const ROW_TILE: usize = 4;
 trait RowsDot: Sync {
     /// `[dot(j, r), dot(j, r + 1), .., dot(j, r + R - 1)]`.
     fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R];
+
+    /// `[dot::<R>(j, r), dot::<R>(j + 1, r), .., dot::<R>(j + W - 1, r)]`,
+    /// bit for bit; a kernel may override it to load each activation row
+    /// once for the `W` weight rows.
+    #[inline]
+    fn dots<const W: usize, const R: usize>(&self, j: usize, r: usize) -> [[f32; R]; W] {
+        std::array::from_fn(|i| self.dot::<R>(j + i, r))
+    }
 }
 
 /// A one-row dot product `f(j, r)` is a [`RowsDot`] that takes its rows one by one.
@@ -360,31 +378,79 @@ impl<F: Fn(usize, usize) -> f32 + Sync> RowsDot for F {
 }
 
 /// `out[r * n + j] = dot(j, r)` for every weight row `j < n` and activation
-/// row `r < m`, weight rows spread over candle's worker pool (each weight row is
-/// read once while it is hot, for all activation rows): activation rows in
-/// tiles of [`ROW_TILE`], the last `m % ROW_TILE` one at a time.
+/// row `r < m`, weight rows spread over the worker pool (each weight row is
+/// read once while it is hot, for all activation rows): with several
+/// activation rows, weight rows in tiles of [`WEIGHT_TILE`] (what is left
+/// of a range one at a time), see [`weight_tile`].
 fn par_rows<D: RowsDot>(n: usize, k: usize, m: usize, out: &mut [f32], dot: D) {
     assert_eq!(out.len(), m * n, "output length");
     let dst = SharedOut(out.as_mut_ptr());
-    let tiled = m / ROW_TILE * ROW_TILE;
     pool::par_ranges(n, n * m * k, |rows: std::ops::Range<usize>| {
-        let dst = &dst;
-        let write = |j: usize, r: usize, vs: &[f32]| {
-            for (i, &v) in vs.iter().enumerate() {
-                // SAFETY: `(r + i) * n + j < m * n == out.len()` (rows below `m`
-                // only), and each weight row `j` belongs to exactly one range
-                // handed out by the pool, so no two workers write the same
-                // element; `out` outlives the pool call.
-                unsafe { dst.0.add((r + i) * n + j).write(v) };
-            }
+        let paired_end = if m > 1 {
+            rows.start + rows.len() / WEIGHT_TILE * WEIGHT_TILE
+        } else {
+            rows.start
         };
-        for j in rows {
-            for r in (0..tiled).step_by(ROW_TILE) {
-                write(j, r, &dot.dot::<ROW_TILE>(j, r));
+        // SAFETY: every weight row passed is below `n` and belongs to exactly
+        // one range handed out by the pool, so no two workers write the
+        // same element; `out` holds `m * n` values and outlives the pool call.
+        unsafe {
+            for j in (rows.start..paired_end).step_by(WEIGHT_TILE) {
+                weight_tile::<WEIGHT_TILE, D>(&dot, &dst, n, m, j);
             }
-            for r in tiled..m {
-                write(j, r, &dot.dot::<1>(j, r));
+            for j in paired_end..rows.end {
+                weight_tile::<1, D>(&dot, &dst, n, m, j);
             }
         }
     });
+}
+
+/// Weight rows `j..j + W` against all `m` activation rows: activation rows
+/// in tiles of [`ROW_TILE`], the last `m % ROW_TILE` in one smaller tile.
+///
+/// # Safety
+/// `dst` points to `m * n` writable values, `j + W <= n`, and nothing else
+/// reads or writes the columns `j..j + W` meanwhile.
+unsafe fn weight_tile<const W: usize, D: RowsDot>(
+    dot: &D,
+    dst: &SharedOut,
+    n: usize,
+    m: usize,
+    j: usize,
+) {
+    let tiled = m / ROW_TILE * ROW_TILE;
+    // SAFETY: every `put` writes rows below `m` of the columns `j..j + W`
+    // (caller).
+    unsafe {
+        for r in (0..tiled).step_by(ROW_TILE) {
+            put(dst, n, j, r, dot.dots::<W, ROW_TILE>(j, r));
+        }
+        match m - tiled {
+            1 => put(dst, n, j, tiled, dot.dots::<W, 1>(j, tiled)),
+            2 => put(dst, n, j, tiled, dot.dots::<W, 2>(j, tiled)),
+            3 => put(dst, n, j, tiled, dot.dots::<W, 3>(j, tiled)),
+            _ => {}
+        }
+    }
+}
+
+/// `out[(r + i) * n + j + w] = vs[w][i]`.
+///
+/// # Safety
+/// `dst` points to at least `(r + R) * n` values, `j + W <= n`, and nothing
+/// else accesses those elements meanwhile.
+#[inline(always)]
+unsafe fn put<const W: usize, const R: usize>(
+    dst: &SharedOut,
+    n: usize,
+    j: usize,
+    r: usize,
+    vs: [[f32; R]; W],
+) {
+    for (w, col) in vs.iter().enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            // SAFETY: `(r + i) * n + j + w < (r + R) * n` (caller).
+            unsafe { dst.0.add((r + i) * n + j + w).write(v) };
+        }
+    }
 }

@@ -22,7 +22,9 @@ an `and` and a compare, then or-ed in as 16; `maddubs`, `madd`);
 blocks' low or high halves are a 64-bit mask that adds 16 to the nibbles in
 one masked byte add; `vpdpbusd`). Both take up to four activation rows at
 once: the weights' 5-bit quants and scales are rebuilt once for all of them,
-and each row's f32 operations are those it does alone.
+and each row's f32 operations are those it does alone. The AVX-512 kernel
+also takes two weight rows at once (with several activation rows; see
+`par_rows`), loading each activation row's quants once for both.
 */
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -211,18 +213,33 @@ struct Q5Rows<'a> {
     q: &'a Q8Rows,
 }
 
-impl RowsDot for Q5Rows<'_> {
+impl Q5Rows<'_> {
+    /// Weight row `j`.
     #[inline]
-    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R] {
-        let (mm, q) = (self.mm, self.q);
+    fn wrow(&self, j: usize) -> WRow<'_> {
+        let mm = self.mm;
         let nb = mm.k / QK;
-        let w = WRow {
+        WRow {
             qs: &mm.qs[j * nb * QK / 2..(j + 1) * nb * QK / 2],
             qhl: &mm.qhl[j * nb..(j + 1) * nb],
             qhh: &mm.qhh[j * nb..(j + 1) * nb],
             d: &mm.d[j * nb..(j + 1) * nb],
             m: mm.m.get(j * nb..(j + 1) * nb),
-        };
+        }
+    }
+}
+
+impl RowsDot for Q5Rows<'_> {
+    #[inline]
+    fn dot<const R: usize>(&self, j: usize, r: usize) -> [f32; R] {
+        let [out] = self.dots::<1, R>(j, r);
+        out
+    }
+
+    #[inline]
+    fn dots<const W: usize, const R: usize>(&self, j: usize, r: usize) -> [[f32; R]; W] {
+        let q = self.q;
+        let ws = std::array::from_fn(|i| self.wrow(j + i));
         let xs = std::array::from_fn(|i| XRow {
             qs: q.row_qs(r + i),
             d: q.row_d(r + i),
@@ -231,7 +248,7 @@ impl RowsDot for Q5Rows<'_> {
         });
         // SAFETY: `matmul_q8` asserted that `mm.isa` is available before
         // building this `Q5Rows`.
-        unsafe { dot(mm.isa, &w, &xs) }
+        unsafe { dot(self.mm.isa, &ws, &xs) }
     }
 }
 
@@ -252,21 +269,30 @@ struct XRow<'a> {
     isum: &'a [i32],
 }
 
-/// The dot products of `w` with each row of `xs`; element `i` is bit for
-/// bit what `xs[i]` alone gives.
+/// The dot products of each row of `ws` with each row of `xs`; element
+/// `[v][i]` is bit for bit what `ws[v]` and `xs[i]` alone give.
 ///
 /// # Safety
 /// `isa` must be available on this CPU ([`Isa::available`]).
 ///
 /// # Panics
-/// If the rows hold different block counts.
-unsafe fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f32; R] {
-    let nb = w.d.len();
+/// If the rows hold different block counts or the weight rows differ in type.
+unsafe fn dot<const W: usize, const R: usize>(
+    isa: Isa,
+    ws: &[WRow<'_>; W],
+    xs: &[XRow<'_>; R],
+) -> [[f32; R]; W] {
+    let Some(first) = ws.first() else {
+        return [[0.0; R]; W];
+    };
+    let (nb, q51) = (first.d.len(), first.m.is_some());
     assert!(
-        w.qhl.len() == nb
+        ws.iter().all(|w| w.d.len() == nb
+            && w.qhl.len() == nb
             && w.qhh.len() == nb
+            && w.m.is_some() == q51
             && w.m.is_none_or(|m| m.len() == nb)
-            && w.qs.len() == nb * QK / 2
+            && w.qs.len() == nb * QK / 2)
             && xs.iter().all(|x| x.s.len() == nb
                 && x.d.len() == nb
                 && x.isum.len() == nb
@@ -274,34 +300,38 @@ unsafe fn dot<const R: usize>(isa: Isa, w: &WRow<'_>, xs: &[XRow<'_>; R]) -> [f3
         "block counts"
     );
     match isa {
-        Isa::Scalar => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
+        Isa::Scalar => ws
+            .each_ref()
+            .map(|w| std::array::from_fn(|i| dot_scalar(w, &xs[i]))),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
+        Isa::Avx2 => ws.each_ref().map(|w| {
             // SAFETY: avx2, fma, f16c available (caller); every slice holds
             // `nb` blocks (asserted above); `m` is there exactly for Q5_1.
             unsafe {
-                if w.m.is_some() {
+                if q51 {
                     x86::dot_avx2::<R, true>(w, xs)
                 } else {
                     x86::dot_avx2::<R, false>(w, xs)
                 }
             }
-        }
+        }),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             // SAFETY: avx512f/bw/vl/vnni, avx2, fma, f16c available (caller);
-            // every slice holds `nb` blocks (asserted above); `m` is there exactly
-            // for Q5_1.
+            // every slice holds `nb` blocks (asserted above); `m` is there
+            // exactly for Q5_1, in every weight row.
             unsafe {
-                if w.m.is_some() {
-                    x86::dot_avx512::<R, true>(w, xs)
+                if q51 {
+                    x86::dot_avx512::<W, R, true>(ws, xs)
                 } else {
-                    x86::dot_avx512::<R, false>(w, xs)
+                    x86::dot_avx512::<W, R, false>(ws, xs)
                 }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => std::array::from_fn(|i| dot_scalar(w, &xs[i])),
+        _ => ws
+            .each_ref()
+            .map(|w| std::array::from_fn(|i| dot_scalar(w, &xs[i]))),
     }
 }
 
@@ -524,50 +554,59 @@ mod x86 {
     /// `m_w * s_x` of the four blocks go to their own accumulator. The
     /// scales of four blocks are loaded at once, multiplied, and spread over
     /// their lanes with one permute. A last pair of blocks takes the same
-    /// steps at 256 bits, a last single block the scalar ones. The weights'
-    /// quants and scales are rebuilt once per step for all `R` rows; each
-    /// row has its own accumulators and does the same f32 operations as
-    /// alone.
+    /// steps at 256 bits, a last single block the scalar ones. The `W`
+    /// weight rows' quants and scales are rebuilt once per step for all `R`
+    /// activation rows, and each activation row's quants are loaded once
+    /// for all `W` weight rows; each (weight row, activation row) pair has
+    /// its own accumulators and does the same f32 operations as alone.
     ///
     /// Safety: avx512f/bw/vl/vnni, avx2, fma, f16c available; every slice
-    /// holds `w.d.len()` blocks; `w.m` is `Some` if and only if `Q51`.
+    /// holds `ws[0].d.len()` blocks; every `w.m` is `Some` if and only if `Q51`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx512<const R: usize, const Q51: bool>(
-        w: &WRow<'_>,
+    pub(super) unsafe fn dot_avx512<const W: usize, const R: usize, const Q51: bool>(
+        ws: &[WRow<'_>; W],
         xs: &[XRow<'_>; R],
-    ) -> [f32; R] {
-        let nb = w.d.len();
+    ) -> [[f32; R]; W] {
+        let nb = ws.first().map_or(0, |w| w.d.len());
         let full4 = nb / 4 * 4;
         let m4 = _mm512_set1_epi8(0x0F);
         let sixteen = _mm512_set1_epi8(0x10);
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        let wm = w.m.map_or(std::ptr::null(), |m| m.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut accm = [_mm_setzero_ps(); R];
-        let wq = w.qs.as_ptr();
+        let mut wm = [std::ptr::null(); W];
+        for (p, w) in wm.iter_mut().zip(ws) {
+            if let Some(m) = w.m {
+                *p = m.as_ptr();
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); R]; W];
+        let mut accm = [[_mm_setzero_ps(); R]; W];
         let mut b = 0;
         while b < full4 {
-            // SAFETY: blocks b..b + 4 <= nb: 64 nibble bytes at b * 16 in `w.qs`,
-            // four u16s at b in `w.qhl`, `w.qhh`, `w.d` and (Q5_1) `w.m`; unaligned
-            // loads.
-            let (nib, kl, kh, dw, mw) = unsafe {
-                (
-                    _mm512_loadu_si512(wq.add(b * QK / 2) as *const __m512i),
-                    (w.qhl.as_ptr().add(b) as *const u64).read_unaligned(),
-                    (w.qhh.as_ptr().add(b) as *const u64).read_unaligned(),
-                    _mm_cvtph_ps(_mm_loadl_epi64(w.d.as_ptr().add(b) as *const __m128i)),
+            let mut ql = [_mm512_setzero_si512(); W];
+            let mut qh = [_mm512_setzero_si512(); W];
+            let mut dw = [_mm_setzero_ps(); W];
+            let mut mw = [_mm_setzero_ps(); W];
+            for (v, w) in ws.iter().enumerate() {
+                // SAFETY: blocks b..b + 4 <= nb: 64 nibble bytes at b * 16 in `w.qs`,
+                // four u16s at b in `w.qhl`, `w.qhh`, `w.d` and (Q5_1) `w.m`;
+                // unaligned loads.
+                let (nib, kl, kh) = unsafe {
+                    dw[v] = _mm_cvtph_ps(_mm_loadl_epi64(w.d.as_ptr().add(b) as *const __m128i));
                     if Q51 {
-                        _mm_cvtph_ps(_mm_loadl_epi64(wm.add(b) as *const __m128i))
-                    } else {
-                        _mm_setzero_ps()
-                    },
-                )
-            };
-            let ql = _mm512_and_si512(nib, m4);
-            let ql = _mm512_mask_add_epi8(ql, kl, ql, sixteen);
-            let qh = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
-            let qh = _mm512_mask_add_epi8(qh, kh, qh, sixteen);
-            for (x, (acc, accm)) in xs.iter().zip(acc.iter_mut().zip(accm.iter_mut())) {
+                        mw[v] = _mm_cvtph_ps(_mm_loadl_epi64(wm[v].add(b) as *const __m128i));
+                    }
+                    (
+                        _mm512_loadu_si512(w.qs.as_ptr().add(b * QK / 2) as *const __m512i),
+                        (w.qhl.as_ptr().add(b) as *const u64).read_unaligned(),
+                        (w.qhh.as_ptr().add(b) as *const u64).read_unaligned(),
+                    )
+                };
+                let l = _mm512_and_si512(nib, m4);
+                ql[v] = _mm512_mask_add_epi8(l, kl, l, sixteen);
+                let h = _mm512_and_si512(_mm512_srli_epi16(nib, 4), m4);
+                qh[v] = _mm512_mask_add_epi8(h, kh, h, sixteen);
+            }
+            for (i, x) in xs.iter().enumerate() {
                 let xq = x.qs.as_ptr();
                 // SAFETY: blocks b..b + 4 <= nb: 128 quant bytes at b * 32 in `x.qs`
                 // (group b / 4), four f32s at b in `x.d`, `x.s`, four i32s at b in
@@ -582,76 +621,94 @@ mod x86 {
                     )
                 };
                 let p0 = if Q51 {
-                    *accm = _mm_fmadd_ps(mw, sx, *accm);
                     _mm512_setzero_si512()
                 } else {
                     let off = _mm512_slli_epi32(_mm512_broadcast_i32x4(isum), 4);
                     _mm512_maskz_sub_epi32(0x8421, _mm512_setzero_si512(), off)
                 };
-                let p = _mm512_dpbusd_epi32(p0, ql, ylo);
-                let p = _mm512_dpbusd_epi32(p, qh, yhi);
-                let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
-                *acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), *acc);
+                for v in 0..W {
+                    if Q51 {
+                        accm[v][i] = _mm_fmadd_ps(mw[v], sx, accm[v][i]);
+                    }
+                    let p = _mm512_dpbusd_epi32(p0, ql[v], ylo);
+                    let p = _mm512_dpbusd_epi32(p, qh[v], yhi);
+                    let sc = _mm512_permutexvar_ps(
+                        spread,
+                        _mm512_castps128_ps512(_mm_mul_ps(dw[v], dx)),
+                    );
+                    acc[v][i] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[v][i]);
+                }
             }
             b += 4;
         }
-        let mut sum: [f32; R] = std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]));
+        // Plain loops rather than closures here and below: a closure would
+        // not be compiled with this function's target features.
+        let mut sum = [[0f32; R]; W];
+        for (sum, acc) in sum.iter_mut().zip(&acc) {
+            for (s, &a) in sum.iter_mut().zip(acc) {
+                *s = _mm512_reduce_add_ps(a);
+            }
+        }
         if nb - full4 >= 2 {
-            // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16 in `w.qs`, two
-            // u16s at b in `w.qhl`, `w.qhh`, `w.d` and (Q5_1) `w.m`; unaligned loads.
-            let (nib, kl, kh, dw, mw) = unsafe {
-                (
-                    _mm256_loadu_si256(wq.add(b * QK / 2) as *const __m256i),
-                    (w.qhl.as_ptr().add(b) as *const u32).read_unaligned(),
-                    (w.qhh.as_ptr().add(b) as *const u32).read_unaligned(),
-                    f16x2(w.d.as_ptr().add(b)),
-                    if Q51 {
-                        f16x2(wm.add(b))
-                    } else {
-                        _mm_setzero_ps()
-                    },
-                )
-            };
             let (m4, sixteen) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
-            let ql = _mm256_and_si256(nib, m4);
-            let ql = _mm256_mask_add_epi8(ql, kl, ql, sixteen);
-            let qh = _mm256_and_si256(_mm256_srli_epi16(nib, 4), m4);
-            let qh = _mm256_mask_add_epi8(qh, kh, qh, sixteen);
-            for (x, (sum, accm)) in xs.iter().zip(sum.iter_mut().zip(accm.iter_mut())) {
-                let xq = x.qs.as_ptr();
-                // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32
-                // (grouped layout) in `x.qs`; unaligned loads. Blocks b, b + 1 < nb
-                // for the helpers.
-                let (ylo, yhi, sc) = unsafe {
+            for (v, w) in ws.iter().enumerate() {
+                // SAFETY: blocks b, b + 1 < nb: 32 nibble bytes at b * 16 in `w.qs`,
+                // two u16s at b in `w.qhl`, `w.qhh`, `w.d` and (Q5_1) `w.m`;
+                // unaligned loads.
+                let (nib, kl, kh, dw, mw) = unsafe {
                     (
-                        _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
-                        _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
-                        scales2(dw, x, b),
+                        _mm256_loadu_si256(w.qs.as_ptr().add(b * QK / 2) as *const __m256i),
+                        (w.qhl.as_ptr().add(b) as *const u32).read_unaligned(),
+                        (w.qhh.as_ptr().add(b) as *const u32).read_unaligned(),
+                        f16x2(w.d.as_ptr().add(b)),
+                        if Q51 {
+                            f16x2(wm[v].add(b))
+                        } else {
+                            _mm_setzero_ps()
+                        },
                     )
                 };
-                let p0 = if Q51 {
-                    // SAFETY: b + 1 < nb.
-                    unsafe { mins2(mw, x, b, accm) };
-                    _mm256_setzero_si256()
-                } else {
-                    // SAFETY: b + 1 < nb.
-                    _mm256_sub_epi32(_mm256_setzero_si256(), unsafe { offsets2(x, b) })
-                };
-                let p = _mm256_dpbusd_epi32(p0, ql, ylo);
-                let p = _mm256_dpbusd_epi32(p, qh, yhi);
-                *sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+                let ql = _mm256_and_si256(nib, m4);
+                let ql = _mm256_mask_add_epi8(ql, kl, ql, sixteen);
+                let qh = _mm256_and_si256(_mm256_srli_epi16(nib, 4), m4);
+                let qh = _mm256_mask_add_epi8(qh, kh, qh, sixteen);
+                for (x, (sum, accm)) in xs.iter().zip(sum[v].iter_mut().zip(accm[v].iter_mut())) {
+                    let xq = x.qs.as_ptr();
+                    // SAFETY: the pair's halves are 32 bytes at b * 32 and b * 32 + 32
+                    // (grouped layout) in `x.qs`; unaligned loads. Blocks b, b + 1 < nb
+                    // for the helpers.
+                    let (ylo, yhi, sc) = unsafe {
+                        (
+                            _mm256_loadu_si256(xq.add(b * QK) as *const __m256i),
+                            _mm256_loadu_si256(xq.add(b * QK + 32) as *const __m256i),
+                            scales2(dw, x, b),
+                        )
+                    };
+                    let p0 = if Q51 {
+                        // SAFETY: b + 1 < nb.
+                        unsafe { mins2(mw, x, b, accm) };
+                        _mm256_setzero_si256()
+                    } else {
+                        // SAFETY: b + 1 < nb.
+                        _mm256_sub_epi32(_mm256_setzero_si256(), unsafe { offsets2(x, b) })
+                    };
+                    let p = _mm256_dpbusd_epi32(p0, ql, ylo);
+                    let p = _mm256_dpbusd_epi32(p, qh, yhi);
+                    *sum += hsum256(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(p)));
+                }
             }
             b += 2;
         }
-        std::array::from_fn(|i| {
-            let mut s = sum[i];
-            if Q51 {
-                s += hsum128(accm[i]);
+        for (v, w) in ws.iter().enumerate() {
+            for (i, x) in xs.iter().enumerate() {
+                if Q51 {
+                    sum[v][i] += hsum128(accm[v][i]);
+                }
+                if b < nb {
+                    sum[v][i] += block_dot(w, x, nb, b);
+                }
             }
-            if b < nb {
-                s += block_dot(w, &xs[i], nb, b);
-            }
-            s
-        })
+        }
+        sum
     }
 }

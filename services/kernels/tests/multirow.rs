@@ -128,3 +128,47 @@ fn kquant_rows_are_batch_invariant() {
         check(dtype, 3, 256, 8);
     }
 }
+
+/// The kernels take weight rows in pairs where they can: a row gives the
+/// same bits paired with its neighbour or alone. Stacking an odd-sized
+/// matrix `a` (5 rows) on `b` moves every row of `b` to the other side of a
+/// pair and pairs `a`'s last row (alone in `a`) with `b`'s first.
+#[test]
+fn q5_weight_rows_give_the_same_bits_paired_or_alone() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for dtype in [GgmlDType::Q5_0, GgmlDType::Q5_1] {
+        let quantize = |rng: &mut StdRng, n: usize| {
+            let wf = Tensor::from_vec(random(rng, n * 576, 0.1), (n, 576), &Device::Cpu);
+            let w = QTensor::quantize(&wf.expect("w"), dtype).expect("quantize");
+            Q5MatMul::from_qtensor(&w).expect("Q5")
+        };
+        let (a, b) = (quantize(&mut rng, 5), quantize(&mut rng, 4));
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            let (Some(a), Some(b)) = (a.clone().with_isa(isa), b.clone().with_isa(isa)) else {
+                continue;
+            };
+            let ab = Q5MatMul::stack_rows(&[&a, &b]).expect("same k");
+            for m in ROW_COUNTS {
+                let x = Tensor::from_vec(random(&mut rng, m * 576, 2.0), (m, 576), &Device::Cpu)
+                    .expect("x");
+                let flat = |t: candle_core::Result<Tensor>| -> Vec<u32> {
+                    let t = t.and_then(|t| t.flatten_all()?.to_vec1::<f32>());
+                    t.expect("forward").iter().map(|v| v.to_bits()).collect()
+                };
+                let (got, ya, yb) = (
+                    flat(ab.forward(&x)),
+                    flat(a.forward(&x)),
+                    flat(b.forward(&x)),
+                );
+                for r in 0..m {
+                    let want = [&ya[r * 5..(r + 1) * 5], &yb[r * 4..(r + 1) * 4]].concat();
+                    assert_eq!(
+                        got[r * 9..(r + 1) * 9],
+                        want,
+                        "{dtype:?} {isa:?} m={m} row {r}"
+                    );
+                }
+            }
+        }
+    }
+}
