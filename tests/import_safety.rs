@@ -175,3 +175,22 @@ fn kill_9_at_any_moment_leaves_the_old_or_the_new_model() {
     assert_eq!(live.version.to_string(), "2.0.0");
     assert_eq!(fs::read(live.dir.join("model.gguf")).unwrap(), v2);
 }
+
+/// A store held by another import (a running node's replication, while a
+/// bundle arrives) makes the store commands wait for it, not fail.
+#[test]
+fn store_commands_wait_for_the_import_holding_the_store() {
+    let lab = Lab::new();
+    let held = sovereign_store::Store::open(&lab.path("store")).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(held);
+    });
+    let listed = lab.run(&["models", "--store", "store"]).ok();
+    assert!(
+        listed.stdout.contains("no models installed"),
+        "{}",
+        listed.stdout
+    );
+    release.join().unwrap();
+}

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use clap::Args;
 use sovereign_store::{ImportOptions, Outcome, Store};
 
-use super::format_bytes;
-
-/// How long an import waits for another holder of the store.
-const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+use super::{format_bytes, STORE_WAIT};
 
 /// Import arguments.
 #[derive(Args)]

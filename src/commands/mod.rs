@@ -43,6 +43,10 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     fs::rename(&temp, path).with_context(|| format!("{}", path.display()))
 }
 
+/// How long a command that opens the model store waits for another holder
+/// (a running node's replication imports into it while a bundle arrives).
+pub const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Bytes in a human unit (decimal, like `df -H`).
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use sovereign_store::Store;
 
-use super::format_bytes;
+use super::{format_bytes, STORE_WAIT};
 
 /// Models arguments: listing by default.
 #[derive(Args)]
@@ -41,11 +41,11 @@ pub enum ModelsCommand {
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     match (args.command, args.store) {
         (Some(ModelsCommand::Remove { store, reference }), _) => {
-            let removed = Store::open(&store)?.remove(&reference)?;
+            let removed = Store::open_waiting(&store, STORE_WAIT)?.remove(&reference)?;
             println!("removed {}@{}", removed.name, removed.version);
         }
         (Some(ModelsCommand::History { store }), _) => {
-            for record in Store::open(&store)?.history()? {
+            for record in Store::open_waiting(&store, STORE_WAIT)?.history()? {
                 println!(
                     "{} {} {} {}{}",
                     record.time,
@@ -61,7 +61,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
             }
         }
         (None, Some(store)) => {
-            let store = Store::open(&store)?;
+            let store = Store::open_waiting(&store, STORE_WAIT)?;
             let installed = store.installed()?;
             if installed.is_empty() {
                 println!("no models installed");
