@@ -94,15 +94,17 @@ impl ArrivingReader {
     }
 
     fn file(&mut self, index: usize) -> io::Result<&File> {
-        if self.open.as_ref().is_none_or(|(i, _)| *i != index) {
-            let path = self.dir.join(part_name(&self.name, index as u64));
-            let file = open_no_follow(&path).map_err(|e| match e {
-                BundleError::Io { source, .. } => source,
-                other => io::Error::other(other.to_string()),
-            })?;
-            self.open = Some((index, file));
-        }
-        Ok(&self.open.as_ref().expect("opened above").1)
+        let file = match self.open.take() {
+            Some((open, file)) if open == index => file,
+            _ => {
+                let path = self.dir.join(part_name(&self.name, index as u64));
+                open_no_follow(&path).map_err(|e| match e {
+                    BundleError::Io { source, .. } => source,
+                    other => io::Error::other(other.to_string()),
+                })?
+            }
+        };
+        Ok(&self.open.insert((index, file)).1)
     }
 }
 

@@ -7,29 +7,13 @@
 //! row's result is the same whether it is computed alone, in a batch, or in
 //! any prefill chunk: the engine's batch invariance rests on this.
 
-/// `sum(a[i] * b[i])` in a fixed order.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let mut sum = lanes.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
-}
+use sovereign_kernels::ordered_dot;
 
 /// `out = x / rms(x) * weight` for every row of `x`.
 pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let k = weight.len();
     for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
-        let scale = 1.0 / (dot(row, row) / k as f32 + eps).sqrt();
+        let scale = 1.0 / (ordered_dot(row, row) / k as f32 + eps).sqrt();
         for ((d, &v), &w) in dst.iter_mut().zip(row).zip(weight) {
             *d = v * scale * w;
         }
@@ -41,7 +25,7 @@ pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let k = weight.len();
     for row in x.chunks_exact_mut(k) {
-        let scale = 1.0 / (dot(row, row) / k as f32 + eps).sqrt();
+        let scale = 1.0 / (ordered_dot(row, row) / k as f32 + eps).sqrt();
         for (v, &w) in row.iter_mut().zip(weight) {
             *v = *v * scale * w;
         }

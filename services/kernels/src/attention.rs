@@ -54,9 +54,11 @@ pub fn attend(
     attend_scalar(q, keys, values, stride, offset, len, scores, out);
 }
 
-/// `sum(a[i] * b[i])` in the fixed order (see the module documentation).
+/// `sum(a[i] * b[i])` in the fixed order of the module documentation (eight
+/// lanes, the lanes in order, then the tail): the same sum whatever the row's
+/// neighbours, which the engine's batch invariance rests on.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn ordered_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -102,7 +104,7 @@ fn attend_scalar(
     scores.clear();
     for p in 0..len {
         let at = p * stride + offset;
-        scores.push(dot(q, &keys[at..at + hd]) * scale);
+        scores.push(ordered_dot(q, &keys[at..at + hd]) * scale);
     }
     let total = softmax_numerators(scores);
     out.fill(0.0);
@@ -121,7 +123,7 @@ mod x86 {
 
     use super::softmax_numerators;
 
-    /// [`super::dot`] with the eight lanes in one register.
+    /// [`super::ordered_dot`] with the eight lanes in one register.
     ///
     /// Safety: AVX available; `b` at least as long as `a`.
     #[inline]

@@ -58,7 +58,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Storage, Tensor};
 use pool::SharedOut;
 
-pub use attention::attend;
+pub use attention::{attend, ordered_dot};
 pub use half_mm::{Half, HalfMatMul};
 pub use kquant::{KQuant, KQuantMatMul};
 pub use pool::par_chunks_mut;
